@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny images on disk, a local Ray, the converted demo weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def weights_cache() -> Path:
+    """One on-disk cache of the converted packaged weights for the whole test session."""
+    path = REPO / ".cache" / "weights"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_photo(path: Path, size: tuple[int, int], seed: int) -> None:
+    """A smooth random RGB image of (width, height) `size`, JPEG or PNG by suffix."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(path)
+
+
+def write_bad_files(folder: Path) -> dict[str, str]:
+    """A truncated JPEG, a text file named .png, a zero-byte file and a 4-megapixel PNG (a
+    small file: use max_pixels=1_000_000); returns file name -> expected reason prefix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_photo(folder / "whole.jpg", (64, 48), seed=99)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "whole.jpg").unlink()
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (2000, 2000)).save(folder / "big.png")
+    return {
+        "big.png": "too many pixels",
+        "truncated.jpg": "truncated or corrupt image",
+        "text.png": "not a readable image",
+        "empty.jpg": "empty file",
+    }
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A 2-CPU Ray bound to 127.0.0.1, started once per module."""
+    import ray
+
+    from u2seg.config import RayConfig
+    from u2seg.runtime import ray_session
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    with ray_session(RayConfig(num_cpus=2)):
+        assert ray.is_initialized()
+        yield

@@ -1,0 +1,205 @@
+"""The artifact store: one directory per stage under a run's output directory.
+
+A stage directory holds data shards (`part-00000.parquet`, ...), `config.json` (written when
+the stage first starts: the resolved config and the sections this stage depends on) and,
+once every shard is written, `manifest.json` (schema version, config, counts, errors).
+Every file is written under a temporary name and renamed, so a killed job never leaves a
+half file that looks whole; a re-run skips complete shards and refuses a different config.
+Paths may be local or fsspec URLs (s3://bucket/runs/x).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+ERRORS = "errors.parquet"
+_SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact directory is missing, incomplete, or was made with another config."""
+
+
+def _normalise(obj: Any) -> Any:
+    """JSON round trip, so tuples and lists compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+class StageDir:
+    """The directory of one stage of one run."""
+
+    def __init__(self, run_dir: str, stage: str) -> None:
+        self.fs: fsspec.AbstractFileSystem
+        self.fs, root = url_to_fs(run_dir)
+        self.stage = stage
+        self.path = f"{root.rstrip('/')}/{stage}"
+
+    def file(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.exists(self.file(name)))
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _write_bytes(self, name: str, data: bytes) -> None:
+        """Write under a temporary name in the same directory, then rename."""
+        self.fs.makedirs(self.path, exist_ok=True)
+        tmp = self.file(f".tmp-{uuid.uuid4().hex}-{name}")
+        with self.fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        self.fs.mv(tmp, self.file(name))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self._write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        self._write_bytes(name, sink.getvalue())
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read_json(self, name: str) -> Any:
+        with self.fs.open(self.file(name), "rb") as fh:
+            return json.load(fh)
+
+    def read_table(self, name: str) -> pa.Table:
+        with self.fs.open(self.file(name), "rb") as fh:
+            return pq.read_table(fh)
+
+    # -- stage life cycle ----------------------------------------------------------------
+
+    def start(self, resolved: dict[str, Any], depends_on: dict[str, Any]) -> None:
+        """Create the directory, or reopen it if it was made with the same `depends_on`.
+
+        `depends_on`: the config sections that change this stage's output. A different
+        value there is refused rather than mixed into the existing shards.
+        """
+        depends_on = _normalise(depends_on)
+        if self.exists(CONFIG):
+            stored = self.read_json(CONFIG)
+            diffs = _differences(stored.get("depends_on"), depends_on)
+            if diffs:
+                raise ArtifactError(
+                    f"{self.path} was written with another config ({'; '.join(diffs[:5])}); "
+                    "use another output directory or delete this stage's directory"
+                )
+            return
+        self.write_json(
+            CONFIG,
+            {
+                "schema_version": SCHEMA_VERSION,
+                "stage": self.stage,
+                "depends_on": depends_on,
+                "resolved": _normalise(resolved),
+            },
+        )
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        return f"part-{index:05d}.parquet"
+
+    def complete_shards(self) -> set[int]:
+        """Indices of the shards already written in full (temporary files are ignored)."""
+        if not self.fs.exists(self.path):
+            return set()
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
+        return {int(m.group(1)) for n in names if (m := _SHARD_RE.match(n))}
+
+    def shard_names(self) -> list[str]:
+        return [self.shard_name(i) for i in sorted(self.complete_shards())]
+
+    def finish(
+        self, counts: dict[str, int], errors: pa.Table, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write the error table and then the manifest, which marks the stage complete."""
+        self.write_table(ERRORS, errors)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "stage": self.stage,
+            "config": self.read_json(CONFIG)["resolved"],
+            "counts": counts,
+            "shards": self.shard_names(),
+            "errors": {"file": ERRORS, "count": errors.num_rows, "first": _first(errors, 20)},
+            **(extra or {}),
+        }
+        self.write_json(MANIFEST, manifest)
+        return manifest
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest of a complete stage; an error naming the stage if it is not."""
+        if not self.exists(MANIFEST):
+            raise ArtifactError(
+                f"{self.path} has no {MANIFEST}: the '{self.stage}' stage has not completed; "
+                f"run `u2seg {self.stage}` first"
+            )
+        data: dict[str, Any] = self.read_json(MANIFEST)
+        return data
+
+
+def _first(table: pa.Table, n: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = table.slice(0, n).to_pylist()
+    return rows
+
+
+def concat_tables(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Concatenate shard tables; an empty table with `schema` when there are none."""
+    parts = list(tables)
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+class ShardWriter:
+    """Collects result rows by shard and writes each shard once all its rows have arrived.
+
+    `expected`: rows per shard index. Rows must carry a `shard` column; it is dropped on
+    write. With Ray Data's ordered execution, only one or two shards are pending at a time.
+    """
+
+    def __init__(self, stage: StageDir, expected: dict[int, int]) -> None:
+        self.stage = stage
+        self.expected = dict(expected)
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.received: dict[int, int] = {}
+
+    def add(self, table: pa.Table) -> int:
+        """Take a batch of rows; returns how many shards it completed."""
+        shards = table.column("shard").to_numpy()
+        written = 0
+        for shard in sorted(set(shards.tolist())):
+            part = table.filter(pa.array(shards == shard)).drop_columns(["shard"])
+            self.pending.setdefault(shard, []).append(part)
+            self.received[shard] = self.received.get(shard, 0) + part.num_rows
+            if self.received[shard] == self.expected[shard]:
+                self.stage.write_table(
+                    StageDir.shard_name(shard), pa.concat_tables(self.pending.pop(shard))
+                )
+                written += 1
+        return written
+
+    @property
+    def incomplete(self) -> list[int]:
+        return sorted(s for s, n in self.expected.items() if self.received.get(s, 0) != n)

