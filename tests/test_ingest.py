@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import save_photo, write_bad_files
 from u2seg.ingest import (
@@ -66,11 +68,9 @@ def test_text_list_relative_absolute_and_comments(folder: Path) -> None:
 
 def test_fsspec_url_source() -> None:
     fs = fsspec.filesystem("memory")
-    for name in ("x/1.png", "x/y/2.jpg"):
+    for name, fmt in (("x/1.png", "PNG"), ("x/y/2.jpg", "JPEG")):
         with fs.open(f"/bucket/{name}", "wb") as fh:
-            from PIL import Image
-
-            Image.new("RGB", (8, 6), (10, 20, 30)).save(fh, format="PNG" if "png" in name else "JPEG")
+            Image.new("RGB", (8, 6), (10, 20, 30)).save(fh, format=fmt)
     refs = list_images("memory://bucket").to_pylist()
     assert [r["file_name"] for r in refs] == ["x/1.png", "x/y/2.jpg"]
     # fsspec's canonical URL of the memory filesystem has a rooted path (memory:///...).
@@ -110,10 +110,6 @@ def test_each_bad_file_has_its_reason(tmp_path: Path) -> None:
 
 
 def test_decode_rgb_from_gray_and_rgba() -> None:
-    import io
-
-    from PIL import Image
-
     for mode in ("L", "RGBA", "P"):
         buf = io.BytesIO()
         Image.new(mode, (5, 4)).save(buf, format="PNG")

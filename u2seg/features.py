@@ -8,6 +8,7 @@ holding the backbone turns batches into vectors, and the driver writes Parquet s
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from u2seg.artifacts import ShardWriter, StageDir, concat_tables
-from u2seg.backbone import load_backbone
+from u2seg.backbone import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, load_backbone
 from u2seg.config import BackboneConfig, PipelineConfig, to_dict
 from u2seg.ingest import SquareImages, list_images, ref_blocks
 from u2seg.runtime import cluster_has_gpus, ray_session, resolve_device
@@ -26,15 +27,13 @@ STAGE = "features"
 ERROR_SCHEMA = pa.schema(
     [("image_id", pa.int64()), ("file_name", pa.string()), ("reason", pa.string())]
 )
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalise(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) with ImageNet mean/std, on `device`."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(_IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return (x / 255.0 - mean) / std
 
 
@@ -130,8 +129,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     shards = refs.column("shard").to_numpy()
     done = stage.complete_shards()
     todo = refs.filter(pa.array(~np.isin(shards, list(done))))
-    if todo.num_rows:
-        _extract(cfg, stage, todo)
+    timing = _extract(cfg, stage, todo) if todo.num_rows else {}
     errors = error_table(stage)
     counts = {
         "images": refs.num_rows,
@@ -140,24 +138,30 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "shards": int(shards.max()) + 1,
         "resumed_shards": len(done),
     }
-    return stage.finish(counts, errors)
+    return stage.finish(counts, errors, {"timing": timing})
 
 
-def _extract(cfg: PipelineConfig, stage: StageDir, todo: pa.Table) -> None:
+def _extract(cfg: PipelineConfig, stage: StageDir, todo: pa.Table) -> dict[str, float]:
+    """Run the Ray Data pipeline over `todo`; returns its wall time and images/s, actor
+    start-up and model loading included."""
     import ray.data
 
-    from u2seg.backbone import BACKBONES
-
-    patch = int(BACKBONES[cfg.backbone.name].patch_size)
+    if cfg.backbone.name not in BACKBONES:
+        raise ValueError(
+            f"backbone.name={cfg.backbone.name!r} is not one of {', '.join(BACKBONES)}"
+        )
+    patch = BACKBONES[cfg.backbone.name].patch_size
     size = input_size(cfg.features.image_size, patch)
-    expected = dict(zip(*np.unique(todo.column("shard").to_numpy(), return_counts=True)))
-    writer = ShardWriter(stage, {int(k): int(v) for k, v in expected.items()})
+    shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
+    writer = ShardWriter(stage, {int(k): int(v) for k, v in zip(shards, sizes, strict=True)})
     with ray_session(cfg.ray):
         num_gpus = cfg.features.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if cluster_has_gpus() else 0.0
-        ds = ray.data.from_arrow(list(ref_blocks(todo, rows_per_block=16)))
-        ds = ds.map_batches(
+        refs: ray.data.Dataset = ray.data.from_arrow(
+            list(ref_blocks(todo, cfg.features.batch_size, cfg.features.concurrency))
+        )
+        ds = refs.map_batches(
             SquareImages(size, cfg.data.max_pixels),
             batch_size=8,
             num_cpus=cfg.data.read_num_cpus,
@@ -173,9 +177,12 @@ def _extract(cfg: PipelineConfig, stage: StageDir, todo: pa.Table) -> None:
             num_cpus=cfg.features.num_cpus,
             num_gpus=num_gpus,
         )
+        start = time.perf_counter()
         with tqdm(total=todo.num_rows, desc="features", unit="img") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(to_shard_rows(batch))
                 bar.update(len(batch["image_id"]))
+        seconds = time.perf_counter() - start
     if writer.incomplete:
         raise RuntimeError(f"features: shards {writer.incomplete[:10]} did not complete")
+    return {"seconds": seconds, "images_per_s": todo.num_rows / seconds}

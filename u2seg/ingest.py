@@ -130,8 +130,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
         try:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"truncated or corrupt image: {exc}") from None
 
@@ -155,8 +154,9 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 class SquareImages:
     """Ray Data batch function: reference rows -> square-resized pixels, or an error reason.
 
-    Output columns: image_id, file_name, path, width, height (original size, 0 on error),
-    image (size, size, 3) uint8 (zeros on error), error ("" when fine).
+    Output columns: the input columns (image_id, file_name, path, ...) plus width, height
+    (original size, 0 on error), image (size, size, 3) uint8 (zeros on error) and error
+    ("" when fine).
     """
 
     def __init__(self, size: int, max_pixels: int) -> None:
@@ -178,9 +178,7 @@ class SquareImages:
             heights[i], widths[i] = image.shape[:2]
             pixels[i] = resize_square(image, self.size)
         return {
-            "image_id": batch["image_id"],
-            "file_name": batch["file_name"],
-            "path": batch["path"],
+            **batch,
             "width": widths,
             "height": heights,
             "image": pixels,
@@ -188,7 +186,13 @@ class SquareImages:
         }
 
 
-def ref_blocks(refs: pa.Table, rows_per_block: int) -> Iterator[pa.Table]:
-    """Slices of the reference table, one Ray Data block each, so reads spread over tasks."""
+def ref_blocks(refs: pa.Table, batch_size: int, workers: int) -> Iterator[pa.Table]:
+    """Slices of the reference table, one Ray Data block each.
+
+    About four blocks per worker keep every worker busy to the end; blocks are whole batches
+    (no ragged batch per block) and at most 1024 rows (a million images is ~1000 blocks).
+    """
+    per_worker = -(-refs.num_rows // (4 * max(1, workers)))
+    rows_per_block = min(1024, max(batch_size, -(-per_worker // batch_size) * batch_size))
     for start in range(0, refs.num_rows, rows_per_block):
         yield refs.slice(start, rows_per_block)

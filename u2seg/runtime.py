@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
+    if not cfg.progress_bars:
+        # The stage draws its own progress bar; Ray Data's per-dataset INFO lines are noise.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Results reach the driver in input order, so it holds at most a shard or two.
     ctx.execution_options.preserve_order = True
     try:
