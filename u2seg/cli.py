@@ -37,9 +37,9 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
 
 def _stages() -> dict[str, StageFn]:
     """Stage functions in pipeline order (imported lazily: torch/ray load on use)."""
-    from u2seg import features
+    import u2seg
 
-    return {"features": features.run}
+    return {name: getattr(u2seg, f"run_{name}") for name in _STAGE_HELP}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

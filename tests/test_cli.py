@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from u2seg.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["features", "run", "demo"])
+def test_help_explains_inputs_and_outputs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "key=value" in text and "--config" in text
+    if command == "features":
+        assert "in:" in text and "out:" in text and "errors.parquet" in text
+
+
+def test_every_subcommand_is_listed() -> None:
+    text = build_parser().format_help()
+    for command in ("features", "run", "demo"):
+        assert command in text
+
+
+def test_print_config_applies_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("features:\n  batch_size: 3\n")
+    assert main(["features", "--config", str(path), "--print-config", "data.source=/x"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["features"]["batch_size"] == 3
+    assert cfg["data"]["source"] == "/x"
+
+
+def test_bad_key_exits_2_and_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["features", "features.batch_sise=3"]) == 2
+    assert "features.batch_sise" in capsys.readouterr().err
+
+
+def test_missing_source_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["features", f"output={tmp_path}"]) == 2
+    assert "data.source" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_demo_end_to_end(
+    tmp_path: Path, weights_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", f"output={out}", f"backbone.cache_dir={weights_cache}"]) == 0
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    assert manifest["counts"]["ok"] == manifest["counts"]["images"] >= 8
+    assert manifest["config"]["backbone"]["weights"] == "packaged"
+    assert (out / "data" / "annotations" / "instances.json").is_file()
+    assert "[features]" in capsys.readouterr().out

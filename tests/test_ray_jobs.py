@@ -1,0 +1,76 @@
+"""`ray job submit` against a real local Ray head, as users drive a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, save_photo
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A Ray head on 127.0.0.1 with its own auth token; yields (dashboard URL, env)."""
+    env = dict(os.environ)
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+    )
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run(
+        [RAY, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
+         f"--port={_free_port()}", f"--dashboard-port={dashboard}", f"--temp-dir={temp}"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_features_job_submitted_to_cluster(
+    ray_head: tuple[str, dict[str, str]], tmp_path: Path, weights_cache: Path
+) -> None:
+    address, env = ray_head
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        save_photo(images / f"{i}.jpg", (60, 40), seed=i)
+    out = tmp_path / "run"
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--",
+         sys.executable, str(REPO / "ray_jobs" / "features.py"),
+         f"data.source={images}", f"output={out}", "backbone.name=dinov2_vits14",
+         "backbone.weights=packaged", f"backbone.cache_dir={weights_cache}",
+         "features.image_size=56"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    assert manifest["counts"] == {
+        "images": 3, "ok": 3, "errors": 0, "shards": 1, "resumed_shards": 0
+    }  # fmt: skip
