@@ -23,7 +23,8 @@ import torch
 from u2seg.backbone import load_backbone
 from u2seg.config import RayConfig, load_config
 from u2seg.demo_data import write_demo_dataset
-from u2seg.features import input_size, normalise, run
+from u2seg.features import run
+from u2seg.imagestage import input_size, normalise
 from u2seg.ingest import read_image, resize_square
 from u2seg.runtime import ray_session
 
@@ -69,7 +70,7 @@ def main() -> None:
         "--actors", type=int, default=os.cpu_count() or 1, help="feature actors, 1 thread each"
     )
     args = parser.parse_args()
-    size = input_size(args.image_size, 14)
+    size = input_size(args.image_size, "dinov2_vits14")
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), args.images)
         bare, threads = bare_forward(paths, size, args.batch_size)

@@ -10,7 +10,8 @@ import pytest
 from conftest import save_photo, write_bad_files
 from u2seg.artifacts import MANIFEST, ArtifactError, StageDir
 from u2seg.config import PipelineConfig, load_config
-from u2seg.features import input_size, run
+from u2seg.features import run
+from u2seg.imagestage import input_size
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -110,7 +111,9 @@ def test_other_config_is_refused(
 
 
 def test_input_size_rounds_down_to_patch_grid() -> None:
-    assert input_size(480, 14) == 476
-    assert input_size(480, 8) == 480
+    assert input_size(480, "dinov2_vits14") == 476
+    assert input_size(480, "dino_vitb8") == 480
     with pytest.raises(ValueError, match="smaller than a patch"):
-        input_size(10, 14)
+        input_size(10, "dinov2_vits14")
+    with pytest.raises(ValueError, match="dino_vitb8"):
+        input_size(480, "vit_huge")

@@ -67,21 +67,31 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class FeaturesConfig:
-    """Per-image CLS and mean-pooled patch vectors (the `features/` artifact).
+class ActorConfig:
+    """The Ray Data actor pool of a per-image stage.
 
-    `image_size` is the square input side (aspect ratio not kept, as in MaskCut); it is
-    rounded down to a multiple of the patch size. `num_gpus` None means 1 per actor when
-    the cluster has GPUs, else 0. `torch_threads`: intra-op threads of a CPU actor (Ray
-    gives fractional-CPU actors one thread; None keeps that).
+    `concurrency` actors of `num_cpus` CPUs and `num_gpus` GPUs each (None: 1 when the
+    cluster has GPUs, else 0), fed `batch_size` images at a time. `torch_threads`: intra-op
+    threads of a CPU actor (Ray gives fractional-CPU actors one thread; None keeps that).
+    On a 2-core machine keep `num_cpus` below 1: whole-CPU actors starve the read tasks.
     """
 
-    image_size: int = 480
     batch_size: int = 8
     concurrency: int = 1
     num_cpus: float = 0.5
     num_gpus: float | None = None
     torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class FeaturesConfig(ActorConfig):
+    """Per-image CLS and mean-pooled patch vectors (the `features/` artifact).
+
+    `image_size` is the square input side (aspect ratio not kept, as in MaskCut); it is
+    rounded down to a multiple of the patch size.
+    """
+
+    image_size: int = 480
 
 
 @dataclass(frozen=True)

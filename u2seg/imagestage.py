@@ -1,0 +1,176 @@
+"""The loop shared by the per-image stages (features, maskcut, ...).
+
+Images stream through Ray Data: read tasks decode and resize them to a square, an actor pool
+holding the backbone turns batches into result rows, and the driver writes Parquet shards of
+`data.shard_size` images as they complete. A re-run processes only the shards that are
+missing; failed images travel as rows with an `error` and end in the stage's error table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm import tqdm
+
+from u2seg.artifacts import ShardWriter, StageDir, concat_tables
+from u2seg.backbone import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ViTBackbone, load_backbone
+from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, to_dict
+from u2seg.ingest import SquareImages, list_images, ref_blocks
+from u2seg.runtime import cluster_has_gpus, ray_session, resolve_device
+
+ERROR_SCHEMA = pa.schema(
+    [("image_id", pa.int64()), ("file_name", pa.string()), ("reason", pa.string())]
+)
+RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
+
+
+def normalise(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) with ImageNet mean/std, on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
+
+
+def input_size(image_size: int, backbone: str) -> int:
+    """The square side actually used: `image_size` rounded down to the backbone's patch."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone.name={backbone!r} is not one of {', '.join(BACKBONES)}")
+    patch = BACKBONES[backbone].patch_size
+    size = (image_size // patch) * patch
+    if size <= 0:
+        raise ValueError(f"image_size={image_size} is smaller than a patch ({patch} px)")
+    return size
+
+
+class BackboneActor:
+    """Base of the Ray Data actors that run the frozen ViT: loads it once, on its device."""
+
+    def __init__(self, backbone: dict[str, Any], threads: int | None = None) -> None:
+        cfg = BackboneConfig(**backbone)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and threads:
+            # Ray pins fractional-CPU actors to one thread; the forward is the bottleneck.
+            torch.set_num_threads(threads)
+        self.model: ViTBackbone = load_backbone(
+            cfg.name, weights=cfg.weights, cache_dir=cfg.cache_dir, device=self.device
+        )
+
+
+def plan_shards(refs: pa.Table, shard_size: int) -> pa.Table:
+    """Add a `shard` column: consecutive runs of `shard_size` images in listing order."""
+    shard = np.arange(refs.num_rows, dtype=np.int64) // shard_size
+    return refs.append_column("shard", pa.array(shard))
+
+
+def error_table(stage: StageDir) -> pa.Table:
+    """All rows of a stage's shards that carry an error, as (image_id, file_name, reason)."""
+    parts = []
+    for name in stage.shard_names():
+        table = stage.read_table(name).select(["image_id", "file_name", "error"])
+        bad = table.filter(pc.is_valid(table.column("error")))
+        parts.append(bad.rename_columns(["image_id", "file_name", "reason"]))
+    return concat_tables(parts, ERROR_SCHEMA)
+
+
+def base_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    """The columns every per-image shard starts with (and `shard`, dropped on write)."""
+    errors = batch["error"].astype(str)
+    return {
+        "image_id": pa.array(batch["image_id"], pa.int64()),
+        "file_name": pa.array(batch["file_name"].astype(str)),
+        "width": pa.array(batch["width"], pa.int32()),
+        "height": pa.array(batch["height"], pa.int32()),
+        "error": pa.array([e or None for e in errors], pa.string()),
+        "shard": pa.array(batch["shard"], pa.int64()),
+    }
+
+
+@dataclass(frozen=True)
+class ImageStage:
+    """What a per-image stage plugs into the loop."""
+
+    name: str
+    depends_on: tuple[str, ...]  # config sections that change this stage's output
+    actor: type[BackboneActor]
+    actor_kwargs: dict[str, Any]
+    actors: ActorConfig
+    image_size: int
+    to_rows: RowsFn
+
+
+def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, dict[str, Any]]:
+    """Run `spec` over every image of `cfg.data`, resuming complete shards.
+
+    Returns the stage directory (not yet finished: the caller writes its extra outputs and
+    then the manifest) and the counts, errors and timing for the manifest.
+    """
+    stage = StageDir(cfg.output_dir, spec.name)
+    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in spec.depends_on})
+    size = input_size(spec.image_size, cfg.backbone.name)
+    refs = plan_shards(list_images(cfg.data.source, cfg.data.root), cfg.data.shard_size)
+    shards = refs.column("shard").to_numpy()
+    done = stage.complete_shards()
+    todo = refs.filter(pa.array(~np.isin(shards, list(done))))
+    timing = _process(cfg, spec, stage, todo, size) if todo.num_rows else {}
+    errors = error_table(stage)
+    counts = {
+        "images": refs.num_rows,
+        "ok": refs.num_rows - errors.num_rows,
+        "errors": errors.num_rows,
+        "shards": int(shards.max()) + 1,
+        "resumed_shards": len(done),
+    }
+    return stage, {"counts": counts, "errors": errors, "timing": timing}
+
+
+def _process(
+    cfg: PipelineConfig, spec: ImageStage, stage: StageDir, todo: pa.Table, size: int
+) -> dict[str, float]:
+    """The Ray Data pipeline over `todo`; returns its wall time and images/s (actor start-up
+    and model loading included)."""
+    import ray.data
+
+    shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
+    writer = ShardWriter(stage, {int(k): int(v) for k, v in zip(shards, sizes, strict=True)})
+    actors = spec.actors
+    with ray_session(cfg.ray):
+        num_gpus = actors.num_gpus
+        if num_gpus is None:
+            num_gpus = 1.0 if cluster_has_gpus() else 0.0
+        refs: ray.data.Dataset = ray.data.from_arrow(
+            list(ref_blocks(todo, actors.batch_size, actors.concurrency))
+        )
+        ds = refs.map_batches(
+            SquareImages(size, cfg.data.max_pixels),
+            batch_size=8,
+            num_cpus=cfg.data.read_num_cpus,
+        )
+        ds = ds.map_batches(
+            spec.actor,
+            fn_constructor_kwargs={
+                "backbone": to_dict(cfg.backbone),
+                "threads": actors.torch_threads,
+                **spec.actor_kwargs,
+            },
+            batch_size=actors.batch_size,
+            concurrency=actors.concurrency,
+            num_cpus=actors.num_cpus,
+            num_gpus=num_gpus,
+        )
+        start = time.perf_counter()
+        with tqdm(total=todo.num_rows, desc=spec.name, unit="img") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add(spec.to_rows(batch))
+                bar.update(len(batch["image_id"]))
+        seconds = time.perf_counter() - start
+    if writer.incomplete:
+        raise RuntimeError(f"{spec.name}: shards {writer.incomplete[:10]} did not complete")
+    return {"seconds": seconds, "images_per_s": todo.num_rows / seconds}
