@@ -16,9 +16,9 @@ from typing import Any
 
 from u2seg.config import PipelineConfig, load_config
 
-__all__ = ["PipelineConfig", "load_config", "run_features"]
+__all__ = ["PipelineConfig", "load_config", "run_features", "run_maskcut"]
 
-_STAGES = {"run_features": "u2seg.features"}
+_STAGES = {"run_features": "u2seg.features", "run_maskcut": "u2seg.maskcut_stage"}
 
 
 def __getattr__(name: str) -> Any:

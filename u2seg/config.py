@@ -95,6 +95,33 @@ class FeaturesConfig(ActorConfig):
 
 
 @dataclass(frozen=True)
+class MaskCutConfig(ActorConfig):
+    """MaskCut pseudo masks (the `maskcut/` artifact); defaults are the published algorithm.
+
+    `feature`: what feeds the cut, "keys" (last-block attention keys, published) or
+    "tokens" (output patch tokens). `n_masks` rounds, affinity threshold `tau`. Robust
+    options (see u2seg.maskcut.maskcut): `center` the features per image, `tau_quantile`
+    (tau from the image's similarity distribution instead of the fixed `tau`),
+    `foreground` rule "corners" (published) or "border", `max_ncut` adaptive stop,
+    `mask_rejected`. Refinement: `crf` backend "auto" (dense CRF when the `crf` extra is
+    installed, else the guided-filter fallback), "densecrf", "guided" or "none"; a mask whose
+    IoU before/after refinement is below `min_refine_iou` is dropped.
+    """
+
+    image_size: int = 480
+    feature: str = "keys"
+    n_masks: int = 3
+    tau: float = 0.15
+    center: bool = False
+    tau_quantile: float | None = None
+    foreground: str = "corners"
+    max_ncut: float | None = None
+    mask_rejected: bool = False
+    crf: str = "auto"
+    min_refine_iou: float = 0.5
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a run needs. `output` defaults to `runs/<name>`."""
 
@@ -104,6 +131,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    maskcut: MaskCutConfig = field(default_factory=MaskCutConfig)
 
     @property
     def output_dir(self) -> str:

