@@ -61,6 +61,7 @@ def _cut(grid: torch.Tensor, cfg: MaskCutConfig) -> list[list[np.ndarray]]:
         foreground=cfg.foreground,  # type: ignore[arg-type]
         max_ncut=cfg.max_ncut,
         mask_rejected=cfg.mask_rejected,
+        drop_covered=cfg.drop_covered,
     )
 
 
@@ -80,8 +81,8 @@ def quality(tmp: Path) -> None:
     robust = {k: getattr(demo_cfg, k) for k in MaskCutConfig.__dataclass_fields__}
     settings = {
         **SETTINGS,
-        "robust, keys (demo config with feature=keys)": {**robust, "feature": "keys"},
-        "robust, tokens (demo config)": {**robust, "feature": "tokens"},
+        "robust, keys (demo config)": {**robust, "feature": "keys"},
+        "robust, tokens (demo config, feature=tokens)": {**robust, "feature": "tokens"},
     }
     print(f"{'setting':48s} {'refine':8s} {'AP':>6s} {'AP50':>6s} {'quokka':>7s} {'masks':>6s}")
     for name, options in settings.items():

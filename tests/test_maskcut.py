@@ -335,3 +335,32 @@ def test_max_ncut_stops_after_the_last_object() -> None:
     masks = maskcut(grid_features(THREE_OBJECTS, seed=1), n_masks=3, max_ncut=0.6)
     assert len(masks) == 3
     assert maskcut(grid_features(ONE_OBJECT), n_masks=3, max_ncut=0.0) == []
+
+
+def test_drop_covered_cuts_only_what_is_left() -> None:
+    # The case where upstream re-finds the masked-out object (test above): with covered
+    # patches out of the graph, round 2 cuts the rest and never touches round 1's mask.
+    feats = grid_features(ONE_OBJECT, seed=4)
+    rounds = maskcut_rounds(feats, n_masks=3, drop_covered=True, mask_rejected=True)
+    assert iou(rounds[0].component, ONE_OBJECT == 1) > 0.95
+    assert "rejected: iou" not in [r.status for r in rounds[1:]]
+    for r in rounds[1:]:
+        assert not (r.component & rounds[0].component).any()
+    # Round 2's eigenvalue is lambda_2 of the pencil on the subgraph of uncovered patches.
+    keep = ~rounds[0].component.reshape(-1)
+    flat = feats.reshape(-1, feats.shape[-1]).astype(np.float64)[keep]
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    affinity = np.where(flat @ flat.T > 0.15, 1.0, EPS)
+    degree = np.diag(affinity.sum(axis=1))
+    dense = scipy.linalg.eigh(degree - affinity, degree, eigvals_only=True, subset_by_index=[1, 1])
+    assert rounds[1].eigenvalue == pytest.approx(float(dense[0]), abs=1e-5)
+
+
+def test_drop_covered_batched_equals_unbatched() -> None:
+    feats = np.stack([grid_features(np.pad(ONE_OBJECT, 5), seed=4), grid_features(THREE_OBJECTS)])
+    options = {"drop_covered": True, "mask_rejected": True}
+    batched = maskcut_batch(torch.from_numpy(feats), 4, 0.15, **options)
+    for image, masks in zip(feats, batched, strict=True):
+        alone = maskcut(image, 4, 0.15, **options)
+        assert len(masks) == len(alone)
+        assert all(np.array_equal(a, b) for a, b in zip(masks, alone, strict=True))

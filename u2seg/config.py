@@ -103,9 +103,10 @@ class MaskCutConfig(ActorConfig):
     options (see u2seg.maskcut.maskcut): `center` the features per image, `tau_quantile`
     (tau from the image's similarity distribution instead of the fixed `tau`),
     `foreground` rule "corners" (published) or "border", `max_ncut` adaptive stop,
-    `mask_rejected`. Refinement: `crf` backend "auto" (dense CRF when the `crf` extra is
-    installed, else the guided-filter fallback), "densecrf", "guided" or "none"; a mask whose
-    IoU before/after refinement is below `min_refine_iou` is dropped.
+    `mask_rejected`, `drop_covered` (found objects leave the graph). Refinement: `crf`
+    backend "auto" (dense CRF when the `crf` extra is installed, else the guided-filter
+    fallback), "densecrf", "guided" or "none"; a mask whose IoU before/after refinement is
+    below `min_refine_iou` is dropped.
     """
 
     image_size: int = 480
@@ -117,6 +118,7 @@ class MaskCutConfig(ActorConfig):
     foreground: str = "corners"
     max_ncut: float | None = None
     mask_rejected: bool = False
+    drop_covered: bool = False
     crf: str = "auto"
     min_refine_iou: float = 0.5
 
@@ -144,9 +146,7 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: bad key '{key}': {first_line}")
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> PipelineConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Resolve defaults <- YAML at `path` <- `overrides` (["data.source=/imgs", ...])."""
     merged: Any = OmegaConf.structured(PipelineConfig)
     if path is not None:
@@ -172,4 +172,3 @@ def load_config(
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, JSON-ready dict of a config dataclass (for manifests)."""
     return dataclasses.asdict(cfg)
-

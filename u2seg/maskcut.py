@@ -34,6 +34,14 @@ painting accumulates the zeroed mask). The default, ``mask_rejected=False``, rep
 exactly, without recomputing: an unchanged graph has an unchanged Fiedler vector, so it is
 reused. ``mask_rejected=True`` is the fix: a rejected component is masked out as well and stays
 the "previous mask", so the next round looks elsewhere.
+
+Covered patches (``drop_covered``). Upstream masks a found object out by zeroing its features,
+which joins its patches to everything with eps. The covered set is then one loose cluster whose
+cut from the rest costs about (uncovered share of the grid): on DINOv2 grids that is usually
+the cheapest cut there is, so round 2 finds round 1's object again and the IoU rule rejects it
+(6 of the 8 demo photos). ``drop_covered=True`` removes covered patches from the graph instead:
+later rounds cut only the patches not yet explained, and the split, the seed and the
+foreground rules look at those patches only.
 """
 
 from __future__ import annotations
@@ -112,6 +120,7 @@ class _Options:
     foreground: Foreground = "corners"
     max_ncut: float | None = None
     mask_rejected: bool = False
+    drop_covered: bool = False
 
     def __post_init__(self) -> None:
         if self.foreground not in ("corners", "border"):
@@ -218,8 +227,10 @@ class _NormalizedAffinity:
     covering patches costs only an update of the row counts r = B p (no pass over B).
     """
 
-    def __init__(self, adjacency: torch.Tensor) -> None:
+    def __init__(self, adjacency: torch.Tensor, drop_covered: bool = False) -> None:
         self.adjacency = adjacency  # (B, n, n) float32, exactly 0 or 1
+        # drop_covered: A = P (eps 1 1^T + (1 - eps) B) P, covered patches leave the graph.
+        self.drop_covered = drop_covered
         batch, n = adjacency.shape[0], adjacency.shape[-1]
         self.uncovered = torch.ones(batch, n, dtype=torch.float64, device=adjacency.device)
         # Counts of 0/1 entries are exact in float32 (below 2^24); a product reads B once.
@@ -243,7 +254,10 @@ class _NormalizedAffinity:
         return True
 
     def degrees(self) -> torch.Tensor:
-        """(B, n) float64 row sums of A."""
+        """(B, n) float64 row sums of A (0 for a dropped patch)."""
+        if self.drop_covered:
+            live = self.uncovered.sum(dim=-1, keepdim=True)
+            return self.uncovered * (EPS * live + (1.0 - EPS) * self.row_counts)
         n = self.uncovered.shape[-1]
         return EPS * n + (1.0 - EPS) * self.uncovered * self.row_counts
 
@@ -251,7 +265,11 @@ class _NormalizedAffinity:
         """M y for a (B, n) float64 batch of vectors."""
         x = inv_sqrt_degree * y
         bx = self._product(self.uncovered * x)
-        ax = EPS * x.sum(dim=-1, keepdim=True) + (1.0 - EPS) * self.uncovered * bx
+        if self.drop_covered:
+            total = (self.uncovered * x).sum(dim=-1, keepdim=True)
+            ax = self.uncovered * (EPS * total + (1.0 - EPS) * bx)
+        else:
+            ax = EPS * x.sum(dim=-1, keepdim=True) + (1.0 - EPS) * self.uncovered * bx
         return inv_sqrt_degree * ax
 
 
@@ -282,6 +300,7 @@ def _lanczos_largest(
     inv_sqrt_degree: torch.Tensor,
     known: torch.Tensor,
     tol: float,
+    support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest eigenpair of M restricted to the complement of its `known` top eigenvector.
 
@@ -292,6 +311,9 @@ def _lanczos_largest(
 
     Args:
         known: (B, n) float64 unit vectors to deflate.
+        support: (B, n) 0/1 float64, the coordinates the search stays on (the patches still
+            in the graph when covered ones are dropped; their eigenvalue-0 directions must not
+            enter the Krylov space).
 
     Returns:
         eigenvalues (B,) float64 and unit eigenvectors (B, n) float64.
@@ -305,6 +327,8 @@ def _lanczos_largest(
     residual = torch.full((batch,), math.inf, dtype=torch.float64, device=known.device)
 
     def project(w: torch.Tensor) -> torch.Tensor:
+        if support is not None:
+            w = support * w
         return w - known * (known * w).sum(dim=-1, keepdim=True)
 
     for _ in range(_MAX_RESTARTS + 1):
@@ -359,11 +383,20 @@ def _fiedler_batch(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Oriented Fiedler vectors (B, n) and eigenvalues (B,) of the graphs held by `op`."""
     degree = op.degrees()
+    support = op.uncovered if op.drop_covered else None
+    if support is not None:
+        # An image with every patch dropped rides along in the batch on a dummy graph (its
+        # result is discarded) rather than turning the batched products into NaN.
+        gone = degree.sum(dim=-1, keepdim=True) == 0
+        degree = torch.where(gone, 1.0, degree)
+        support = torch.where(gone, 1.0, support)
     sqrt_degree = degree.sqrt()
+    # Dropped patches have degree 0: they stay at 0 in every vector.
+    inv_sqrt_degree = torch.where(degree > 0, 1.0 / sqrt_degree.clamp_min(1e-300), 0.0)
     # D^1/2 1 is the eigenvector of M with eigenvalue 1 (the trivial x = 1 of the pencil).
     known = sqrt_degree / sqrt_degree.norm(dim=-1, keepdim=True)
-    mu, y = _lanczos_largest(op, 1.0 / sqrt_degree, known, tol)
-    x = (y / sqrt_degree).cpu().numpy()  # D^-1/2 y: x^T D x = 1, as eigh normalises
+    mu, y = _lanczos_largest(op, inv_sqrt_degree, known, tol, support)
+    x = (y * inv_sqrt_degree).cpu().numpy()  # D^-1/2 y: x^T D x = 1, as eigh normalises
     peak = np.abs(x).argmax(axis=-1)
     x *= np.where(x[np.arange(len(x)), peak] < 0, -1.0, 1.0)[:, None]
     return x, (1.0 - mu).cpu().numpy()
@@ -431,7 +464,9 @@ def _border(shape: tuple[int, int]) -> NDArray[np.bool_]:
 
 
 def bipartition(
-    vector: NDArray[np.floating], foreground: Foreground = "corners"
+    vector: NDArray[np.floating],
+    foreground: Foreground = "corners",
+    valid: NDArray[np.bool_] | None = None,
 ) -> tuple[NDArray[np.bool_], tuple[int, int]]:
     """Split the patch grid at the mean of the Fiedler vector and pick the foreground side.
 
@@ -443,25 +478,30 @@ def bipartition(
     Args:
         vector: (h, w) Fiedler vector on the patch grid.
         foreground: the rule that decides which side is the object.
+        valid: bool (h, w), the patches still in the graph (default all); the mean, both
+            sides, the corners, the border and the seed are taken over these only.
 
     Returns:
         bool (h, w) foreground side and the seed patch (row, col): argmax v, or argmax -v after
         a flip, which always lies in the foreground side.
     """
     v = np.asarray(vector, dtype=np.float64)
-    side = v > v.mean()
+    if valid is None:
+        valid = np.ones(v.shape, dtype=bool)
+    v = np.where(valid, v, 0.0)
+    side = (v > v[valid].mean()) & valid
     if foreground == "corners":
         corners = int(side[0, 0]) + int(side[0, -1]) + int(side[-1, 0]) + int(side[-1, -1])
         peak = np.unravel_index(np.abs(v).argmax(), v.shape)
         flip = corners >= 3 or not side[peak]
     elif foreground == "border":
-        ring = _border(v.shape)
+        ring = _border(v.shape) & valid
         flip = int((side & ring).sum()) > int((~side & ring).sum())
     else:
         raise ValueError(f"foreground must be 'corners' or 'border', got {foreground!r}")
     if flip:
-        side, v = ~side, -v
-    row, col = np.unravel_index(v.argmax(), v.shape)
+        side, v = ~side & valid, -v
+    row, col = np.unravel_index(np.where(valid, v, -np.inf).argmax(), v.shape)
     return side, (int(row), int(col))
 
 
@@ -490,6 +530,7 @@ class _ImageState:
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = shape
         self.union = np.zeros(shape, dtype=bool)  # patches of the returned masks
+        self.covered = np.zeros(shape, dtype=bool)  # patches masked out of the graph
         self.previous = np.zeros(shape, dtype=bool)  # what the IoU rule compares with
         self.rounds: list[MaskCutRound] = []
         self.stale = True  # the graph changed since its Fiedler vector was computed
@@ -513,7 +554,8 @@ def _step(
     state: _ImageState, op: _NormalizedAffinity, image: int, first: bool, opts: _Options
 ) -> None:
     """Apply the rules to the image's current Fiedler vector and update its graph."""
-    side, seed = bipartition(state.vector, opts.foreground)
+    valid = ~state.covered if opts.drop_covered else None
+    side, seed = bipartition(state.vector, opts.foreground, valid)
     component = seed_component(side, seed)
     if opts.max_ncut is not None and state.eigenvalue > opts.max_ncut:
         state.rounds.append(MaskCutRound(state.eigenvalue, component, None, "stopped: ncut"))
@@ -528,6 +570,7 @@ def _step(
         state.union |= component
     if status == "accepted" or status == "empty" or opts.mask_rejected:
         state.previous = component
+        state.covered |= component
         state.stale = op.cover(image, component.reshape(-1))
     else:
         # Upstream: the rejected mask becomes zeros, so nothing is masked out and the next
@@ -551,8 +594,11 @@ def _run(features: ArrayLike, n_masks: int, tau: float, opts: _Options) -> list[
         adjacency = cosine_similarity(x, opts.center)
         taus = _thresholds(adjacency, tau, opts.tau_quantile)
         adjacency.gt_(taus[:, None, None])  # in place: the similarity becomes the 0/1 matrix B
-        op = _NormalizedAffinity(adjacency)
+        op = _NormalizedAffinity(adjacency, opts.drop_covered)
         for i in range(n_masks):
+            if opts.drop_covered:
+                for s in states:  # nothing left to cut
+                    s.stopped |= int((~s.covered).sum()) < 2
             live = [b for b, s in enumerate(states) if not s.stopped]
             if not live:
                 break
@@ -588,10 +634,11 @@ def maskcut_rounds(
     foreground: Foreground = "corners",
     max_ncut: float | None = None,
     mask_rejected: bool = False,
+    drop_covered: bool = False,
 ) -> list[MaskCutRound]:
     """:func:`maskcut` with every round's eigenvalue, component and decision
     (:class:`MaskCutRound`), for diagnostics and threshold tuning."""
-    opts = _Options(center, tau_quantile, foreground, max_ncut, mask_rejected)
+    opts = _Options(center, tau_quantile, foreground, max_ncut, mask_rejected, drop_covered)
     return _run(_as_tensor(features).unsqueeze(0), n_masks, tau, opts)[0]
 
 
@@ -605,6 +652,7 @@ def maskcut(
     foreground: Foreground = "corners",
     max_ncut: float | None = None,
     mask_rejected: bool = False,
+    drop_covered: bool = False,
 ) -> list[NDArray[np.bool_]]:
     """MaskCut on one image's patch features.
 
@@ -622,6 +670,8 @@ def maskcut(
         max_ncut: stop before a round whose Fiedler eigenvalue (the relaxed normalized-cut
             value of its cut) exceeds this; None runs all `n_masks` rounds.
         mask_rejected: also mask out a rejected component (default: upstream, see module doc).
+        drop_covered: remove covered patches from the graph instead of joining them to
+            everything with eps (see module doc).
 
     Returns:
         bool (h, w) masks at patch resolution in discovery order, pairwise disjoint, at most
@@ -637,6 +687,7 @@ def maskcut(
             foreground=foreground,
             max_ncut=max_ncut,
             mask_rejected=mask_rejected,
+            drop_covered=drop_covered,
         )
     )
 
@@ -651,6 +702,7 @@ def maskcut_batch(
     foreground: Foreground = "corners",
     max_ncut: float | None = None,
     mask_rejected: bool = False,
+    drop_covered: bool = False,
 ) -> list[list[NDArray[np.bool_]]]:
     """:func:`maskcut` for a batch of same-size grids (B, h, w, d), one result list per image.
 
@@ -664,5 +716,5 @@ def maskcut_batch(
     products, whose rounding would matter, computed per image with the same kernels (only the
     float64 vector work is batched, equal to ~1e-16).
     """
-    opts = _Options(center, tau_quantile, foreground, max_ncut, mask_rejected)
+    opts = _Options(center, tau_quantile, foreground, max_ncut, mask_rejected, drop_covered)
     return [_masks(rounds) for rounds in _run(features, n_masks, tau, opts)]
