@@ -33,7 +33,10 @@ RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
 
 def normalise(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) with ImageNet mean/std, on `device`."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
+    pixels = np.ascontiguousarray(images)
+    if not pixels.flags.writeable:  # Ray hands out read-only views; torch wants to own them
+        pixels = pixels.copy()
+    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float()
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return (x / 255.0 - mean) / std
