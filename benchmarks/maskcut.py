@@ -39,7 +39,7 @@ from u2seg.evaluate import best_iou, class_agnostic_ap
 from u2seg.imagestage import normalise
 from u2seg.ingest import read_image, resize_square
 from u2seg.maskcut import maskcut_batch
-from u2seg.maskcut_stage import refine_masks
+from u2seg.maskcut_stage import cut_options, refine_masks
 from u2seg.refine import mask_to_annotation, rle_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,17 +52,7 @@ SETTINGS: dict[str, dict[str, object]] = {
 
 
 def _cut(grid: torch.Tensor, cfg: MaskCutConfig) -> list[list[np.ndarray]]:
-    return maskcut_batch(
-        grid.float(),
-        cfg.n_masks,
-        cfg.tau,
-        center=cfg.center,
-        tau_quantile=cfg.tau_quantile,
-        foreground=cfg.foreground,  # type: ignore[arg-type]
-        max_ncut=cfg.max_ncut,
-        mask_rejected=cfg.mask_rejected,
-        drop_covered=cfg.drop_covered,
-    )
+    return maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
 
 
 def quality(tmp: Path) -> None:

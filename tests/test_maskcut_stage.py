@@ -14,7 +14,7 @@ from conftest import write_bad_files
 from u2seg.config import MaskCutConfig, PipelineConfig, load_config
 from u2seg.demo_data import write_demo_dataset
 from u2seg.evaluate import best_iou
-from u2seg.maskcut_stage import check_options, refine_masks, run
+from u2seg.maskcut_stage import check_options, cut_options, refine_masks, run
 from u2seg.refine import rle_to_mask
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -89,6 +89,19 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
     manifest = run(_config(folder, out, weights_cache))
     assert manifest["counts"]["resumed_shards"] == 1
     assert path.read_bytes() == clean
+
+
+def test_every_maskcut_option_comes_from_the_config() -> None:
+    cfg = MaskCutConfig(center=True, tau_quantile=0.3, drop_covered=True, max_ncut=0.7)
+    options = cut_options(cfg)
+    assert options == {
+        "center": True,
+        "tau_quantile": 0.3,
+        "foreground": "corners",
+        "max_ncut": 0.7,
+        "mask_rejected": False,
+        "drop_covered": True,
+    }
 
 
 def test_options_are_checked_before_work() -> None:

@@ -123,7 +123,14 @@ def demo_config_path() -> Path:
 
 
 def _run_stages(cfg: PipelineConfig, names: Sequence[str]) -> None:
+    from u2seg.runtime import ray_session
+
     stages = _stages()
+    with ray_session(cfg.ray):  # one Ray for all stages: each would start its own
+        _run_each(cfg, stages, names)
+
+
+def _run_each(cfg: PipelineConfig, stages: dict[str, StageFn], names: Sequence[str]) -> None:
     for name in names:
         start = time.perf_counter()
         manifest = stages[name](cfg)

@@ -9,6 +9,7 @@ written, `instances.json` is streamed from the shards in listing order, with ann
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -47,6 +48,13 @@ def check_options(cfg: MaskCutConfig) -> None:
     resolve_backend(cfg.crf)
 
 
+def cut_options(cfg: MaskCutConfig) -> dict[str, Any]:
+    """The keyword options of `maskcut_batch`, every one taken from `cfg` (a missing one is
+    an AttributeError, not a silently published default)."""
+    params = inspect.signature(maskcut_batch).parameters.values()
+    return {p.name: getattr(cfg, p.name) for p in params if p.kind is p.KEYWORD_ONLY}
+
+
 def refine_masks(
     image: np.ndarray, masks: list[np.ndarray], size: tuple[int, int], cfg: MaskCutConfig
 ) -> list[np.ndarray]:
@@ -80,16 +88,7 @@ class MaskCutWorker(BackboneActor):
             out = self.model(normalise(images, self.device), want_keys=cfg.feature == "keys")
         grid = out.keys if cfg.feature == "keys" else out.patch_tokens
         assert grid is not None
-        return maskcut_batch(
-            grid.float(),
-            cfg.n_masks,
-            cfg.tau,
-            center=cfg.center,
-            tau_quantile=cfg.tau_quantile,
-            foreground=cfg.foreground,  # type: ignore[arg-type]
-            max_ncut=cfg.max_ncut,
-            mask_rejected=cfg.mask_rejected,
-        )
+        return maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["error"] == "")
