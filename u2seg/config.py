@@ -124,6 +124,68 @@ class MaskCutConfig(ActorConfig):
 
 
 @dataclass(frozen=True)
+class EmbedConfig(ActorConfig):
+    """One vector per pseudo mask: the backbone's CLS token of the instance crop.
+
+    `crop`: "mean" (bounding-box crop, pixels outside the mask filled with the dataset mean
+    colour: the default, since the rule was never published), "box" (plain box crop) or
+    "white" (outside-mask pixels white). The crop is resized to short side `image_size`
+    and centre-cropped to a square (480 in the reference).
+    """
+
+    image_size: int = 480
+    crop: str = "mean"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """k-means of the mask embeddings into K pseudo thing classes (faiss).
+
+    `k`: 300 / 800 (COCO), 2911 (ImageNet). `mode`: "auto" (in-process when the vectors fit
+    `max_local_vectors`, else sharded), "local" or "sharded" (Ray actors hold shards of the
+    vectors and compute assignments; faiss drives the loop). `gpu`: use faiss-gpu inside
+    actors when the `gpu` extra is installed.
+    """
+
+    k: int = 800
+    niter: int = 100
+    seed: int = 0
+    mode: str = "auto"
+    max_local_vectors: int = 5_000_000
+    num_shards: int = 4
+    shard_num_cpus: float = 1.0
+    gpu: bool = False
+
+
+@dataclass(frozen=True)
+class SemanticConfig(ActorConfig):
+    """Stuff pseudo classes: S clusters of patch features.
+
+    `method`: "patch-kmeans" (k-means of patch tokens, upsampled to pixels) or "stego"
+    (a STEGO head trained on frozen features, then a cluster probe). `sample_patches`:
+    patches per image used to fit the k-means.
+    """
+
+    method: str = "patch-kmeans"
+    num_classes: int = 27
+    image_size: int = 448
+    niter: int = 50
+    seed: int = 0
+    sample_patches: int = 256
+
+
+@dataclass(frozen=True)
+class PanopticConfig:
+    """Merge of thing instances and stuff classes into panoptic pseudo labels.
+
+    A stuff class whose pixels are more than `stuff_overlap` painted by instances is
+    skipped in that image.
+    """
+
+    stuff_overlap: float = 0.7
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a run needs. `output` defaults to `runs/<name>`."""
 
@@ -134,6 +196,10 @@ class PipelineConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     maskcut: MaskCutConfig = field(default_factory=MaskCutConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    panoptic: PanopticConfig = field(default_factory=PanopticConfig)
 
     @property
     def output_dir(self) -> str:
