@@ -97,9 +97,9 @@ class StageDir:
         with self.fs.open(self.file(name), "rb") as fh:
             return json.load(fh)
 
-    def read_table(self, name: str) -> pa.Table:
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(self.file(name), "rb") as fh:
-            return pq.read_table(fh)
+            return pq.read_table(fh, columns=columns)
 
     # -- stage life cycle ----------------------------------------------------------------
 

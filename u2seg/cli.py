@@ -42,6 +42,14 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     file_name relative to the image root), part-*.parquet (per image: size,\n"
         "     error, num_masks, annotations), errors.parquet, manifest.json. Resumable.",
     ),
+    "embed": (
+        "one vector per pseudo mask: the backbone's CLS token of the instance crop",
+        "in:  <output>/maskcut/ and the images; embed.crop=mean|box|white picks the crop\n"
+        "     rule (box crop, outside-mask pixels filled with the mean colour / kept /\n"
+        "     white), embed.image_size the square crop side.\n"
+        "out: <output>/embed/: part-*.parquet (image_id, annotation_id as in\n"
+        "     maskcut/instances.json, error, vector), errors.parquet, manifest.json.",
+    ),
 }
 
 

@@ -143,37 +143,54 @@ def _process(
 
     shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
     writer = ShardWriter(stage, {int(k): int(v) for k, v in zip(shards, sizes, strict=True)})
-    actors = spec.actors
     with ray_session(cfg.ray):
-        num_gpus = actors.num_gpus
-        if num_gpus is None:
-            num_gpus = 1.0 if cluster_has_gpus() else 0.0
         refs: ray.data.Dataset = ray.data.from_arrow(
-            list(ref_blocks(todo, actors.batch_size, actors.concurrency))
+            list(ref_blocks(todo, spec.actors.batch_size, spec.actors.concurrency))
         )
         ds = refs.map_batches(
             SquareImages(size, cfg.data.max_pixels),
             batch_size=8,
             num_cpus=cfg.data.read_num_cpus,
         )
-        ds = ds.map_batches(
-            spec.actor,
-            fn_constructor_kwargs={
-                "backbone": to_dict(cfg.backbone),
-                "threads": actors.torch_threads,
-                **spec.actor_kwargs,
-            },
-            batch_size=actors.batch_size,
-            concurrency=actors.concurrency,
-            num_cpus=actors.num_cpus,
-            num_gpus=num_gpus,
-        )
-        start = time.perf_counter()
-        with tqdm(total=todo.num_rows, desc=spec.name, unit="img") as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add(spec.to_rows(batch))
-                bar.update(len(batch["image_id"]))
-        seconds = time.perf_counter() - start
-    if writer.incomplete:
-        raise RuntimeError(f"{spec.name}: shards {writer.incomplete[:10]} did not complete")
+        ds = backbone_pool(ds, cfg, spec.actors, spec.actor, spec.actor_kwargs)
+        seconds = drain(ds, writer, spec.to_rows, todo.num_rows, spec.name)
     return {"seconds": seconds, "images_per_s": todo.num_rows / seconds}
+
+
+def backbone_pool(
+    ds: Any,
+    cfg: PipelineConfig,
+    actors: ActorConfig,
+    actor: type[BackboneActor],
+    actor_kwargs: dict[str, Any],
+) -> Any:
+    """`ds` mapped by a pool of `actor`s holding the backbone (GPUs when the cluster has
+    them, unless `actors.num_gpus` says otherwise)."""
+    num_gpus = actors.num_gpus
+    if num_gpus is None:
+        num_gpus = 1.0 if cluster_has_gpus() else 0.0
+    return ds.map_batches(
+        actor,
+        fn_constructor_kwargs={
+            "backbone": to_dict(cfg.backbone),
+            "threads": actors.torch_threads,
+            **actor_kwargs,
+        },
+        batch_size=actors.batch_size,
+        concurrency=actors.concurrency,
+        num_cpus=actors.num_cpus,
+        num_gpus=num_gpus,
+    )
+
+
+def drain(ds: Any, writer: ShardWriter, to_rows: RowsFn, total: int, desc: str) -> float:
+    """Pull every result batch of `ds` into `writer` with a progress bar over `total` rows;
+    returns the seconds it took. An error if a shard did not receive all its rows."""
+    start = time.perf_counter()
+    with tqdm(total=total, desc=desc, unit="row") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            writer.add(to_rows(batch))
+            bar.update(len(batch["image_id"]))
+    if writer.incomplete:
+        raise RuntimeError(f"{desc}: shards {writer.incomplete[:10]} did not complete")
+    return time.perf_counter() - start

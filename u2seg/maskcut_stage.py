@@ -2,9 +2,9 @@
 
 Resize, ViT forward, the normalized cuts and the refinement are fused in one Ray Data actor
 pool, so patch features never leave the actor (3600 x 768 floats would be ~11 MB per image).
-Each shard row holds one image and its annotations (COCO RLE, JSON text); when every shard is
-written, `instances.json` is streamed from the shards in listing order, with annotation ids
-1..M in that order, so a resumed run writes the same file as a clean one.
+Each shard row holds one image (and its path) and its annotations (COCO RLE, JSON text); once
+every shard is written, `instances.json` is streamed from the shards in listing order, with
+annotation ids 1..M in that order, so a resumed run writes the same file as a clean one.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class MaskCutWorker(BackboneActor):
                 full = refine_masks(batch["image"][i], masks, size, self.cfg)
                 anns = [mask_to_annotation(m, 0, 0, score=1.0) for m in full]
                 annotations[i] = json.dumps([{k: a[k] for k in _KEPT} for a in anns])
-        result = {k: v for k, v in batch.items() if k not in ("image", "path")}
+        result = {k: v for k, v in batch.items() if k != "image"}
         result["annotations"] = annotations
         return result
 
@@ -110,6 +110,7 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(
         {
             **base_columns(batch),
+            "path": pa.array(batch["path"].astype(str)),
             "num_masks": pa.array([len(json.loads(a)) for a in annotations], pa.int32()),
             "annotations": pa.array(annotations, pa.string()),
         }

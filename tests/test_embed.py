@@ -1,0 +1,90 @@
+"""Mask embeddings: the crop rules, and the stage on real photos after maskcut."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from u2seg import embed, maskcut_stage
+from u2seg.artifacts import ArtifactError
+from u2seg.config import load_config
+from u2seg.demo_data import write_demo_dataset
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _image_and_mask() -> tuple[np.ndarray, np.ndarray]:
+    image = np.full((40, 60, 3), 10, dtype=np.uint8)
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[10:30, 20:30] = True  # a 20 x 10 box...
+    mask[18:23, 20:25] = False  # ...with a notch outside the mask, inside the box, mid-left
+    image[mask] = 200
+    return image, mask
+
+
+@pytest.mark.parametrize(
+    ("rule", "fill"), [("mean", embed.MEAN_RGB), ("white", (255,) * 3), ("box", (10,) * 3)]
+)
+def test_crop_rules(rule: str, fill: tuple[int, ...]) -> None:
+    image, mask = _image_and_mask()
+    # Short side 10 is already 10: no resize; the centre 10 rows (box rows 5..14) are kept,
+    # so the notch (box rows 8..12, cols 0..4) sits at crop rows 3..7, cols 0..4.
+    crop = embed.instance_crop(image, mask, 10, rule)
+    assert crop.shape == (10, 10, 3) and crop.dtype == np.uint8
+    assert tuple(crop[5, 1]) == fill
+    assert tuple(crop[0, 9]) == (200, 200, 200)
+    assert embed.instance_crop(image, mask, 32, rule).shape == (32, 32, 3)
+
+
+def test_bad_rule_and_empty_mask_are_errors() -> None:
+    image, mask = _image_and_mask()
+    with pytest.raises(ValueError, match="embed.crop"):
+        embed.instance_crop(image, mask, 20, "blur")
+    with pytest.raises(ValueError, match="empty mask"):
+        embed.instance_crop(image, np.zeros_like(mask), 20, "box")
+
+
+def test_embed_needs_maskcut(tmp_path: Path) -> None:
+    cfg = load_config(DEMO, [f"output={tmp_path}", "data.source=/x"])
+    with pytest.raises(ArtifactError, match="u2seg maskcut"):
+        embed.run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_embed_stage_keys_vectors_by_instances_ids(
+    local_ray: None, tmp_path: Path, weights_cache: Path
+) -> None:
+    demo = write_demo_dataset(tmp_path / "demo")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("voc.jpg", "quokka.jpg", "coffee.jpg"):
+        shutil.copyfile(demo.root / name, folder / name)
+    cfg = load_config(
+        DEMO,
+        [
+            f"data.source={folder}",
+            "data.shard_size=2",
+            f"backbone.cache_dir={weights_cache}",
+            f"output={tmp_path / 'run'}",
+            "maskcut.image_size=224",
+            "embed.image_size=112",
+        ],
+    )
+    maskcut_stage.run(cfg)
+    manifest = embed.run(cfg)
+    instances = json.loads((tmp_path / "run" / "maskcut" / "instances.json").read_text())
+    expected = {a["id"]: a["image_id"] for a in instances["annotations"]}
+    assert manifest["counts"]["masks"] == manifest["counts"]["embedded"] == len(expected) > 0
+    rows = []
+    for part in sorted((tmp_path / "run" / "embed").glob("part-*.parquet")):
+        rows += pq.read_table(part).to_pylist()
+    assert {r["annotation_id"]: r["image_id"] for r in rows} == expected
+    vectors = np.array([r["vector"] for r in rows])
+    assert vectors.shape == (len(expected), 384) and np.isfinite(vectors).all()
+    assert len({tuple(v.round(3)) for v in vectors}) == len(vectors)  # every mask its own vector
