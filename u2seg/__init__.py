@@ -16,12 +16,20 @@ from typing import Any
 
 from u2seg.config import PipelineConfig, load_config
 
-__all__ = ["PipelineConfig", "load_config", "run_embed", "run_features", "run_maskcut"]
+__all__ = [
+    "PipelineConfig",
+    "load_config",
+    "run_cluster",
+    "run_embed",
+    "run_features",
+    "run_maskcut",
+]
 
 _STAGES = {
     "run_features": "u2seg.features",
     "run_maskcut": "u2seg.maskcut_stage",
     "run_embed": "u2seg.embed",
+    "run_cluster": "u2seg.cluster",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -49,6 +50,14 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     white), embed.image_size the square crop side.\n"
         "out: <output>/embed/: part-*.parquet (image_id, annotation_id as in\n"
         "     maskcut/instances.json, error, vector), errors.parquet, manifest.json.",
+    ),
+    "cluster": (
+        "k-means (faiss) of the mask embeddings into cluster.k pseudo thing classes",
+        "in:  <output>/embed/. cluster.mode=auto|local|sharded (sharded: Ray actors hold\n"
+        "     the embed shards, faiss drives the loop), cluster.niter, cluster.seed.\n"
+        "out: <output>/cluster/: assignments.parquet (annotation_id, image_id, cluster,\n"
+        "     category_id = cluster + 1), centroids.npy (K x d), manifest.json (cluster\n"
+        "     sizes, objective, empty clusters).",
     ),
 }
 
@@ -134,7 +143,9 @@ def _run_stages(cfg: PipelineConfig, names: Sequence[str]) -> None:
     from u2seg.runtime import ray_session
 
     stages = _stages()
-    with ray_session(cfg.ray):  # one Ray for all stages: each would start its own
+    # One Ray for all stages of a run (each would start its own); a single stage starts
+    # Ray only if it needs it.
+    with ray_session(cfg.ray) if len(names) > 1 else contextlib.nullcontext():
         _run_each(cfg, stages, names)
 
 
