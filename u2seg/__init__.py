@@ -23,6 +23,8 @@ __all__ = [
     "run_embed",
     "run_features",
     "run_maskcut",
+    "run_panoptic",
+    "run_semantic",
 ]
 
 _STAGES = {
@@ -30,6 +32,8 @@ _STAGES = {
     "run_maskcut": "u2seg.maskcut_stage",
     "run_embed": "u2seg.embed",
     "run_cluster": "u2seg.cluster",
+    "run_semantic": "u2seg.semantic",
+    "run_panoptic": "u2seg.panoptic_stage",
 }
 
 

@@ -86,6 +86,28 @@ class StageDir:
     def write_json(self, name: str, obj: Any) -> None:
         self._write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
 
+    def write_json_arrays(
+        self, name: str, fixed: dict[str, Any], arrays: dict[str, Iterable[Any]]
+    ) -> dict[str, int]:
+        """Write a JSON object whose `arrays` are streamed item by item (a COCO file of
+        millions of annotations never sits in memory whole); returns each array's length."""
+        counts: dict[str, int] = {}
+        with self.open_atomic(name) as fh:
+            head = json.dumps(fixed, separators=(",", ":"))[:-1]
+            fh.write(head.encode())
+            for key, items in arrays.items():
+                fh.write(f'{"," if fixed or counts else ""}"{key}":['.encode())
+                count = 0
+                for item in items:
+                    fh.write(
+                        (b"," if count else b"") + json.dumps(item, separators=(",", ":")).encode()
+                    )
+                    count += 1
+                fh.write(b"]")
+                counts[key] = count
+            fh.write(b"}")
+        return counts
+
     def write_table(self, name: str, table: pa.Table) -> None:
         sink = io.BytesIO()
         pq.write_table(table, sink)

