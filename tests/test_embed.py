@@ -1,19 +1,16 @@
-"""Mask embeddings: the crop rules, and the stage on real photos after maskcut."""
+"""Mask embeddings: the crop rules and the stage's input checks (the stage itself runs in
+tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from u2seg import embed, maskcut_stage
+from u2seg import embed
 from u2seg.artifacts import ArtifactError
 from u2seg.config import load_config
-from u2seg.demo_data import write_demo_dataset
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -53,38 +50,3 @@ def test_embed_needs_maskcut(tmp_path: Path) -> None:
     cfg = load_config(DEMO, [f"output={tmp_path}", "data.source=/x"])
     with pytest.raises(ArtifactError, match="u2seg maskcut"):
         embed.run(cfg)
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_embed_stage_keys_vectors_by_instances_ids(
-    local_ray: None, tmp_path: Path, weights_cache: Path
-) -> None:
-    demo = write_demo_dataset(tmp_path / "demo")
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("voc.jpg", "quokka.jpg", "coffee.jpg"):
-        shutil.copyfile(demo.root / name, folder / name)
-    cfg = load_config(
-        DEMO,
-        [
-            f"data.source={folder}",
-            "data.shard_size=2",
-            f"backbone.cache_dir={weights_cache}",
-            f"output={tmp_path / 'run'}",
-            "maskcut.image_size=224",
-            "embed.image_size=112",
-        ],
-    )
-    maskcut_stage.run(cfg)
-    manifest = embed.run(cfg)
-    instances = json.loads((tmp_path / "run" / "maskcut" / "instances.json").read_text())
-    expected = {a["id"]: a["image_id"] for a in instances["annotations"]}
-    assert manifest["counts"]["masks"] == manifest["counts"]["embedded"] == len(expected) > 0
-    rows = []
-    for part in sorted((tmp_path / "run" / "embed").glob("part-*.parquet")):
-        rows += pq.read_table(part).to_pylist()
-    assert {r["annotation_id"]: r["image_id"] for r in rows} == expected
-    vectors = np.array([r["vector"] for r in rows])
-    assert vectors.shape == (len(expected), 384) and np.isfinite(vectors).all()
-    assert len({tuple(v.round(3)) for v in vectors}) == len(vectors)  # every mask its own vector

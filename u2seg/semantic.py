@@ -54,13 +54,15 @@ class PatchSampler(BackboneActor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["error"] == "")
-        samples = np.zeros((len(batch["error"]), self.count, self.model.embed_dim), np.float32)
+        side = batch["image"].shape[1] // self.model.patch_size
+        count = min(self.count, side * side)  # a small image gives all its patches
+        samples = np.zeros((len(batch["error"]), count, self.model.embed_dim), np.float32)
         if len(ok):
             with torch.inference_mode():
                 tokens = self.model(normalise(batch["image"][ok], self.device), want_keys=False)
             for j, i in enumerate(ok):
                 seed = self.seed + int(batch["image_id"][i])
-                samples[i] = sample_patches(tokens.patch_tokens[j], self.count, seed)
+                samples[i] = sample_patches(tokens.patch_tokens[j], count, seed)
         return {"image_id": batch["image_id"], "error": batch["error"], "samples": samples}
 
 

@@ -1,0 +1,167 @@
+"""The stages after MaskCut on real photos: embed -> cluster -> semantic -> panoptic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from u2seg import cluster, embed, maskcut_stage, panoptic_stage, semantic, visualize
+from u2seg.artifacts import ArtifactError
+from u2seg.config import PipelineConfig, load_config
+from u2seg.demo_data import write_demo_dataset
+from u2seg.panoptic import rgb_to_id
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+K, S = 3, 4
+
+
+def _config(folder: Path, out: Path, cache: Path, *extra: str) -> PipelineConfig:
+    return load_config(
+        DEMO,
+        [
+            f"data.source={folder}",
+            "data.shard_size=2",
+            f"backbone.cache_dir={cache}",
+            f"output={out}",
+            "maskcut.image_size=224",
+            "embed.image_size=112",
+            f"cluster.k={K}",
+            f"semantic.num_classes={S}",
+            "semantic.image_size=112",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(
+    local_ray: None, tmp_path_factory: pytest.TempPathFactory, weights_cache: Path
+) -> tuple[Path, PipelineConfig]:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    demo = write_demo_dataset(tmp / "demo")
+    folder = tmp / "photos"
+    folder.mkdir()
+    for name in ("voc.jpg", "quokka.jpg", "coffee.jpg"):
+        shutil.copyfile(demo.root / name, folder / name)
+    cfg = _config(folder, tmp / "run", weights_cache)
+    for stage in (maskcut_stage, embed, cluster, semantic, panoptic_stage):
+        stage.run(cfg)
+    return tmp / "run", cfg
+
+
+def _parts(folder: Path) -> list[dict]:
+    rows: list[dict] = []
+    for part in sorted(folder.glob("part-*.parquet")):
+        rows += pq.read_table(part).to_pylist()
+    return rows
+
+
+def test_embeddings_are_keyed_by_instances_ids(run_dir: tuple[Path, PipelineConfig]) -> None:
+    out, _ = run_dir
+    instances = json.loads((out / "maskcut" / "instances.json").read_text())
+    expected = {a["id"]: a["image_id"] for a in instances["annotations"]}
+    rows = _parts(out / "embed")
+    assert len(expected) >= K
+    assert {r["annotation_id"]: r["image_id"] for r in rows} == expected
+    vectors = np.array([r["vector"] for r in rows])
+    assert vectors.shape == (len(expected), 384) and np.isfinite(vectors).all()
+    assert len({tuple(v.round(3)) for v in vectors}) == len(vectors)
+
+
+def test_every_mask_gets_a_pseudo_class(run_dir: tuple[Path, PipelineConfig]) -> None:
+    out, _ = run_dir
+    assigned = pq.read_table(out / "cluster" / "assignments.parquet").to_pylist()
+    manifest = json.loads((out / "cluster" / "manifest.json").read_text())
+    assert len(assigned) == manifest["counts"]["masks"]
+    assert {r["category_id"] for r in assigned} <= set(range(1, K + 1))
+    assert sum(manifest["sizes"]) == len(assigned)
+    assert np.load(out / "cluster" / "centroids.npy").shape == (K, 384)
+
+
+def test_sharded_clustering_matches_in_process(
+    run_dir: tuple[Path, PipelineConfig], tmp_path: Path
+) -> None:
+    out, cfg = run_dir
+    copy = tmp_path / "run"
+    for stage in ("maskcut", "embed"):
+        shutil.copytree(out / stage, copy / stage)
+    sharded_cfg = _config(
+        Path(cfg.data.source), copy, Path(str(cfg.backbone.cache_dir)),
+        "cluster.mode=sharded", "cluster.shard_num_cpus=0.5",
+    )  # fmt: skip
+    sharded = cluster.run(sharded_cfg)
+    local = json.loads((out / "cluster" / "manifest.json").read_text())
+    assert sharded["mode"] == "sharded" and local["mode"] == "local"
+    assert sharded["objective"] == pytest.approx(local["objective"], rel=0.01)
+
+
+def test_stuff_maps_cover_every_pixel(run_dir: tuple[Path, PipelineConfig]) -> None:
+    out, _ = run_dir
+    for row in _parts(out / "semantic"):
+        labels = semantic.decode_labels(row["labels_png"])
+        assert labels.shape == (row["height"], row["width"])
+        assert labels.max() < S
+
+
+def test_panoptic_outputs_agree(run_dir: tuple[Path, PipelineConfig]) -> None:
+    out, _ = run_dir
+    root = out / "panoptic"
+    dataset = json.loads((root / "panoptic.json").read_text())
+    categories = {c["id"]: c for c in dataset["categories"]}
+    assert sorted(categories) == list(range(1, K + S + 1))
+    assert all(categories[c]["isthing"] == (c <= K) for c in categories)
+    images = {im["id"]: im for im in dataset["images"]}
+    assert dataset["annotations"]
+    for ann in dataset["annotations"]:
+        ids = rgb_to_id(np.asarray(Image.open(root / "panoptic" / ann["file_name"])))
+        image = images[ann["image_id"]]
+        assert ids.shape == (image["height"], image["width"])
+        assert sorted(np.unique(ids[ids > 0]).tolist()) == sorted(
+            s["id"] for s in ann["segments_info"]
+        )
+        for segment in ann["segments_info"]:
+            assert (ids == segment["id"]).sum() == segment["area"]
+        sem = np.asarray(Image.open(root / "semantic" / ann["file_name"]))
+        things = [s["id"] for s in ann["segments_info"] if s["isthing"]]
+        assert (sem[np.isin(ids, things)] == 0).all()
+        assert (sem[ids == 0] == 255).all()
+        assert set(np.unique(sem).tolist()) <= {0, 255, *range(1, S + 1)}
+    coco = COCO(str(root / "instances.json"))
+    assert coco.getCatIds() == list(range(1, K + 1))
+    for ann in coco.dataset["annotations"]:
+        assert 1 <= ann["category_id"] <= K and coco.annToMask(ann).sum() == ann["area"] > 0
+
+
+def test_panoptic_resumes_to_the_same_files(run_dir: tuple[Path, PipelineConfig]) -> None:
+    out, cfg = run_dir
+    root = out / "panoptic"
+    clean = {n: (root / n).read_bytes() for n in ("panoptic.json", "instances.json")}
+    for name in ("manifest.json", "panoptic.json", "instances.json", "part-00001.parquet"):
+        (root / name).unlink()
+    manifest = panoptic_stage.run(cfg)
+    assert manifest["counts"]["resumed_shards"] == 1
+    assert {n: (root / n).read_bytes() for n in clean} == clean
+
+
+def test_pictures_of_every_stage(run_dir: tuple[Path, PipelineConfig]) -> None:
+    out, cfg = run_dir
+    for stage in visualize.STAGES:
+        folder = visualize.run(cfg, stage)
+        pictures = list(folder.glob("*.png"))
+        assert pictures, stage
+        assert Image.open(pictures[0]).size[0] > 0
+
+
+def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:
+    cfg = load_config(DEMO, [f"output={tmp_path}", "data.source=/x"])
+    for stage, needed in ((cluster, "embed"), (panoptic_stage, "maskcut")):
+        with pytest.raises(ArtifactError, match=f"u2seg {needed}"):
+            stage.run(cfg)
