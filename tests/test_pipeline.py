@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -165,3 +166,23 @@ def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:
     for stage, needed in ((cluster, "embed"), (panoptic_stage, "maskcut")):
         with pytest.raises(ArtifactError, match=f"u2seg {needed}"):
             stage.run(cfg)
+
+
+def test_stego_stuff_classes_trained_with_ray_train(
+    run_dir: tuple[Path, PipelineConfig], tmp_path: Path
+) -> None:
+    _, cfg = run_dir
+    stego_cfg = _config(
+        Path(cfg.data.source), tmp_path / "run", Path(str(cfg.backbone.cache_dir)),
+        "semantic.method=stego", "semantic.stego_steps=20", "semantic.stego_batch_size=2",
+        "semantic.stego_code_dim=16", "semantic.train_workers=2",
+    )  # fmt: skip
+    manifest = semantic.run(stego_cfg)
+    assert manifest["counts"]["ok"] == 3
+    root = tmp_path / "run" / "semantic"
+    head = torch.load(root / "head.pt", weights_only=True)
+    assert head["linear.weight"].shape[:2] == (16, 384)  # codes of the trained head
+    assert np.load(root / "centroids.npy").shape == (S, 16)  # the cluster probe, in code space
+    for row in _parts(root):
+        labels = semantic.decode_labels(row["labels_png"])
+        assert labels.shape == (row["height"], row["width"]) and labels.max() < S

@@ -161,9 +161,13 @@ class ClusterConfig:
 class SemanticConfig(ActorConfig):
     """Stuff pseudo classes: S clusters of patch features.
 
-    `method`: "patch-kmeans" (k-means of patch tokens, upsampled to pixels). The k-means is
-    fitted on `sample_patches` patches of each of at most `fit_images` images (spread over
-    the dataset); `flip` averages the class scores of the image and its mirror image.
+    `method`: "patch-kmeans" (k-means of patch tokens, upsampled to pixels) or "stego" (a
+    STEGO head trained with the feature-correspondence loss on the frozen tokens of at most
+    `fit_images` images for `stego_steps` steps, then a cluster probe: k-means of its codes;
+    never a probe trained on labels). The k-means is fitted on `sample_patches` patches of
+    each of at most `fit_images` images (spread over the dataset); `flip` averages the class
+    scores of the image and its mirror image. `train_workers`: Ray Train workers for the
+    STEGO head (0 trains in the driver process).
     """
 
     method: str = "patch-kmeans"
@@ -174,6 +178,10 @@ class SemanticConfig(ActorConfig):
     sample_patches: int = 256
     fit_images: int = 2000
     flip: bool = True
+    stego_steps: int = 5000
+    stego_code_dim: int = 70
+    stego_batch_size: int = 16
+    train_workers: int = 0
 
 
 @dataclass(frozen=True)
