@@ -10,7 +10,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from u2seg.config import PipelineConfig, load_config
+
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def demo_config(folder: Path, out: Path, cache: Path, *extra: str) -> PipelineConfig:
+    """configs/demo.yaml on the images of `folder`, writing to `out`, shards of 2 images."""
+    return load_config(
+        DEMO_CONFIG,
+        [
+            f"data.source={folder}",
+            "data.shard_size=2",
+            f"backbone.cache_dir={cache}",
+            f"output={out}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from conftest import write_bad_files
-from u2seg.config import MaskCutConfig, PipelineConfig, load_config
+from conftest import demo_config, write_bad_files
+from u2seg.config import MaskCutConfig
 from u2seg.demo_data import write_demo_dataset
 from u2seg.evaluate import best_iou
 from u2seg.maskcut_stage import check_options, cut_options, refine_masks, run
 from u2seg.refine import rle_to_mask
-
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +32,6 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return folder, {"gt": gt, "bad": bad}
 
 
-def _config(folder: Path, out: Path, cache: Path, *extra: str) -> PipelineConfig:
-    return load_config(
-        DEMO,
-        [
-            f"data.source={folder}",
-            "data.shard_size=2",
-            f"backbone.cache_dir={cache}",
-            f"output={out}",
-            *extra,
-        ],
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
@@ -54,7 +39,7 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
 ) -> None:
     folder, info = photos
     out = tmp_path / "run"
-    manifest = run(_config(folder, out, weights_cache))
+    manifest = run(demo_config(folder, out, weights_cache))
     assert manifest["counts"]["images"] == 4
     assert manifest["counts"]["errors"] == 2
     assert {e["file_name"] for e in manifest["errors"]["first"]} == {
@@ -86,12 +71,12 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
     clean = path.read_bytes()
     for name in ("manifest.json", "instances.json", "part-00001.parquet"):
         (out / "maskcut" / name).unlink()
-    manifest = run(_config(folder, out, weights_cache))
+    manifest = run(demo_config(folder, out, weights_cache))
     assert manifest["counts"]["resumed_shards"] == 1
     assert path.read_bytes() == clean
 
 
-def test_every_maskcut_option_comes_from_the_config() -> None:
+def test_every_maskcut_option_comes_from_thedemo_config() -> None:
     cfg = MaskCutConfig(center=True, tau_quantile=0.3, drop_covered=True, max_ncut=0.7)
     options = cut_options(cfg)
     assert options == {

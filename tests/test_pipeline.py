@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from conftest import DEMO_CONFIG, demo_config
 from u2seg import cluster, embed, maskcut_stage, panoptic_stage, semantic, visualize
 from u2seg.artifacts import ArtifactError
 from u2seg.config import PipelineConfig, load_config
@@ -20,26 +21,14 @@ from u2seg.demo_data import write_demo_dataset
 from u2seg.panoptic import rgb_to_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 K, S = 3, 4
 
 
 def _config(folder: Path, out: Path, cache: Path, *extra: str) -> PipelineConfig:
-    return load_config(
-        DEMO,
-        [
-            f"data.source={folder}",
-            "data.shard_size=2",
-            f"backbone.cache_dir={cache}",
-            f"output={out}",
-            "maskcut.image_size=224",
-            "embed.image_size=112",
-            f"cluster.k={K}",
-            f"semantic.num_classes={S}",
-            "semantic.image_size=112",
-            *extra,
-        ],
-    )
+    """The demo config, smaller: 224 px MaskCut, 112 px crops and stuff maps, K and S."""
+    small = ("maskcut.image_size=224", "embed.image_size=112", "semantic.image_size=112")
+    classes = (f"cluster.k={K}", f"semantic.num_classes={S}")
+    return demo_config(folder, out, cache, *small, *classes, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +151,7 @@ def test_pictures_of_every_stage(run_dir: tuple[Path, PipelineConfig]) -> None:
 
 
 def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:
-    cfg = load_config(DEMO, [f"output={tmp_path}", "data.source=/x"])
+    cfg = load_config(DEMO_CONFIG, [f"output={tmp_path}", "data.source=/x"])
     for stage, needed in ((cluster, "embed"), (panoptic_stage, "maskcut")):
         with pytest.raises(ArtifactError, match=f"u2seg {needed}"):
             stage.run(cfg)
