@@ -1,7 +1,8 @@
 """Stage `cluster`: k-means of the mask embeddings into K pseudo thing classes.
 
 In-process `faiss.Kmeans` when the vectors fit one node, else the sharded mode: Ray actors
-each load one `embed/` shard and faiss's own loop drives them (u2seg.kmeans). Outputs
+each load one `embed/` shard and compute assignments and partial sums, driven by faiss's
+C++ k-means loop step for step (u2seg.kmeans), so both modes give the same clustering. Outputs
 `cluster/centroids.npy` (K, d) float32 and `cluster/assignments.parquet` (annotation_id,
 image_id, cluster 0..K-1, category_id = cluster + 1, the pseudo class of METHOD.md stage 3).
 """

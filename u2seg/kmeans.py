@@ -1,37 +1,38 @@
 """k-means of embedding vectors with faiss, in one process or over Ray actors holding shards.
 
-Both modes minimise the same Euclidean objective on all N vectors, from the same initial
-centroids (K rows drawn without replacement with `numpy.random.RandomState(seed)`, the
-sampler of `faiss.contrib.clustering.kmeans`), so for a given seed they give the same
-clustering up to float rounding:
-
-- `kmeans_local`: `faiss.Kmeans` (the C++ loop) on an in-memory (N, d) array.
-- `kmeans_sharded`: the loop of `faiss.contrib.clustering.kmeans`, run by the driver over a
-  `ShardedDataset` whose Ray actors each load one shard, assign it to the centroids and
-  return per-cluster partial sums. The driver holds O(K x d) floats plus O(N) cluster ids,
-  never the (N, d) vectors (the design of faiss's distributed k-means benchmark, with Ray
-  actors in place of its RPC servers).
+- `kmeans_local`: `faiss.Kmeans` (faiss's C++ loop) on an in-memory (N, d) array.
+- `kmeans_sharded`: the same k-means over a `ShardedDataset`, faiss's `DatasetAssign`
+  interface implemented by Ray actors that each load one shard, assign it to the centroids
+  and return per-cluster partial sums (the design of faiss's distributed k-means benchmark,
+  with Ray actors in place of its RPC servers). The driver holds O(K x d) floats plus O(N)
+  cluster ids and distances, never the (N, d) vectors.
 - `kmeans`: picks a mode from a `ClusterConfig`.
 
-Empty clusters are re-seeded during training by splitting large ones (faiss's rule in both
-modes); clusters that still end empty after the final assignment are reported in
+Both modes run one algorithm: faiss's initial sample (`faiss.rand_perm` with seed + 1), its
+assign / average / split-empty-clusters iteration and its stop once the objective no longer
+changes. The sharded loop (`train_kmeans`) follows faiss's C++ `Clustering::train` step for
+step rather than using `faiss.contrib.clustering.kmeans`: that loop re-seeds empty clusters
+with another random rule, which sends the two modes to different local minima (1.5 % apart
+in objective on blob data); with the C++ rule they agree to float rounding.
+
+Empty clusters are re-seeded during training by splitting large ones; clusters that still
+end empty after the final assignment (duplicate vectors) are reported in
 `KMeansResult.empty_clusters`, not treated as an error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import scipy.sparse
 from fsspec.core import url_to_fs
 
 from u2seg.config import ClusterConfig
@@ -86,12 +87,34 @@ class ParquetShard:
         with fs.open(path, "rb") as fh:
             return int(pq.ParquetFile(fh).metadata.num_rows)
 
-    def load(self) -> np.ndarray:
-        """float32 (n, d) vectors of the column."""
+    def load(self, batch_rows: int = 16_384) -> np.ndarray:
+        """float32 (n, d) vectors of the column.
+
+        Read in batches of `batch_rows` rows into one preallocated array, so the peak is the
+        result plus about one row group, not the file, the Arrow table and the result."""
+        name = f"{self.path}:{self.column}"
         fs, path = url_to_fs(self.path)
         with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh, columns=[self.column])
-        return vectors_from_arrow(table.column(self.column), f"{self.path}:{self.column}")
+            parquet = pq.ParquetFile(fh, buffer_size=1 << 22, pre_buffer=False)
+            if self.column not in parquet.schema_arrow.names:
+                raise ValueError(f"{name}: no such column (columns: {parquet.schema_arrow.names})")
+            n = parquet.metadata.num_rows
+            out: np.ndarray | None = None
+            row = 0
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[self.column]):
+                part = vectors_from_arrow(batch.column(0), name)
+                if out is None:
+                    out = np.empty((n, part.shape[1]), dtype=np.float32)
+                elif len(part) and part.shape[1] != out.shape[1]:
+                    raise ValueError(f"{name}: vectors of different lengths")
+                out[row : row + len(part)] = part
+                row += len(part)
+        # Arrow's allocator keeps freed batches for reuse; they are not coming back.
+        pa.default_memory_pool().release_unused()
+        if out is None:  # no rows
+            kind = parquet.schema_arrow.field(self.column).type
+            return np.zeros((0, getattr(kind, "list_size", 0)), dtype=np.float32)
+        return out
 
 
 # An array, a Parquet file, a zero-argument callable returning an (n, d) array, or a Ray
@@ -138,7 +161,7 @@ def _load_source(source: Any) -> np.ndarray:
         x = source.load()
     elif isinstance(source, np.ndarray):
         x = source
-    elif type(source).__name__ == "ObjectRef":
+    elif type(source).__name__ == "ObjectRef":  # checked by name: Ray is imported lazily
         import ray
 
         x = ray.get(source)
@@ -191,9 +214,11 @@ def _check_counts(k: int, n: int, nonfinite: int) -> None:
 
 
 def initial_rows(n: int, k: int, seed: int) -> np.ndarray:
-    """int64 (K,) distinct row ids of the initial centroids; the first draw of
-    `faiss.contrib.clustering.kmeans` with the same seed, so both modes start alike."""
-    return np.random.RandomState(seed).choice(n, size=k, replace=False).astype(np.int64)
+    """int64 (K,) distinct row ids of the initial centroids: the sample `faiss.Kmeans` takes
+    with this seed (the first K of `faiss.rand_perm(n, seed + 1)`)."""
+    perm = np.empty(n, dtype=np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, seed + 1)  # type: ignore[attr-defined]
+    return perm[:k].astype(np.int64)
 
 
 def require_faiss_gpu() -> None:
@@ -230,10 +255,11 @@ def kmeans_local(
 ) -> KMeansResult:
     """Euclidean k-means of float32 (N, d) `vectors` into `k` clusters with `faiss.Kmeans`.
 
-    Trains on all N vectors: faiss's subsampling above 256 points per centroid is off, so
-    the result is the one `kmeans_sharded` gives. faiss warns on stderr when there are fewer
-    than 39 points per centroid ("please provide at least ... training points"); that is
-    advice, not an error, so the threshold is set to 1 and small inputs cluster quietly.
+    Trains on all N vectors: faiss's subsampling above 256 points per centroid is off, as
+    in `kmeans_sharded`, so both modes give the same result. faiss warns on stderr when
+    there are fewer than 39 points per centroid ("please provide at least ... training
+    points"); that is advice, not an error, so the threshold is set to 1 and small inputs
+    cluster quietly.
     """
     _check_k(k, niter)
     x = _as_vectors(vectors)
@@ -251,7 +277,7 @@ def kmeans_local(
         min_points_per_centroid=1,
         max_points_per_centroid=max(1, -(-n // k)),
     )
-    km.train(x, init_centroids=x[initial_rows(n, k, seed)])
+    km.train(x)
     assert km.centroids is not None and km.iteration_stats is not None
     # The index holds the final centroids: one more assignment gives the final objective.
     distances, labels = km.index.search(x, 1)
@@ -265,7 +291,7 @@ def kmeans_local(
 @dataclass(frozen=True)
 class ShardInfo:
     """What an actor found in its shard: `count` vectors of dimension `dim` (None when the
-    shard is empty and its dimension unknown), `nonfinite` of them with NaN/inf."""
+    shard is empty), `nonfinite` of them with NaN/inf."""
 
     count: int
     dim: int | None
@@ -273,19 +299,21 @@ class ShardInfo:
 
 
 class ShardWorker:
-    """One shard of vectors, resident in a Ray actor (also usable in-process).
+    """One shard of vectors, resident in a Ray actor (also usable in-process). `threads`:
+    faiss's OpenMP threads in this process (None leaves them).
 
     Its methods are the per-shard halves of the `DatasetAssign` interface; arrays returned
     are O(n) ids and distances or O(K x d) sums, never the shard itself.
     """
 
-    def __init__(self, source: Any, threads: int = 1, gpu: bool = False) -> None:
+    def __init__(self, source: Any, threads: int | None = None, gpu: bool = False) -> None:
         self._source = source
         self._gpu = gpu
         self._x = np.zeros((0, 0), dtype=np.float32)
         self._index: Any = None
-        # A fractional-CPU actor must not spread OpenMP threads over the whole machine.
-        faiss.omp_set_num_threads(max(1, threads))
+        if threads is not None:
+            # A fractional-CPU actor must not spread OpenMP threads over the whole machine.
+            faiss.omp_set_num_threads(max(1, threads))
 
     def load(self) -> ShardInfo:
         """Load and check the shard (an error here surfaces from `ray.get` as itself)."""
@@ -294,10 +322,14 @@ class ShardWorker:
         self._x = _load_source(self._source)
         self._source = None
         n = len(self._x)
-        dim = self._x.shape[1] if n or self._x.shape[1] else None
+        dim = self._x.shape[1] if n else None
+        # The flat index faiss.Kmeans searches (not faiss.knn, whose float rounding differs
+        # enough to move points between the two halves of a split cluster).
         if self._gpu and n:
             self._res = faiss.StandardGpuResources()
             self._index = faiss.GpuIndexFlatL2(self._res, self._x.shape[1])
+        else:
+            self._index = faiss.IndexFlatL2(max(1, self._x.shape[1]))
         return ShardInfo(n, dim, count_nonfinite_rows(self._x) if n else 0)
 
     def rows(self, local: np.ndarray) -> np.ndarray:
@@ -308,9 +340,6 @@ class ShardWorker:
         """float32 (n, 1) squared distances to, and int64 (n, 1) ids of, the nearest of the
         (K, d) `centroids`."""
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        if self._index is None:
-            distances, labels = faiss.knn(self._x, centroids, 1)
-            return distances, labels
         self._index.reset()
         self._index.add(centroids)
         distances, labels = self._index.search(self._x, 1)
@@ -327,9 +356,8 @@ class ShardWorker:
 
     def _cluster_sums(self, labels: np.ndarray, k: int, weights: np.ndarray | None) -> np.ndarray:
         # A (K, n) one-hot sparse matrix times the shard: one pass over the vectors, no (n, d)
-        # temporary (np.add.at is an order of magnitude slower, sorting copies the shard).
-        import scipy.sparse
-
+        # temporary (np.add.at is ~4x slower, sorting the rows copies the shard). Rows are
+        # added in their order, as faiss does, so one shard gives faiss's sums exactly.
         n = len(labels)
         order = np.argsort(labels, kind="stable")
         indptr = np.zeros(k + 1, dtype=np.int64)
@@ -347,11 +375,8 @@ class ShardedDataset:
     """The `faiss.contrib.clustering.DatasetAssign` interface over Ray actors (`ShardWorker`),
     one shard each: N = sum of the shard counts, global row ids run through the shards in
     order. Per-shard results are combined in the driver: ids and distances concatenated
-    (O(N) numbers), partial sums added (O(K x d)).
-
-    The last unweighted assignment is kept: once k-means has converged the loop asks again
-    with bitwise the same centroids, and the answer is reused instead of recomputed
-    (`passes` counts the assignments actually sent to the actors).
+    (O(N) numbers), partial sums added (O(K x d)). It also runs under
+    `faiss.contrib.clustering.kmeans`.
     """
 
     def __init__(self, actors: Sequence[ActorHandle], counts: Sequence[int], dim: int) -> None:
@@ -359,13 +384,6 @@ class ShardedDataset:
         self.counts = [int(c) for c in counts]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.d = int(dim)
-        self.passes = 0
-        self._last: tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-
-    def _cached(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        if self._last is not None and np.array_equal(self._last[0], centroids):
-            return self._last[1]
-        return None
 
     def count(self) -> int:
         return int(self.offsets[-1])
@@ -400,9 +418,6 @@ class ShardedDataset:
         """float32 (N, 1) squared distances and int64 (N, 1) ids of the nearest centroid."""
         import ray
 
-        cached = self._cached(centroids)
-        if cached is not None:
-            return cached[1][:, None], cached[0][:, None]
         ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
         busy = self._busy()
         parts: list[tuple[np.ndarray, np.ndarray]] = ray.get(
@@ -422,10 +437,6 @@ class ShardedDataset:
         the (weighted) vectors per centroid. `weights`: float (N,) or None."""
         import ray
 
-        cached = self._cached(centroids) if weights is None else None
-        if cached is not None:
-            return cached
-        self.passes += 1
         ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
         busy = self._busy()
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = ray.get(
@@ -442,9 +453,115 @@ class ShardedDataset:
             sums += part[2]
         labels = np.concatenate([p[0] for p in parts])
         distances = np.concatenate([p[1] for p in parts])
-        if weights is None:
-            self._last = (np.array(centroids, dtype=np.float32), (labels, distances, sums))
         return labels, distances, sums
+
+
+class DatasetAssign(Protocol):
+    """What k-means needs of the vectors (faiss.contrib.clustering's interface)."""
+
+    def count(self) -> int: ...
+
+    def dim(self) -> int: ...
+
+    def get_subset(self, indices: np.ndarray) -> np.ndarray: ...
+
+    def assign_to(
+        self, centroids: np.ndarray, weights: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class _FaissRandom:
+    """The float stream of faiss's `RandomGenerator(seed).rand_float()`: mt19937 words over
+    their maximum, in float32. numpy's legacy RandomState is the same mt19937 with the same
+    seeding, so the stream is drawn in blocks instead of one SWIG call per number."""
+
+    def __init__(self, seed: int) -> None:
+        self._state = np.random.RandomState(seed)
+        self._floats = np.zeros(0, dtype=np.float32)
+
+    def floats(self, start: int, count: int) -> np.ndarray:
+        """float32 (count,) numbers start..start+count of the stream."""
+        while len(self._floats) < start + count:
+            words = self._state.randint(0, 2**32, size=max(count, 4096), dtype=np.uint32)
+            block = words.astype(np.float32) / np.float32(4294967295.0)
+            self._floats = np.concatenate([self._floats, block])
+        return self._floats[start : start + count]
+
+
+_SPLIT_EPS = 1 / 1024.0  # faiss: "a bit above machine epsilon for float16"
+
+
+def split_empty_clusters(centroids: np.ndarray, hassign: np.ndarray, n: int) -> int:
+    """Re-seed the empty clusters in place by splitting others, exactly as faiss's C++ k-means.
+
+    `centroids` float32 (K, d), `hassign` float32 (K,) vectors per cluster, `n` vectors in
+    all. For each empty cluster in id order, clusters are scanned cyclically from 0 and the
+    j-th is taken with probability (size - 1) / (n - K) against faiss's RandomGenerator(1234)
+    (restarted at every call); its centroid is copied, the two copies are pushed apart by
+    a factor 1 +- 1/1024 per coordinate, and its count is shared. Returns the splits made.
+    """
+    empty = np.flatnonzero(hassign == 0)
+    if not len(empty):
+        return 0
+    k, d = centroids.shape
+    rng = _FaissRandom(1234)
+    position = 0
+    even = np.arange(d) % 2 == 0
+    up, down = np.float32(1 + _SPLIT_EPS), np.float32(1 - _SPLIT_EPS)
+    grow, shrink = np.where(even, up, down), np.where(even, down, up)
+    denominator = float(np.float32(n - k))
+    for ci in empty:
+        # faiss computes p in double and stores it in a float: the same rounding here.
+        p = ((hassign.astype(np.float64) - 1.0) / denominator).astype(np.float32)
+        scanned = 0
+        while True:
+            block = max(4 * k, 4096)
+            draws = rng.floats(position + scanned, block)
+            hits = np.flatnonzero(draws < p[(scanned + np.arange(block)) % k])
+            if len(hits):
+                step = scanned + int(hits[0])
+                break
+            scanned += block
+        cj = step % k
+        position += step + 1
+        centroids[ci] = centroids[cj] * grow
+        centroids[cj] = centroids[cj] * shrink
+        hassign[ci] = hassign[cj] / np.float32(2)
+        hassign[cj] -= hassign[ci]
+    return len(empty)
+
+
+def train_kmeans(
+    data: DatasetAssign, k: int, niter: int, seed: int
+) -> tuple[np.ndarray, list[float]]:
+    """faiss's k-means (C++ `Clustering::train`, one redo, no subsampling) over any
+    `DatasetAssign`. Returns float32 (K, d) centroids and the objective of each iteration
+    (computed before its update, float32-accumulated like faiss's `iteration_stats`).
+
+    Stops early once an iteration's objective equals the previous one, like faiss.
+    """
+    n = data.count()
+    if n == k:
+        # faiss's corner case: the vectors are the centroids, one nominal iteration.
+        return np.ascontiguousarray(data.get_subset(np.arange(n)), dtype=np.float32), [0.0]
+    centroids = np.ascontiguousarray(data.get_subset(initial_rows(n, k, seed)), np.float32)
+    objectives: list[float] = []
+    for _ in range(niter):
+        labels, distances, sums = data.assign_to(centroids)
+        # faiss sums the distances in a float, one after the other: cumsum does the same,
+        # so the convergence test sees the numbers faiss sees.
+        objective = float(np.cumsum(distances, dtype=np.float32)[-1])
+        hassign = np.bincount(labels, minlength=k).astype(np.float32)
+        # faiss multiplies by the reciprocal; empty clusters start from zero, then split.
+        with np.errstate(divide="ignore"):
+            norm = np.where(hassign > 0, np.float32(1) / hassign, np.float32(0))
+        centroids = (np.asarray(sums, dtype=np.float32) * norm[:, None]).astype(np.float32)
+        split_empty_clusters(centroids, hassign, n)
+        converged = bool(objectives) and objective == objectives[-1]
+        objectives.append(objective)
+        if converged:
+            break
+    return centroids, objectives
 
 
 def _check_resources(num_actors: int, num_cpus_per_actor: float, gpu: bool) -> None:
@@ -488,12 +605,12 @@ def kmeans_sharded(
     """Euclidean k-means over shards held by Ray actors (needs a running Ray).
 
     Each shard source is loaded by its own actor (`num_cpus_per_actor` CPUs, one GPU when
-    `gpu`); `faiss.contrib.clustering.kmeans` drives the loop through a `ShardedDataset`.
-    The assignment follows the shards in order. Driver memory: O(K x d) floats for the
-    centroids, sums and the initial sample, plus O(N) cluster ids and distances.
+    `gpu`); `train_kmeans` drives faiss's loop through a `ShardedDataset`. Same result as
+    `kmeans_local` on the concatenated shards, up to float rounding. The assignment follows
+    the shards in order. Driver memory: O(K x d) floats for the centroids, sums and the
+    initial sample, plus O(N) cluster ids and distances.
     """
     import ray
-    from faiss.contrib.clustering import kmeans as faiss_kmeans
 
     _check_k(k, niter)
     if not ray.is_initialized():
@@ -514,18 +631,11 @@ def kmeans_sharded(
         n = sum(i.count for i in infos)
         _check_counts(k, n, sum(i.nonfinite for i in infos))
         data = ShardedDataset(actors, [i.count for i in infos], dims.pop())
-        # The contrib loop prints progress unconditionally; the result carries what matters.
-        with contextlib.redirect_stdout(io.StringIO()):
-            centroids, stats = faiss_kmeans(
-                k, data, niter=niter, seed=seed, verbose=False, return_stats=True
-            )
-        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        # Counted like faiss.Kmeans, which stops one iteration after the assignment settles.
-        iterations = min(len(stats), data.passes + 1)
+        centroids, objectives = train_kmeans(data, k, niter, seed)
         # One more assignment, to the final centroids, gives the final objective.
         distances, labels = data.perform_search(centroids)
         objective = float(distances.sum(dtype=np.float64))
-        return _result(centroids, labels.ravel(), objective, iterations)
+        return _result(centroids, labels.ravel(), objective, len(objectives))
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -549,6 +659,35 @@ def _known_count(data: np.ndarray | Sequence[ShardSource]) -> int | None:
     return total
 
 
+def load_shards(shards: Sequence[ShardSource]) -> np.ndarray:
+    """float32 (N, d) concatenation of shard sources in this process. When N is known from
+    array shapes and Parquet footers, each shard is copied into one preallocated array as it
+    is read, so the peak is the result plus one shard, not twice the result."""
+    n = _known_count(shards)
+    if n is None or not shards:
+        loaded = [_load_source(s) for s in shards]
+        return np.concatenate(loaded) if loaded else np.zeros((0, 0), np.float32)
+    out: np.ndarray | None = None
+    row = 0
+    for source in shards:
+        part = _load_source(source)
+        if not len(part):
+            continue
+        if out is None:
+            out = np.empty((n, part.shape[1]), dtype=np.float32)
+        if part.shape[1] != out.shape[1]:
+            raise ValueError(
+                f"shards have vectors of different dimensions: {out.shape[1]}, {part.shape[1]}"
+            )
+        if row + len(part) > n:
+            raise ValueError(f"shard sources hold more than the {n} vectors they declare")
+        out[row : row + len(part)] = part
+        row += len(part)
+    if row != n:
+        raise ValueError(f"shard sources hold {row} vectors, not the {n} they declare")
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 def choose_mode(data: np.ndarray | Sequence[ShardSource], cfg: ClusterConfig) -> str:
     """The mode to run, "local" or "sharded": `cfg.mode`, or for "auto" local when
     N <= max_local_vectors (sharded when N is unknown without loading, e.g. callables)."""
@@ -568,11 +707,7 @@ def kmeans(data: np.ndarray | Sequence[ShardSource], cfg: ClusterConfig) -> KMea
     """
     mode = choose_mode(data, cfg)
     if mode == "local":
-        if isinstance(data, np.ndarray):
-            x = data
-        else:
-            loaded = [_load_source(s) for s in data]
-            x = np.concatenate(loaded) if loaded else np.zeros((0, 0), np.float32)
+        x = data if isinstance(data, np.ndarray) else load_shards(data)
         return kmeans_local(x, cfg.k, cfg.niter, cfg.seed, cfg.gpu)
     shards: Sequence[ShardSource]
     if isinstance(data, np.ndarray):
@@ -583,6 +718,7 @@ def kmeans(data: np.ndarray | Sequence[ShardSource], cfg: ClusterConfig) -> KMea
 
 
 __all__ = [
+    "DatasetAssign",
     "KMeansResult",
     "ParquetShard",
     "ShardInfo",
@@ -590,7 +726,12 @@ __all__ = [
     "ShardWorker",
     "ShardedDataset",
     "choose_mode",
+    "initial_rows",
     "kmeans",
     "kmeans_local",
     "kmeans_sharded",
+    "load_shards",
+    "split_empty_clusters",
+    "train_kmeans",
+    "vectors_from_arrow",
 ]
