@@ -164,7 +164,7 @@ def test_stego_stuff_classes_trained_with_ray_train(
     stego_cfg = _config(
         Path(cfg.data.source), tmp_path / "run", Path(str(cfg.backbone.cache_dir)),
         "semantic.method=stego", "semantic.stego_steps=20", "semantic.stego_batch_size=2",
-        "semantic.stego_code_dim=16", "semantic.train_workers=2",
+        "semantic.stego_code_dim=16", "semantic.train_workers=2", "semantic.crf=true",
     )  # fmt: skip
     manifest = semantic.run(stego_cfg)
     assert manifest["counts"]["ok"] == 3

@@ -166,7 +166,8 @@ class SemanticConfig(ActorConfig):
     `fit_images` images for `stego_steps` steps, then a cluster probe: k-means of its codes;
     never a probe trained on labels). The k-means is fitted on `sample_patches` patches of
     each of at most `fit_images` images (spread over the dataset); `flip` averages the class
-    scores of the image and its mirror image. `train_workers`: Ray Train workers for the
+    scores of the image and its mirror image; `crf` refines the labels with the dense CRF
+    (STEGO's parameters; needs the `crf` extra). `train_workers`: Ray Train workers for the
     STEGO head (0 trains in the driver process).
     """
 
@@ -178,6 +179,7 @@ class SemanticConfig(ActorConfig):
     sample_patches: int = 256
     fit_images: int = 2000
     flip: bool = True
+    crf: bool = False
     stego_steps: int = 5000
     stego_code_dim: int = 70
     stego_batch_size: int = 16

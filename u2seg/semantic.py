@@ -36,6 +36,7 @@ from u2seg.imagestage import (
 from u2seg.ingest import SquareImages, list_images
 from u2seg.runtime import cluster_has_gpus, ray_session
 from u2seg.stuff import (
+    crf_stuff_labels,
     fit_cluster_probe,
     fit_stuff_clusters,
     flip_average,
@@ -95,12 +96,13 @@ class StuffLabeler(BackboneActor):
         backbone: dict[str, Any],
         centroids: np.ndarray,
         flip: bool,
+        crf: bool = False,
         head: dict[str, torch.Tensor] | None = None,
         threads: int | None = None,
     ) -> None:
         super().__init__(backbone, threads)
         self.centroids = torch.as_tensor(centroids, device=self.device)
-        self.flip = flip
+        self.flip, self.crf = flip, crf
         # STEGO: classes are clusters of the head's codes, not of the tokens.
         self.head = load_head(head).to(self.device) if head is not None else None
 
@@ -117,6 +119,17 @@ class StuffLabeler(BackboneActor):
         with torch.inference_mode():
             return flip_average(forward, x) if self.flip else forward(x)
 
+    def labels(self, image: np.ndarray, scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """uint8 (H, W) stuff ids of one image from its (S, h, w) scores. With `crf` the
+        dense CRF runs on the square network input (STEGO's inference resolution) and its
+        labels are resized to the photo (nearest); else the scores are upsampled straight
+        to the photo's size (bilinear) and arg-maxed."""
+        if not self.crf:
+            return upsample_labels(scores, size).astype(np.uint8)
+        square = crf_stuff_labels(image, scores).astype(np.uint8)
+        resized = Image.fromarray(square).resize((size[1], size[0]), Image.Resampling.NEAREST)
+        return np.asarray(resized)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["error"] == "")
         pngs = np.full(len(batch["error"]), b"", dtype=object)
@@ -124,7 +137,7 @@ class StuffLabeler(BackboneActor):
             scores = self.scores(batch["image"][ok]).cpu()
             for j, i in enumerate(ok):
                 size = (int(batch["height"][i]), int(batch["width"][i]))
-                labels = upsample_labels(scores[j], size).astype(np.uint8)
+                labels = self.labels(batch["image"][i], scores[j], size)
                 buffer = io.BytesIO()
                 Image.fromarray(labels).save(buffer, format="PNG")
                 pngs[i] = buffer.getvalue()
@@ -269,7 +282,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         name=STAGE,
         depends_on=("data", "backbone", "semantic"),
         actor=StuffLabeler,
-        actor_kwargs={"centroids": centroids, "flip": cfg.semantic.flip, "head": head},
+        actor_kwargs={
+            "centroids": centroids,
+            "flip": cfg.semantic.flip,
+            "crf": cfg.semantic.crf,
+            "head": head,
+        },
         actors=cfg.semantic,
         image_size=cfg.semantic.image_size,
         to_rows=to_shard_rows,
