@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -165,6 +166,18 @@ class StageDir:
     def shard_names(self) -> list[str]:
         return [self.shard_name(i) for i in sorted(self.complete_shards())]
 
+    def error_rows(self, keys: list[str]) -> pa.Table:
+        """The rows of every shard whose `error` is set, as `keys` + reason (a stage's error
+        table); an empty table (string columns) when there is none."""
+        parts = []
+        for name in self.shard_names():
+            table = self.read_table(name, columns=[*keys, "error"])
+            bad = table.filter(pc.is_valid(table.column("error")))
+            parts.append(bad.rename_columns([*keys, "reason"]))
+        if parts:
+            return pa.concat_tables(parts)
+        return pa.table({k: pa.array([], pa.string()) for k in [*keys, "reason"]})
+
     def finish(
         self, counts: dict[str, int], errors: pa.Table, extra: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -196,12 +209,6 @@ class StageDir:
 def _first(table: pa.Table, n: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = table.slice(0, n).to_pylist()
     return rows
-
-
-def concat_tables(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
-    """Concatenate shard tables; an empty table with `schema` when there are none."""
-    parts = list(tables)
-    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 class ShardWriter:

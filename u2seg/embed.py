@@ -200,7 +200,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         stage.write_table(stage.shard_name(row["shard"]), empty)
     todo = todo.filter(pc.greater(todo.column("masks"), 0))
     timing = _embed(cfg, stage, todo) if todo.num_rows else {}
-    errors = _error_table(stage)
+    errors = stage.error_rows(["image_id", "annotation_id"])
     masks = int(pc.sum(plan.column("masks")).as_py() or 0)
     counts = {
         "masks": masks,
@@ -222,19 +222,6 @@ def _no_rows(dim: int) -> dict[str, np.ndarray]:
         "error": np.zeros(0, dtype=object),
         "vector": np.zeros((0, dim), dtype=np.float32),
     }
-
-
-def _error_table(stage: StageDir) -> pa.Table:
-    parts = []
-    for name in stage.shard_names():
-        table = stage.read_table(name, columns=["image_id", "annotation_id", "error"])
-        parts.append(table.filter(pc.is_valid(table.column("error"))))
-    return pa.concat_tables(parts) if parts else _ERROR_SCHEMA.empty_table()
-
-
-_ERROR_SCHEMA = pa.schema(
-    [("image_id", pa.int64()), ("annotation_id", pa.int64()), ("error", pa.string())]
-)
 
 
 def _embed(cfg: PipelineConfig, stage: StageDir, todo: pa.Table) -> dict[str, float]:

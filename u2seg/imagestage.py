@@ -15,19 +15,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
-from u2seg.artifacts import ShardWriter, StageDir, concat_tables
+from u2seg.artifacts import ShardWriter, StageDir
 from u2seg.backbone import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ViTBackbone, load_backbone
 from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, to_dict
 from u2seg.ingest import SquareImages, list_images, ref_blocks
 from u2seg.runtime import cluster_has_gpus, ray_session, resolve_device
 
-ERROR_SCHEMA = pa.schema(
-    [("image_id", pa.int64()), ("file_name", pa.string()), ("reason", pa.string())]
-)
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
 
 
@@ -73,16 +69,6 @@ def plan_shards(refs: pa.Table, shard_size: int) -> pa.Table:
     return refs.append_column("shard", pa.array(shard))
 
 
-def error_table(stage: StageDir) -> pa.Table:
-    """All rows of a stage's shards that carry an error, as (image_id, file_name, reason)."""
-    parts = []
-    for name in stage.shard_names():
-        table = stage.read_table(name).select(["image_id", "file_name", "error"])
-        bad = table.filter(pc.is_valid(table.column("error")))
-        parts.append(bad.rename_columns(["image_id", "file_name", "reason"]))
-    return concat_tables(parts, ERROR_SCHEMA)
-
-
 def base_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     """The columns every per-image shard starts with (and `shard`, dropped on write)."""
     errors = batch["error"].astype(str)
@@ -123,7 +109,7 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
     done = stage.complete_shards()
     todo = refs.filter(pa.array(~np.isin(shards, list(done))))
     timing = _process(cfg, spec, stage, todo, size) if todo.num_rows else {}
-    errors = error_table(stage)
+    errors = stage.error_rows(["image_id", "file_name"])
     counts = {
         "images": refs.num_rows,
         "ok": refs.num_rows - errors.num_rows,
