@@ -33,7 +33,7 @@ from scipy.optimize import linear_sum_assignment
 # panopticapi's id of unlabelled pixels, in ground truth and predictions alike.
 VOID = 0
 
-SemanticMapping = Mapping[int, int] | Mapping[str, int]
+ClassMapping = Mapping[int, int] | Mapping[str, int]
 
 
 # --------------------------------------------------------------------------- checks
@@ -60,8 +60,12 @@ def _check_range(values: np.ndarray, low: int, high: int, name: str) -> None:
         raise ValueError(f"{name} ids must lie in [{low}, {high}), got min {vmin}, max {vmax}")
 
 
-def _normalise_mapping(mapping: SemanticMapping) -> dict[int, int]:
-    """`mapping` with int keys (JSON gives str keys); -1 / None values mean unmatched."""
+def normalise_mapping(mapping: ClassMapping) -> dict[int, int]:
+    """A predicted id -> GT class map (semantic or instance) with int keys and values.
+
+    Takes what ``json.loads`` gives back (str keys); -1 or None values mean unmatched
+    and are left out, like absent keys.
+    """
     out: dict[int, int] = {}
     for key, value in mapping.items():
         if value is None or int(value) < 0:
@@ -160,7 +164,7 @@ def majority_match(confusion: ConfusionMatrix | np.ndarray) -> dict[int, int]:
     return {int(k): int(best[k]) for k in np.flatnonzero(seen)}
 
 
-def apply_mapping(pred: np.ndarray, mapping: SemanticMapping, unmatched: int = 255) -> np.ndarray:
+def apply_mapping(pred: np.ndarray, mapping: ClassMapping, unmatched: int = 255) -> np.ndarray:
     """Cluster ids (any shape, non-negative) -> GT class ids of the same shape.
 
     Ids without an entry in `mapping` (unmatched clusters, or ids never seen when the map
@@ -170,7 +174,7 @@ def apply_mapping(pred: np.ndarray, mapping: SemanticMapping, unmatched: int = 2
     _check_integer(pred, "pred")
     if pred.size and int(pred.min()) < 0:
         raise ValueError(f"pred ids must be non-negative, got min {int(pred.min())}")
-    table_map = _normalise_mapping(mapping)
+    table_map = normalise_mapping(mapping)
     size = max([int(pred.max()) + 1 if pred.size else 0, *(k + 1 for k in table_map)])
     table = np.full(size, unmatched, dtype=np.int64)
     for k, v in table_map.items():
@@ -179,7 +183,7 @@ def apply_mapping(pred: np.ndarray, mapping: SemanticMapping, unmatched: int = 2
 
 
 def semantic_scores(
-    confusion: ConfusionMatrix | np.ndarray, mapping: SemanticMapping
+    confusion: ConfusionMatrix | np.ndarray, mapping: ClassMapping
 ) -> dict[str, float | list[float]]:
     """mIoU, pixel accuracy and per-class IoU (all in %) of mapped clusters.
 
@@ -190,7 +194,7 @@ def semantic_scores(
     """
     counts = _counts(confusion)
     num_clusters, num_classes = counts.shape
-    table_map = _normalise_mapping(mapping)
+    table_map = normalise_mapping(mapping)
     for k, v in table_map.items():
         if not (0 <= k < num_clusters and v < num_classes):
             raise ValueError(
