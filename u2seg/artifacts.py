@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from PIL import Image
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -114,6 +116,12 @@ class StageDir:
         pq.write_table(table, sink)
         self._write_bytes(name, sink.getvalue())
 
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        """An `.npy` file (centroids and the like)."""
+        sink = io.BytesIO()
+        np.save(sink, array)
+        self._write_bytes(name, sink.getvalue())
+
     # -- reading -------------------------------------------------------------------------
 
     def read_json(self, name: str) -> Any:
@@ -121,8 +129,11 @@ class StageDir:
             return json.load(fh)
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        return read_parquet(self.fs.unstrip_protocol(self.file(name)), columns)
+
+    def read_array(self, name: str) -> np.ndarray:
         with self.fs.open(self.file(name), "rb") as fh:
-            return pq.read_table(fh, columns=columns)
+            return np.load(fh)
 
     # -- stage life cycle ----------------------------------------------------------------
 
@@ -204,6 +215,20 @@ class StageDir:
             )
         data: dict[str, Any] = self.read_json(MANIFEST)
         return data
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file by local path or fsspec URL (also inside Ray tasks, given a shard's
+    URL from `StageDir.fs.unstrip_protocol`)."""
+    with fsspec.open(url, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG encoding of a uint8 (H, W) or (H, W, 3) array (label maps, panoptic ids)."""
+    sink = io.BytesIO()
+    Image.fromarray(array).save(sink, format="PNG")
+    return sink.getvalue()
 
 
 def _first(table: pa.Table, n: int) -> list[dict[str, Any]]:

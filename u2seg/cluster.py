@@ -10,7 +10,6 @@ image_id, cluster 0..K-1, category_id = cluster + 1, the pseudo class of METHOD.
 from __future__ import annotations
 
 import functools
-import io
 from typing import Any
 
 import numpy as np
@@ -77,10 +76,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "category_id", pc.add(cluster, 1)
     )
     stage.write_table(ASSIGNMENTS, assignments)
-    buffer = io.BytesIO()
-    np.save(buffer, result.centroids)
-    with stage.open_atomic(CENTROIDS) as fh:
-        fh.write(buffer.getvalue())
+    stage.write_array(CENTROIDS, result.centroids)
     counts = {"masks": count, "k": cfg.cluster.k, "empty_clusters": result.empty_clusters}
     extra = {
         "mode": mode,

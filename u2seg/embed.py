@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from u2seg.artifacts import ShardWriter, StageDir
+from u2seg.artifacts import ShardWriter, StageDir, read_parquet
 from u2seg.backbone import BACKBONES, IMAGENET_MEAN
 from u2seg.config import PipelineConfig, to_dict
 from u2seg.imagestage import BackboneActor, backbone_pool, drain, input_size, normalise
@@ -69,10 +67,8 @@ class ShardMasks:
         for shard, file, first in zip(
             batch["shard"], batch["file"], batch["first_id"], strict=True
         ):
-            with fsspec.open(str(file), "rb") as fh:
-                table = pq.read_table(
-                    fh, columns=["image_id", "path", "error", "num_masks", "annotations"]
-                )
+            columns = ["image_id", "path", "error", "num_masks", "annotations"]
+            table = read_parquet(str(file), columns)
             table = table.filter(pc.is_null(table.column("error")))
             counts = table.column("num_masks").to_numpy()
             starts = int(first) + np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -16,7 +16,6 @@ u2seg.panoptic for the call and the metadata it needs).
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -25,10 +24,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from PIL import Image
 
-from u2seg.artifacts import StageDir
+from u2seg.artifacts import StageDir, png_bytes, read_parquet
 from u2seg.config import PipelineConfig, to_dict
 from u2seg.embed import shard_plan
 from u2seg.panoptic import (
@@ -58,12 +55,6 @@ _ROW_SCHEMA = pa.schema(
         ("annotations", pa.string()),
     ]
 )
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _write_file(url: str, data: bytes) -> None:
@@ -102,11 +93,6 @@ def merge_image(
     return out, id_to_rgb(result.segments), semantic_map(result)
 
 
-def _read(url: str, columns: list[str]) -> pa.Table:
-    with fsspec.open(url, "rb") as fh:
-        return pq.read_table(fh, columns=columns)
-
-
 def merge_shard(
     maskcut_file: str,
     semantic_file: str,
@@ -116,12 +102,12 @@ def merge_shard(
     cfg: dict[str, Any],
 ) -> pa.Table:
     """Merge every image of one shard, writing its PNGs under `out_dir`; the shard's rows."""
-    cut = _read(
+    cut = read_parquet(
         maskcut_file,
         ["image_id", "file_name", "width", "height", "error", "num_masks", "annotations"],
     )
     cut = cut.filter(pc.is_null(cut.column("error")))
-    stuff = _read(semantic_file, ["image_id", "error", "labels_png"])
+    stuff = read_parquet(semantic_file, ["image_id", "error", "labels_png"])
     stuff = {r["image_id"]: r["labels_png"] for r in stuff.to_pylist() if r["error"] is None}
     rows = []
     for row in cut.to_pylist():
@@ -132,8 +118,8 @@ def merge_shard(
             {**row, "labels_png": stuff[row["image_id"]]}, classes, start, cfg
         )
         if panoptic is not None and semantic is not None:
-            _write_file(f"{out_dir}/panoptic/{merged['png']}", _png_bytes(panoptic))
-            _write_file(f"{out_dir}/semantic/{merged['png']}", _png_bytes(semantic))
+            _write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
+            _write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
         rows.append(merged)
     return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from u2seg.artifacts import StageDir
+from u2seg.artifacts import StageDir, png_bytes
 from u2seg.config import PipelineConfig, SemanticConfig, to_dict
 from u2seg.imagestage import (
     BackboneActor,
@@ -137,10 +137,7 @@ class StuffLabeler(BackboneActor):
             scores = self.scores(batch["image"][ok]).cpu()
             for j, i in enumerate(ok):
                 size = (int(batch["height"][i]), int(batch["width"][i]))
-                labels = self.labels(batch["image"][i], scores[j], size)
-                buffer = io.BytesIO()
-                Image.fromarray(labels).save(buffer, format="PNG")
-                pngs[i] = buffer.getvalue()
+                pngs[i] = png_bytes(self.labels(batch["image"][i], scores[j], size))
         result = {k: v for k, v in batch.items() if k not in ("image", "path")}
         result["labels_png"] = pngs
         return result
@@ -263,17 +260,13 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in ("data", "backbone", "semantic")}
     )
     if stage.exists(CENTROIDS):
-        with stage.fs.open(stage.file(CENTROIDS), "rb") as fh:
-            centroids = np.load(fh)
+        centroids = stage.read_array(CENTROIDS)
     else:
         if cfg.semantic.method == "stego":
             centroids = _fit_stego(cfg, stage)
         else:
             centroids = _fit_patch_kmeans(cfg)
-        buffer = io.BytesIO()
-        np.save(buffer, centroids)
-        with stage.open_atomic(CENTROIDS) as fh:
-            fh.write(buffer.getvalue())
+        stage.write_array(CENTROIDS, centroids)
     head = None
     if cfg.semantic.method == "stego":
         with stage.fs.open(stage.file(HEAD), "rb") as fh:

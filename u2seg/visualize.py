@@ -13,11 +13,11 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from u2seg.artifacts import StageDir
 from u2seg.config import PipelineConfig
 from u2seg.ingest import ImageError, list_images, read_image
 from u2seg.panoptic import rgb_to_id
@@ -102,7 +102,7 @@ def cluster_gallery(cfg: PipelineConfig, per_cluster: int = 8, clusters: int = 1
     from u2seg.embed import instance_crop
 
     instances = _load_json(f"{cfg.output_dir}/maskcut/instances.json", "maskcut")
-    table = pq.read_table(f"{cfg.output_dir}/cluster/assignments.parquet").to_pylist()
+    table = StageDir(cfg.output_dir, "cluster").read_table("assignments.parquet").to_pylist()
     members: dict[int, list[int]] = {}
     for row in table:
         members.setdefault(row["category_id"], []).append(row["annotation_id"])
