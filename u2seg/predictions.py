@@ -1,0 +1,172 @@
+"""Predictions to evaluate: a directory in one of two COCO layouts, whoever wrote it.
+
+- instances: ``instances.json``, a COCO instances dataset (images, annotations with RLE
+  `segmentation`, `bbox`, `category_id` = predicted class, optional `score`, default 1.0,
+  and categories). `maskcut/` is one (a single class-agnostic category).
+- panoptic: ``panoptic.json`` + the PNG folder ``panoptic/`` beside it (COCO panoptic;
+  categories with `isthing`), and ``instances.json`` for the thing instances when present.
+  `panoptic/` (the pseudo labels) is one; the trained model's predictions use the same
+  layout, so they plug in unchanged.
+
+`evaluate.predictions` names stages of the run (their manifest must exist) or directories.
+Images are matched to the ground truth by `groundtruth.image_key` of their file names.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from u2seg.artifacts import StageDir
+from u2seg.groundtruth import Category, GroundTruthError, image_key, load_json, parse_categories
+from u2seg.panoptic import rgb_to_id
+
+INSTANCES_JSON = "instances.json"
+PANOPTIC_JSON = "panoptic.json"
+
+
+class PredictionError(ValueError):
+    """Predictions that cannot be scored as they are; the message names the file."""
+
+
+@dataclass(frozen=True)
+class PredImage:
+    """One predicted image: its instances (COCO annotations) and panoptic PNG, if any."""
+
+    key: str
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    annotations: tuple[dict[str, Any], ...] = ()
+    panoptic_file: str | None = None
+    segments_info: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A prediction set: `kind` "instances" or "panoptic", its categories and images."""
+
+    name: str
+    path: str
+    kind: str
+    categories: tuple[Category, ...]
+    images: dict[str, PredImage]
+    has_instances: bool = True
+
+    @property
+    def class_agnostic(self) -> bool:
+        """A single category: class-agnostic proposals (MaskCut), scored without classes."""
+        return len([c for c in self.categories if c.isthing]) <= 1 and self.kind == "instances"
+
+    def without_images(self) -> Predictions:
+        return replace(self, images={})
+
+    def panoptic(self, image: PredImage) -> tuple[np.ndarray, dict[int, int]]:
+        """int64 (H, W) segment ids (0 = void) and segment id -> predicted category."""
+        if image.panoptic_file is None:
+            raise PredictionError(f"{self.path}: {image.file_name} has no panoptic PNG")
+        try:
+            with fsspec.open(image.panoptic_file, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            msg = f"predicted panoptic PNG not found: {image.panoptic_file}"
+            raise PredictionError(msg) from None
+        with Image.open(io.BytesIO(data)) as im:
+            segments = rgb_to_id(np.asarray(im.convert("RGB"))).astype(np.int64)
+        info = {int(s["id"]): int(s["category_id"]) for s in image.segments_info}
+        missing = sorted(set(np.unique(segments).tolist()) - set(info) - {0})
+        if missing:
+            raise PredictionError(
+                f"{image.panoptic_file}: segment ids {missing[:10]} have no segments_info entry"
+            )
+        return segments, info
+
+
+def _instances(url: str, name: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
+    try:
+        data = load_json(url, "predicted instances JSON")
+        categories = parse_categories(data, url, panoptic=False)
+    except GroundTruthError as exc:
+        raise PredictionError(str(exc)) from None
+    known = {c.id for c in categories}
+    by_image: dict[int, list[Any]] = {}
+    for ann in data.get("annotations", []):
+        if int(ann["category_id"]) not in known:
+            raise PredictionError(
+                f"{url}: annotation {ann.get('id')} has unknown category id {ann['category_id']}"
+            )
+        by_image.setdefault(int(ann["image_id"]), []).append({"score": 1.0, **ann})
+    return categories, by_image, data.get("images", [])
+
+
+def _image(im: dict[str, Any], **extra: Any) -> PredImage:
+    return PredImage(
+        image_key(im["file_name"]), int(im["id"]), str(im["file_name"]),
+        int(im.get("width", 0)), int(im.get("height", 0)), **extra,
+    )  # fmt: skip
+
+
+def load_predictions(name: str, path: str) -> Predictions:
+    """The predictions in directory `path` (local or fsspec URL), reported as `name`."""
+    fs, root = url_to_fs(path)
+    root = root.rstrip("/")
+    instances_file = fs.unstrip_protocol(f"{root}/{INSTANCES_JSON}")
+    panoptic_file = fs.unstrip_protocol(f"{root}/{PANOPTIC_JSON}")
+    has_instances = fs.exists(f"{root}/{INSTANCES_JSON}")
+    if not fs.exists(f"{root}/{PANOPTIC_JSON}"):
+        if not has_instances:
+            raise PredictionError(f"{path} holds neither {PANOPTIC_JSON} nor {INSTANCES_JSON}")
+        categories, by_image, raw = _instances(instances_file, name)
+        images = {
+            (p := _image(im, annotations=tuple(by_image.get(int(im["id"]), [])))).key: p
+            for im in raw
+        }
+        return Predictions(name, path, "instances", categories, images)
+    try:
+        data = load_json(panoptic_file, "predicted panoptic JSON")
+        categories = parse_categories(data, panoptic_file, panoptic=True)
+    except GroundTruthError as exc:
+        raise PredictionError(str(exc)) from None
+    known = {c.id for c in categories}
+    by_image = _instances(instances_file, name)[1] if has_instances else {}
+    png_root = panoptic_file[: -len(".json")]
+    entries = {int(a["image_id"]): a for a in data.get("annotations", [])}
+    images = {}
+    for im in data.get("images", []):
+        ann = entries.get(int(im["id"]))
+        if ann is None:
+            raise PredictionError(f"{panoptic_file}: image {im['file_name']} has no annotation")
+        for s in ann["segments_info"]:
+            if int(s["category_id"]) not in known:
+                raise PredictionError(
+                    f"{panoptic_file}: segment {s['id']} of {ann['file_name']} has unknown "
+                    f"category id {s['category_id']}"
+                )
+        image = _image(
+            im,
+            annotations=tuple(by_image.get(int(im["id"]), [])),
+            panoptic_file=f"{png_root}/{ann['file_name']}",
+            segments_info=tuple(ann["segments_info"]),
+        )
+        images[image.key] = image
+    return Predictions(name, path, "panoptic", categories, images, has_instances)
+
+
+def resolve(entry: str, run_dir: str) -> tuple[str, str]:
+    """(name, directory) of an `evaluate.predictions` entry: a stage of the run (its
+    manifest must exist) or a directory of predictions."""
+    if "/" not in entry and ":" not in entry:
+        stage = StageDir(run_dir, entry)
+        stage.manifest()  # an error naming the stage when it has not completed
+        return entry, stage.fs.unstrip_protocol(stage.path)
+    fs, path = url_to_fs(entry)
+    if not fs.isdir(path):
+        raise PredictionError(f"prediction directory not found: {entry}")
+    return path.rstrip("/").rsplit("/", 1)[-1], entry
