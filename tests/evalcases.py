@@ -26,6 +26,8 @@ PRED_CATEGORIES = [
     {"id": 3, "name": "stuff-0", "isthing": 0},
     {"id": 4, "name": "stuff-1", "isthing": 0},
 ]
+IDENTITY = {1: 1, 2: 2, 3: 3, 4: 4}
+SWAPPED = {1: 2, 2: 1, 3: 4, 4: 3}  # GT category -> predicted pseudo class
 Scene = tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]
 
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from evalcases import (
     GT_CATEGORIES,
+    IDENTITY,
     PRED_CATEGORIES,
+    SWAPPED,
     relabel,
     scene,
     segment_info,
@@ -32,9 +34,6 @@ from u2seg.groundtruth import (
 )
 from u2seg.predictions import PredictionError, load_predictions
 
-IDENTITY = {1: 1, 2: 2, 3: 3, 4: 4}
-SWAPPED = {1: 2, 2: 1, 3: 4, 4: 3}  # GT category -> predicted pseudo class
-
 
 def _score(tmp: Path, gt_scenes, pred_scenes, maps: Maps | None = None, **kw):
     gt = load_coco_panoptic(str(write_ground_truth(tmp / "gt", gt_scenes)))
@@ -48,7 +47,8 @@ def _all_scores(metrics: dict) -> list[float]:
           for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")),
         metrics["semantic"]["hungarian"]["mIoU"],
         metrics["semantic"]["hungarian"]["pixel_accuracy"],
-        *(metrics["panoptic"][g][k] for g in ("All", "Things", "Stuff") for k in ("PQ", "SQ", "RQ")),
+        *(metrics["panoptic"][g][k] for g in ("All", "Things", "Stuff")
+          for k in ("PQ", "SQ", "RQ")),
     ]  # fmt: skip
 
 

