@@ -361,7 +361,7 @@ def without_seconds(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def ap_line(name: str, ap: dict[str, float]) -> str:
-    return f"  {name:<28}" + " ".join(f"{k} {ap[k]:6.2f}" for k in SUMMARY)
+    return f"  {name:<32}" + " ".join(f"{k} {ap[k]:6.2f}" for k in SUMMARY)
 
 
 # --------------------------------------------------------------------------- main

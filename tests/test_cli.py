@@ -8,7 +8,7 @@ import pytest
 from u2seg.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["features", "run", "demo"])
+@pytest.mark.parametrize("command", ["features", "run", "demo", "evaluate"])
 def test_help_explains_inputs_and_outputs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -17,11 +17,13 @@ def test_help_explains_inputs_and_outputs(command: str, capsys: pytest.CaptureFi
     assert "key=value" in text and "--config" in text
     if command == "features":
         assert "in:" in text and "out:" in text and "errors.parquet" in text
+    if command == "evaluate":
+        assert "evaluate.gt_format=coco" in text and "metrics.json" in text
 
 
 def test_every_subcommand_is_listed() -> None:
     text = build_parser().format_help()
-    for command in ("features", "run", "demo"):
+    for command in ("features", "run", "demo", "evaluate"):
         assert command in text
 
 
@@ -57,4 +59,10 @@ def test_demo_end_to_end(
     assert manifest["counts"]["ok"] == manifest["counts"]["images"] >= 8
     assert manifest["config"]["backbone"]["weights"] == "packaged"
     assert (out / "data" / "annotations" / "instances.json").is_file()
-    assert "[features]" in capsys.readouterr().out
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
+    assert set(metrics) == {"maskcut", "panoptic"}
+    assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["panoptic"])
+    assert metrics["maskcut"]["images"]["scored"] == 3  # the photos with ground truth
+    printed = capsys.readouterr().out
+    assert "[features]" in printed and "[evaluate]" in printed
+    assert "| predictions | PQ |" in printed

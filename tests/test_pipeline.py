@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import DEMO_CONFIG, demo_config
-from u2seg import cluster, embed, maskcut_stage, panoptic_stage, semantic, visualize
+from u2seg import cluster, embed, evaluate_stage, maskcut_stage, panoptic_stage, semantic, visualize
 from u2seg.artifacts import ArtifactError
 from u2seg.config import PipelineConfig, load_config
 from u2seg.demo_data import write_demo_dataset
@@ -148,6 +148,29 @@ def test_pictures_of_every_stage(run_dir: tuple[Path, PipelineConfig]) -> None:
         pictures = list(folder.glob("*.png"))
         assert pictures, stage
         assert Image.open(pictures[0]).size[0] > 0
+
+
+def test_evaluate_scores_pseudo_masks_and_pseudo_labels(
+    run_dir: tuple[Path, PipelineConfig],
+) -> None:
+    out, cfg = run_dir
+    gt = out.parent / "demo" / "annotations" / "panoptic.json"  # voc, arc2017, quokka
+    cfg = _config(
+        Path(cfg.data.source), out, Path(str(cfg.backbone.cache_dir)),
+        f"evaluate.gt_panoptic_json={gt}",
+    )  # fmt: skip
+    manifest = evaluate_stage.run(cfg)
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
+    masks, labels = metrics["maskcut"], metrics["panoptic"]
+    assert set(masks) == {"class_agnostic", "images", "pictures"}  # one class: no mapping
+    assert masks["images"]["without_prediction"] == 1  # arc2017 was not in the run
+    assert masks["images"]["predicted_not_in_ground_truth"] == 1  # coffee has no labels
+    assert masks["class_agnostic"]["segm"]["AP50"] > 0  # the quokka is found
+    assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(labels)
+    assert 0 <= labels["panoptic"]["All"]["PQ"] <= 100
+    assert labels["semantic"]["hungarian"]["matched_clusters"] <= K + S
+    assert (out / "evaluate" / "panoptic" / "overlays.png").is_file()
+    assert manifest["counts"]["prediction_sets"] == 2
 
 
 def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:

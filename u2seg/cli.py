@@ -92,9 +92,8 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     <set>/mapping.json, confusion.png, iou.png, overlays.png. Prints the tables.",
     ),
 }
-# `u2seg run` runs these; `evaluate` joins them when a ground truth is configured.
+# `u2seg run` runs these; `u2seg evaluate` scores them (the demo does both).
 _PIPELINE = ("features", "maskcut", "embed", "cluster", "semantic", "panoptic")
-_GROUND_TRUTH_KEYS = ("gt_instances", "gt_panoptic_json", "gt_semantic_root", "gt_cityscapes")
 
 
 def _stages() -> dict[str, StageFn]:
@@ -133,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run every stage in order",
         description="Run every stage in order on data.source; each stage resumes where a "
-        f"killed run stopped.\n\nStages: {', '.join(_PIPELINE)}, then evaluate when "
-        f"evaluate.gt_* names a ground truth.\n\n{_CONFIG_HELP}",
+        f"killed run stopped.\n\nStages: {', '.join(_PIPELINE)}; score them with "
+        f"`u2seg evaluate`.\n\n{_CONFIG_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
@@ -240,11 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
             return 0
-        names = [args.command]
-        if args.command in ("run", "demo"):
-            names = list(_PIPELINE)
-            if any(getattr(cfg.evaluate, key) for key in _GROUND_TRUTH_KEYS):
-                names.append("evaluate")
+        names = {"run": list(_PIPELINE), "demo": [*_PIPELINE, "evaluate"]}.get(
+            args.command, [args.command]
+        )
         _run_stages(cfg, names)
         if args.command == "demo":
             from u2seg import visualize

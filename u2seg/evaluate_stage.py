@@ -48,8 +48,11 @@ def _f(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def _section(title: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A titled markdown table; nothing when there is no row."""
+    if not rows:
+        return []
+    lines = ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(_f(v) for v in row) + " |" for row in rows]
 
 
@@ -60,44 +63,36 @@ def tables(results: dict[str, dict[str, Any]]) -> list[str]:
     def aps(entry: dict[str, Any]) -> list[Any]:
         return [entry[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
 
-    out: list[str] = []
-    rows = [[n, *aps(m["class_agnostic"])] for n, m in results.items() if "class_agnostic" in m]
-    if rows:
-        out += ["", "Class-agnostic instance segmentation (all classes collapsed, maxDets 100)"]
-        out += _table(["predictions", *ap], rows)
-    rows = [
+    agnostic = [[n, *aps(m["class_agnostic"])] for n, m in results.items() if "class_agnostic" in m]
+    aware = [
         [n, f"{m['instance']['matched_classes']}/{m['instance']['predicted_classes']}",
          *aps(m["instance"])]
         for n, m in results.items() if "instance" in m
     ]  # fmt: skip
-    if rows:
-        out += ["", "Semantic-aware instance segmentation (majority-vote map, unmatched dropped)"]
-        out += _table(["predictions", "classes matched", *ap], rows)
-    rows = []
+    semantic = []
     for n, m in results.items():
         if "semantic" in m:
             h, j = m["semantic"]["hungarian"], m["semantic"]["majority"]
-            rows.append([n, h["mIoU"], h["pixel_accuracy"], j["mIoU"], j["pixel_accuracy"],
-                         h["matched_clusters"]])  # fmt: skip
-    if rows:
-        out += ["", "Semantic segmentation (pixel confusion; Hungarian 1:1, majority many:1)"]
-        out += _table(
-            ["predictions", "mIoU", "pixel acc", "mIoU (majority)", "pixel acc (majority)",
-             "clusters matched 1:1"],
-            rows,
-        )  # fmt: skip
-    rows = [
-        [n, *(m["panoptic"][g][k] for g in ("All", "Things", "Stuff") for k in ("PQ", "SQ", "RQ"))]
-        for n, m in results.items() if "panoptic" in m
+            semantic.append([n, h["mIoU"], h["pixel_accuracy"], j["mIoU"], j["pixel_accuracy"],
+                             h["matched_clusters"]])  # fmt: skip
+    groups = [(g, k) for g in ("All", "Things", "Stuff") for k in ("PQ", "SQ", "RQ")]
+    panoptic = [
+        [n, *(m["panoptic"][g][k] for g, k in groups)]
+        for n, m in results.items()
+        if "panoptic" in m
+    ]
+    return [
+        *_section("Class-agnostic instance segmentation (all classes collapsed, maxDets 100)",
+                  ["predictions", *ap], agnostic),
+        *_section("Semantic-aware instance segmentation (majority-vote map, unmatched dropped)",
+                  ["predictions", "classes matched", *ap], aware),
+        *_section("Semantic segmentation (pixel confusion; Hungarian 1:1, majority many:1)",
+                  ["predictions", "mIoU", "pixel acc", "mIoU (majority)",
+                   "pixel acc (majority)", "clusters matched 1:1"], semantic),
+        *_section("Panoptic segmentation (COCO PQ; things by the instance map, stuff 1:1)",
+                  ["predictions", "PQ", "SQ", "RQ", "PQ^Th", "SQ^Th", "RQ^Th", "PQ^St",
+                   "SQ^St", "RQ^St"], panoptic),
     ]  # fmt: skip
-    if rows:
-        out += ["", "Panoptic segmentation (COCO PQ; things by the instance map, stuff 1:1)"]
-        out += _table(
-            ["predictions", "PQ", "SQ", "RQ", "PQ^Th", "SQ^Th", "RQ^Th", "PQ^St", "SQ^St",
-             "RQ^St"],
-            rows,
-        )  # fmt: skip
-    return out
 
 
 def _protocol(cfg: PipelineConfig) -> dict[str, Any]:
@@ -140,6 +135,10 @@ def report(gt: GroundTruth, cfg: PipelineConfig, results: dict[str, dict[str, An
                   f"{images['scored']} images scored, {images['without_prediction']} without "
                   f"a prediction (scored as empty), {images['predicted_not_in_ground_truth']} "
                   "predicted images outside the ground truth (ignored)."]  # fmt: skip
+        if images["without_prediction"] == images["scored"]:
+            lines += ["", f"**No ground-truth image has a prediction in {name}**: check that "
+                      "the predictions were made on the ground truth's images (matched by "
+                      "file name)."]  # fmt: skip
         for picture, what in (("confusion.png", "confusion"), ("iou.png", "per-class IoU"),
                               ("overlays.png", "photo | ground truth | prediction")):  # fmt: skip
             if picture in m.get("pictures", []):
@@ -233,7 +232,7 @@ def _pictures(
         names = [gt.semantic_classes[c] for c in present]
         figure = confusion_figure(
             counts, [c.name for c in pred.categories], names, mapping,
-            f"{name}: share of each ground-truth class's pixels per predicted cluster",
+            f"{name}: share of each class's pixels",
         )  # fmt: skip
         stage.write_bytes(f"{name}/confusion.png", figure)
         iou = metrics["semantic"]["hungarian"]["per_class_iou"]
