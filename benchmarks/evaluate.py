@@ -22,16 +22,17 @@ images/s over the whole set:
 2. u2seg on Ray Data: the same with `on_ray=True` (2 actors x 0.5 CPU) in a local 2-CPU Ray.
    Starting Ray is timed separately and left out; starting the actors of each pass is
    included. Its metrics must equal the in-process ones (1e-9, `images.seconds` aside).
-3. Baseline, the monolithic way upstream code evaluates: one loop over the images reading
-   the GT and predicted panoptic PNGs once, RLE-encoding the GT thing segments and
-   computing `u2seg.metrics.pq_stats` with the known (generating) cluster -> class map (no
-   map search); then one pycocotools COCOeval over the whole set for box and one for mask,
-   class-agnostic (all categories 1, all GT in one COCO object, all detections in one
-   `loadRes`). Its class-agnostic AP must equal u2seg's (1e-9): a check of the chunked
-   COCOeval. When u2seg's fitted maps equal the known map, PQ is compared as well.
+3. Baseline, the monolithic way upstream code evaluates, computing the same numbers with
+   the known (generating) cluster -> class map instead of a map search: one loop over the
+   images reading the GT and predicted panoptic PNGs once (GT thing segments RLE-encoded,
+   `u2seg.metrics.pq_stats`, the pixel confusion matrix), then one pycocotools COCOeval
+   over the whole set per box / mask, class-agnostic and class-aware (all GT in one COCO
+   object, all detections in one `loadRes`). Its class-agnostic AP and confusion matrix
+   must equal u2seg's (1e-9): a check of the chunked COCOeval; when u2seg's fitted maps
+   equal the known map, class-aware AP and PQ are compared as well.
 
-The table's ratio is images/s of the path over images/s of the baseline (u2seg does more
-work: the class-aware AP, the confusion matrix and a second read of every image).
+The table's ratio is images/s of the path over images/s of the baseline: the price of
+streaming (a second read of every image, the map search) against holding everything.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from pycocotools.cocoeval import COCOeval
 from u2seg.config import RayConfig
 from u2seg.evaluate import SUMMARY, Settings, evaluate
 from u2seg.groundtruth import load_coco_panoptic, write_coco_panoptic
-from u2seg.metrics import PQStats, pq_stats, pq_summary
+from u2seg.metrics import ConfusionMatrix, PQStats, pq_stats, pq_summary
 from u2seg.panoptic import rgb_to_id
 from u2seg.predictions import load_predictions
 from u2seg.refine import mask_to_annotation
@@ -269,6 +270,34 @@ def quiet() -> Iterator[None]:
         yield
 
 
+def _coco_ap(
+    images: list[dict[str, Any]],
+    categories: list[int],
+    truth: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """Box and mask AP of one COCOeval each over the whole set."""
+    coco_gt = COCO()
+    coco_gt.dataset = {
+        "images": [{"id": im["id"], "height": im["height"], "width": im["width"]}
+                   for im in images],
+        "categories": [{"id": c} for c in categories],
+        "annotations": truth,
+    }  # fmt: skip
+    ap: dict[str, dict[str, float]] = {}
+    with quiet():
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results)
+        for iou_type in ("bbox", "segm"):
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            ap[iou_type] = {k: float(v * 100) if v >= 0 else math.nan
+                            for k, v in zip(SUMMARY, evaluator.stats[:6], strict=True)}  # fmt: skip
+    return ap
+
+
 def baseline(
     gt_data: dict[str, Any],
     gt_root: Path,
@@ -276,10 +305,14 @@ def baseline(
     pred_root: Path,
     pred_instances: dict[str, Any],
     known: dict[int, int],
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Class-agnostic box and mask AP of one COCOeval each over the whole set, and PQ with
-    the `known` cluster -> class map, image by image (JSONs already loaded)."""
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any], np.ndarray]:
+    """The same numbers the monolithic way, with the `known` cluster -> class map: one
+    loop over the images (PNGs read once: GT instances, PQ, the pixel confusion matrix),
+    then one COCOeval per box / mask, class-agnostic and class-aware (JSONs loaded)."""
     things = {c["id"] for c in gt_data["categories"] if c["isthing"]}
+    semantic_of = {c["id"]: k for k, c in enumerate(gt_data["categories"])}
+    rows = {c["id"]: k for k, c in enumerate(pred_data["categories"])}
+    confusion = ConfusionMatrix(len(rows) + 1, len(semantic_of))
     gt_by_image = {a["image_id"]: a for a in gt_data["annotations"]}
     pred_by_image = {a["image_id"]: a for a in pred_data["annotations"]}
     truth: list[dict[str, Any]] = []
@@ -294,37 +327,34 @@ def baseline(
                 continue
             rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
             truth.append({
-                "id": len(truth) + 1, "image_id": image["id"], "category_id": 1,
+                "id": len(truth) + 1, "image_id": image["id"], "category_id": category,
                 "segmentation": rle, "area": float(mask_utils.area(rle)),
                 "bbox": mask_utils.toBbox(rle).tolist(), "iscrowd": int(crowd),
             })  # fmt: skip
         segments = read_ids(pred_root / pred_ann["file_name"])
+        gt_lut = np.full(int(gt_segments.max()) + 1, 255, dtype=np.int64)
+        for seg_id, (category, _) in gt_info.items():
+            gt_lut[seg_id] = semantic_of[category]
+        pred_lut = np.full(int(segments.max()) + 1, len(rows), dtype=np.int64)
+        for s in pred_ann["segments_info"]:
+            pred_lut[s["id"]] = rows[s["category_id"]]
+        confusion.update(pred_lut[segments], gt_lut[gt_segments])
         mapped = {s["id"]: known[s["category_id"]] for s in pred_ann["segments_info"]
                   if s["category_id"] in known}  # fmt: skip
         segments = np.where(np.isin(segments, list(mapped)), segments, 0)
         pq.merge(pq_stats(segments, mapped, gt_segments, gt_info))
-    coco_gt = COCO()
-    coco_gt.dataset = {
-        "images": [{"id": im["id"], "height": im["height"], "width": im["width"]}
-                   for im in gt_data["images"]],
-        "categories": [{"id": 1}],
-        "annotations": truth,
-    }  # fmt: skip
-    results = [{**d, "category_id": 1} for d in pred_instances["annotations"]]
-    ap: dict[str, dict[str, float]] = {}
-    with quiet():
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        for iou_type in ("bbox", "segm"):
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-            ap[iou_type] = {k: float(v * 100) if v >= 0 else math.nan
-                            for k, v in zip(SUMMARY, evaluator.stats[:6], strict=True)}  # fmt: skip
-    thing_ids = sorted(things)
+    agnostic = _coco_ap(
+        gt_data["images"], [1], [{**a, "category_id": 1} for a in truth],
+        [{**d, "category_id": 1} for d in pred_instances["annotations"]],
+    )  # fmt: skip
+    aware = _coco_ap(
+        gt_data["images"], sorted(things), truth,
+        [{**d, "category_id": known[d["category_id"]]} for d in pred_instances["annotations"]
+         if d["category_id"] in known],
+    )  # fmt: skip
     stuff_ids = sorted(c["id"] for c in gt_data["categories"] if not c["isthing"])
-    return ap, pq_summary(pq, thing_ids, stuff_ids)
+    aps = {"class_agnostic": agnostic, "instance": aware}
+    return aps, pq_summary(pq, sorted(things), stuff_ids), confusion.counts
 
 
 # --------------------------------------------------------------------------- checks
@@ -396,7 +426,7 @@ def main() -> None:
               f"{segments} GT segments, {dets} predicted instances")  # fmt: skip
 
         print("\n1. u2seg evaluate, in process")
-        (metrics, maps, _), local_s = timed(
+        (metrics, maps, first), local_s = timed(
             evaluate, gt, pred, settings, chunk_size=args.chunk_size, on_ray=False
         )
         rows.append(("u2seg in process", local_s))
@@ -434,7 +464,7 @@ def main() -> None:
         pred_data = json.loads((pred_dir / "panoptic.json").read_text())
         pred_instances = json.loads((pred_dir / "instances.json").read_text())
         known = {**plan.instance, **plan.stuff}
-        (base_ap, base_pq), base_s = timed(
+        (base_ap, base_pq, base_confusion), base_s = timed(
             baseline, gt_data, gt_json.with_suffix(""), pred_data, pred_dir / "panoptic",
             pred_instances, known,
         )  # fmt: skip
@@ -443,11 +473,17 @@ def main() -> None:
     for iou_type in ("bbox", "segm"):
         ours = metrics["class_agnostic"][iou_type]
         print(ap_line(f"class-agnostic {iou_type}, u2seg", ours))
-        print(ap_line(f"class-agnostic {iou_type}, baseline", base_ap[iou_type]))
-        diff = differences(ours, base_ap[iou_type])
+        print(ap_line(f"class-agnostic {iou_type}, baseline", base_ap["class_agnostic"][iou_type]))
+        diff = differences(ours, base_ap["class_agnostic"][iou_type])
         assert not diff, f"class-agnostic {iou_type} AP differs: {diff}"
     print("  class-agnostic AP of u2seg's chunked COCOeval equals the single COCOeval (1e-9)")
+    assert (first.confusion.counts == base_confusion).all(), "confusion matrices differ"
+    print("  the streamed pixel confusion matrix equals the baseline's")
     if known_maps:
+        for iou_type in ("bbox", "segm"):
+            diff = differences(metrics["instance"][iou_type], base_ap["instance"][iou_type])
+            assert not diff, f"class-aware {iou_type} AP differs: {diff}"
+        print("  class-aware box and mask AP equal the baseline's with the known map (1e-9)")
         ours_pq = {g: metrics["panoptic"][g] for g in ("All", "Things", "Stuff")}
         diff = differences(ours_pq, base_pq)
         assert not diff, f"PQ differs from the baseline's: {diff}"

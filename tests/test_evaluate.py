@@ -64,6 +64,17 @@ def test_perfect_prediction_scores_100(tmp_path: Path, permutation: dict[int, in
     assert metrics["images"]["scored"] == 5
 
 
+def test_panoptic_prediction_without_instances_json(tmp_path: Path) -> None:
+    scenes = [scene(i, seed=i) for i in range(1, 4)]
+    gt = load_coco_panoptic(str(write_ground_truth(tmp_path / "gt", scenes)))
+    folder = write_prediction(tmp_path / "pred", relabel(scenes, SWAPPED))
+    (folder / "instances.json").unlink()  # instances come from the thing segments
+    pred = load_predictions("pred", str(folder))
+    metrics, maps, _ = evaluate(gt, pred, Settings())
+    assert maps.instance == {1: 2, 2: 1}
+    assert _all_scores(metrics) == pytest.approx([100.0] * len(_all_scores(metrics)))
+
+
 def test_wrong_prediction_scores_below_100(tmp_path: Path) -> None:
     scenes = [scene(i, seed=i) for i in range(1, 4)]
     # Every thing predicted as the sky's cluster: no instance class survives the vote.

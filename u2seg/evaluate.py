@@ -66,6 +66,7 @@ from u2seg.metrics import (
     semantic_scores,
 )
 from u2seg.predictions import PredictionError, Predictions, PredImage
+from u2seg.refine import mask_to_annotation
 
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -159,7 +160,8 @@ def evaluate_images(
     with _quiet():
         gt.createIndex()
         if results:
-            dt = gt.loadRes(copy.deepcopy(results))
+            # loadRes and COCOeval replace top-level keys only: shallow copies are enough.
+            dt = gt.loadRes([dict(r) for r in results])
         else:
             dt = COCO()
             dt.dataset = {**gt.dataset, "annotations": []}
@@ -276,7 +278,7 @@ class Job:
 
     @property
     def instances(self) -> bool:
-        return self.gt.has_instances and self.pred.has_instances
+        return self.gt.has_instances and (self.pred.has_instances or self.pred.kind == "panoptic")
 
     @property
     def class_aware(self) -> bool:
@@ -364,8 +366,18 @@ class _Image:
         return self.job.gt.instances(self.gt_image, panoptic)
 
     def detections(self) -> list[dict[str, Any]]:
+        """The predicted instances; for panoptic predictions without an instances.json,
+        their thing segments (score 1.0)."""
         if self.pred_image is None:
             return []
+        if not self.job.pred.has_instances:
+            segments, info = self.pred_panoptic()
+            things = {c.id for c in self.job.pred.categories if c.isthing}
+            return [
+                mask_to_annotation(segments == seg, self.gt_image.image_id, seg, cat, 1.0)
+                for seg, cat in sorted(info.items())
+                if cat in things and (segments == seg).any()
+            ]
         height, width = self.shape()
         for det in self.pred_image.annotations:
             size = list(det.get("segmentation", {}).get("size", [height, width]))
