@@ -30,6 +30,7 @@ from u2seg.groundtruth import (
     load_cityscapes,
     load_coco_panoptic,
     load_cocostuff27,
+    restrict,
     write_coco_panoptic,
 )
 from u2seg.predictions import PredictionError, load_predictions
@@ -260,3 +261,22 @@ def test_supercategory_level_groups_classes(tmp_path: Path) -> None:
     assert gt.semantic_classes == ("animal", "plant", "sky")
     assert gt.semantic_of == {1: 0, 2: 0, 3: 1, 4: 2}
     assert [c["name"] for c in GT_CATEGORIES] == ["cat", "dog", "grass", "sky"]
+
+
+def test_image_list_restricts_the_set_and_names_unknown_images(tmp_path: Path) -> None:
+    gt = load_coco_panoptic(str(write_ground_truth(tmp_path / "gt", [scene(1, 1), scene(2, 2)])))
+    listed = tmp_path / "list.txt"
+    listed.write_text("# curated\nimg002.jpg\n")
+    assert [im.key for im in restrict(gt, str(listed)).images] == ["img002"]
+    listed.write_text("img002\nimg404\n")
+    with pytest.raises(GroundTruthError, match=r"list\.txt: 1 images have no ground truth.*img404"):
+        restrict(gt, str(listed))
+
+
+def test_panoptic_json_image_without_annotation_is_named(tmp_path: Path) -> None:
+    json_path = write_ground_truth(tmp_path / "gt", [scene(1, 1), scene(2, 2)])
+    data = json.loads(json_path.read_text())
+    data["annotations"] = data["annotations"][:1]
+    json_path.write_text(json.dumps(data))
+    with pytest.raises(GroundTruthError, match=r"panoptic\.json: image 2 \(img002\.jpg\) has no"):
+        load_coco_panoptic(str(json_path))
