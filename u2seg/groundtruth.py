@@ -324,9 +324,10 @@ def _unique_keys(images: Sequence[GTImage], source: str) -> None:
         seen[im.key] = im.file_name
 
 
-def _instance_annotations(url: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
-    """Categories, annotations by image id and the raw images of a COCO instances JSON."""
-    data = load_json(url, "ground-truth instances JSON")
+def read_instances(url: str, what: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
+    """Categories, annotations by image id and the image entries of a COCO instances JSON;
+    an annotation of an unknown category or an unlisted image is an error naming it."""
+    data = load_json(url, what)
     categories = parse_categories(data, url, panoptic=False)
     known = {c.id for c in categories}
     images = _images_of(data, url)
@@ -351,7 +352,7 @@ def _instance_annotations(url: str) -> tuple[tuple[Category, ...], dict[int, lis
 
 def load_coco(instances: str) -> GroundTruth:
     """Instance ground truth from a COCO instances JSON."""
-    categories, by_image, raw = _instance_annotations(instances)
+    categories, by_image, raw = read_instances(instances, "ground-truth instances JSON")
     images = tuple(
         GTImage(
             image_key(im["file_name"]), int(im["id"]), str(im["file_name"]),
@@ -380,7 +381,7 @@ def load_coco_panoptic(
     annotations = {int(a["image_id"]): a for a in data.get("annotations", [])}
     by_image: dict[int, list[Any]] = {}
     if instances:
-        inst_categories, by_image, _ = _instance_annotations(instances)
+        inst_categories, by_image, _ = read_instances(instances, "ground-truth instances JSON")
         stray = sorted({c.id for c in inst_categories} - {c.id for c in categories if c.isthing})
         if stray:
             raise GroundTruthError(
@@ -423,20 +424,26 @@ def load_coco_panoptic(
     )  # fmt: skip
 
 
-def load_cocostuff27(semantic_root: str) -> GroundTruth:
-    """COCO-Stuff-27 semantic ground truth from a folder of COCO-Stuff label PNGs."""
-    fs, path = url_to_fs(semantic_root)
+def _label_files(folder: str, suffix: str, what: str) -> tuple[GTImage, ...]:
+    """One image per label file ending in `suffix` under `folder` (recursively, sorted)."""
+    fs, path = url_to_fs(folder)
     if not fs.isdir(path):
-        raise GroundTruthError(f"COCO-Stuff label folder not found: {semantic_root}")
-    found = sorted(p for p in fs.find(path) if p.lower().endswith(".png"))
+        raise GroundTruthError(f"folder of {what} not found: {folder}")
+    found = sorted(p for p in fs.find(path) if p.lower().endswith(suffix.lower()))
     if not found:
-        raise GroundTruthError(f"no label PNGs under {semantic_root}")
+        raise GroundTruthError(f"no {what} under {folder}")
     prefix = path.rstrip("/") + "/"
     images = tuple(
         GTImage(image_key(p), k, p[len(prefix) :], 0, 0, label_file=fs.unstrip_protocol(p))
         for k, p in enumerate(found, start=1)
     )
-    _unique_keys(images, semantic_root)
+    _unique_keys(images, folder)
+    return images
+
+
+def load_cocostuff27(semantic_root: str) -> GroundTruth:
+    """COCO-Stuff-27 semantic ground truth from a folder of COCO-Stuff label PNGs."""
+    images = _label_files(semantic_root, ".png", "COCO-Stuff label PNGs")
     categories = tuple(
         Category(k + 1, name, k < COCOSTUFF27_THINGS) for k, name in enumerate(COCOSTUFF27_CLASSES)
     )
@@ -449,18 +456,7 @@ def load_cocostuff27(semantic_root: str) -> GroundTruth:
 
 def load_cityscapes(gt_fine: str) -> GroundTruth:
     """Cityscapes panoptic, semantic and instance ground truth from a gtFine split folder."""
-    fs, path = url_to_fs(gt_fine)
-    if not fs.isdir(path):
-        raise GroundTruthError(f"Cityscapes gtFine folder not found: {gt_fine}")
-    found = sorted(p for p in fs.find(path) if p.endswith("_gtFine_instanceIds.png"))
-    if not found:
-        raise GroundTruthError(f"no *_gtFine_instanceIds.png under {gt_fine}")
-    prefix = path.rstrip("/") + "/"
-    images = tuple(
-        GTImage(image_key(p), k, p[len(prefix) :], 0, 0, label_file=fs.unstrip_protocol(p))
-        for k, p in enumerate(found, start=1)
-    )
-    _unique_keys(images, gt_fine)
+    images = _label_files(gt_fine, "_gtFine_instanceIds.png", "Cityscapes *_gtFine_instanceIds.png")
     categories = tuple(Category(i, name, thing) for i, name, thing in CITYSCAPES_CLASSES)
     classes = tuple(name for _, name, _ in CITYSCAPES_CLASSES)
     semantic_of = {c.id: k for k, c in enumerate(categories)}

@@ -24,7 +24,14 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from u2seg.artifacts import StageDir
-from u2seg.groundtruth import Category, GroundTruthError, image_key, load_json, parse_categories
+from u2seg.groundtruth import (
+    Category,
+    GroundTruthError,
+    image_key,
+    load_json,
+    parse_categories,
+    read_instances,
+)
 from u2seg.panoptic import rgb_to_id
 
 INSTANCES_JSON = "instances.json"
@@ -89,21 +96,14 @@ class Predictions:
         return segments, info
 
 
-def _instances(url: str, name: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
+def _instances(url: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
+    """read_instances of a prediction: errors as PredictionError, score 1.0 where absent."""
     try:
-        data = load_json(url, "predicted instances JSON")
-        categories = parse_categories(data, url, panoptic=False)
+        categories, by_image, images = read_instances(url, "predicted instances JSON")
     except GroundTruthError as exc:
         raise PredictionError(str(exc)) from None
-    known = {c.id for c in categories}
-    by_image: dict[int, list[Any]] = {}
-    for ann in data.get("annotations", []):
-        if int(ann["category_id"]) not in known:
-            raise PredictionError(
-                f"{url}: annotation {ann.get('id')} has unknown category id {ann['category_id']}"
-            )
-        by_image.setdefault(int(ann["image_id"]), []).append({"score": 1.0, **ann})
-    return categories, by_image, data.get("images", [])
+    scored = {i: [{"score": 1.0, **a} for a in anns] for i, anns in by_image.items()}
+    return categories, scored, images
 
 
 def _image(im: dict[str, Any], **extra: Any) -> PredImage:
@@ -123,7 +123,7 @@ def load_predictions(name: str, path: str) -> Predictions:
     if not fs.exists(f"{root}/{PANOPTIC_JSON}"):
         if not has_instances:
             raise PredictionError(f"{path} holds neither {PANOPTIC_JSON} nor {INSTANCES_JSON}")
-        categories, by_image, raw = _instances(instances_file, name)
+        categories, by_image, raw = _instances(instances_file)
         images = {
             (p := _image(im, annotations=tuple(by_image.get(int(im["id"]), [])))).key: p
             for im in raw
@@ -135,7 +135,7 @@ def load_predictions(name: str, path: str) -> Predictions:
     except GroundTruthError as exc:
         raise PredictionError(str(exc)) from None
     known = {c.id for c in categories}
-    by_image = _instances(instances_file, name)[1] if has_instances else {}
+    by_image = _instances(instances_file)[1] if has_instances else {}
     png_root = panoptic_file[: -len(".json")]
     entries = {int(a["image_id"]): a for a in data.get("annotations", [])}
     images = {}
