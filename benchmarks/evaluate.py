@@ -16,9 +16,10 @@ So the majority vote (things) and the Hungarian match (stuff) both have work to 
 Measured on one machine (2 cores where this was written), each path as wall seconds and
 images/s over the whole set:
 
-1. u2seg in process: `evaluate(..., on_ray=False)`, both passes: class-agnostic box and
-   mask AP, instance votes and the semantic confusion matrix; then the maps, class-aware
-   box and mask AP and PQ. Each pass reads every PNG and RLE-encodes the GT instances.
+1. u2seg in process: `evaluate(..., on_ray=False)`, both passes: every PNG read once for
+   the semantic confusion matrix, the instance votes, the per-image IoU and overlap
+   records and the class-agnostic box and mask AP; then the maps, and class-aware box and
+   mask AP and PQ from the records.
 2. u2seg on Ray Data: the same with `on_ray=True` (2 actors x 0.5 CPU) in a local 2-CPU Ray.
    Starting Ray is timed separately and left out; starting the actors of each pass is
    included. Its metrics must equal the in-process ones (1e-9, `images.seconds` aside).
@@ -32,7 +33,7 @@ images/s over the whole set:
    equal the known map, class-aware AP and PQ are compared as well.
 
 The table's ratio is images/s of the path over images/s of the baseline: the price of
-streaming (a second read of every image, the map search) against holding everything.
+streaming in chunks and searching the maps against holding everything in memory.
 """
 
 from __future__ import annotations

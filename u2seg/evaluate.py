@@ -5,22 +5,26 @@ ground-truth classes; both maps are fit on the evaluation set itself (transducti
 STEGO and U2Seg do) unless `evaluate.mapping_from` names the evaluation of another split,
 whose saved maps are applied instead (the honest variant).
 
-Two streamed passes over the images, each in chunks of `evaluate.chunk_size` images (in
-process, or on Ray Data when the set has at least `evaluate.ray_min_images` images); a
-chunk returns summable statistics, never masks:
+Two passes, each in chunks of `evaluate.chunk_size` images (in process, or on Ray Data
+when the set has at least `evaluate.ray_min_images` images); a chunk returns summable
+statistics, never masks:
 
-1. class-agnostic COCOeval per-image results (box and mask; all categories collapsed,
-   maxDets 100: CutLER's protocol), the instance votes (prediction score >= `min_score`,
-   box IoU > `min_iou` with its best ground-truth box) and the pixel confusion matrix of
-   predicted categories x ground-truth semantic classes.
-2. after the maps: class-aware COCOeval per-image results (predicted classes mapped by
-   majority vote, unmatched ones dropped) and panoptic quality counts (things mapped by
-   the vote, stuff by a Hungarian match of stuff clusters to ground-truth stuff classes;
-   segments of unmatched clusters become void).
+1. over the images, each label map and mask read once: the pixel confusion matrix of
+   predicted categories x ground-truth semantic classes, the instance votes (prediction
+   score >= `min_score`, box IoU > `min_iou` with its best ground-truth box), and per
+   image a record of what the second pass needs: the box and mask IoU matrices of its
+   detections x ground-truth instances (`InstanceRecord`) and the pixel counts of its
+   segment overlaps (`PanopticRecord`); class-agnostic COCOeval results (box and mask,
+   all categories collapsed, maxDets 100: CutLER's protocol) from the records.
+2. over the records, after the maps: class-aware COCOeval results (predicted classes
+   mapped by majority vote, unmatched ones dropped) and panoptic quality counts (things
+   mapped by the vote, stuff by a Hungarian match of stuff clusters to ground-truth stuff
+   classes on their shared pixels; segments of unmatched clusters become void).
 
-COCOeval's per-image results of all chunks are merged and accumulated once, which gives
-exactly the numbers of one COCOeval over the whole set. Semantic scores: one-to-one
-Hungarian and many-to-one majority maps of the confusion matrix (mIoU, pixel accuracy).
+COCOeval runs with the recorded IoUs (`_RecordEval`) and its per-image results of all
+chunks are accumulated once, which gives exactly the numbers of one COCOeval over the
+whole set. Semantic scores: one-to-one Hungarian and many-to-one majority maps of the
+confusion matrix (mIoU, pixel accuracy).
 
 Outputs under `evaluate/`: `metrics.json`, `report.md` (the tables and pictures),
 `<prediction>/mapping.json` and the pictures of each prediction set.
@@ -33,11 +37,12 @@ import copy
 import io
 import pickle
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 from tqdm import tqdm
@@ -56,13 +61,15 @@ from u2seg.groundtruth import (
 from u2seg.metrics import (
     ConfusionMatrix,
     PQStats,
+    SegmentOverlaps,
     best_gt_matches,
     hungarian_match,
     majority_match,
     majority_vote_mapping,
     normalise_mapping,
-    pq_stats,
+    pq_counts,
     pq_summary,
+    segment_overlaps,
     semantic_scores,
 )
 from u2seg.predictions import PredictionError, Predictions, PredImage
@@ -131,6 +138,151 @@ class EvalImages:
         return {k: float(v * 100) if v >= 0 else float("nan") for k, v in pairs}
 
 
+@dataclass
+class InstanceRecord:
+    """One image's instances without their masks: all COCOeval needs under any class map.
+
+    gts: ground-truth annotations (category_id, iscrowd, area, bbox); dets: detections
+    (category_id = predicted class, score, bbox, and area as pycocotools' `loadRes` sets it:
+    w * h of the box, as in detectron2's evaluator); iou: "bbox" / "segm" -> IoU matrix of
+    shape (len(dets), len(gts)) with COCO's crowd rule, computed once from the masks.
+    """
+
+    image_id: int
+    gts: list[dict[str, Any]]
+    dets: list[dict[str, Any]]
+    iou: dict[str, np.ndarray]
+
+
+def _rle(segmentation: Any, height: int, width: int) -> Any:
+    """Compressed RLE of a COCO segmentation (polygons, uncompressed or compressed RLE), as
+    `COCO.annToRLE` makes it."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def instance_record(
+    image_id: int,
+    height: int,
+    width: int,
+    ground_truth: Sequence[dict[str, Any]],
+    detections: Sequence[dict[str, Any]],
+) -> InstanceRecord:
+    """The `InstanceRecord` of one (height, width) image: its COCO GT annotations and
+    detections (RLE or polygon `segmentation`; `bbox`, GT `area` and detection masks are
+    derived when absent, as pycocotools does)."""
+    gt_rles = [_rle(a["segmentation"], height, width) for a in ground_truth]
+    det_rles = [_rle(d["segmentation"], height, width) for d in detections]
+    gts = [
+        {"category_id": int(a["category_id"]), "iscrowd": int(a.get("iscrowd", 0)),
+         "area": float(a["area"]) if "area" in a else float(mask_utils.area(rle)),
+         "bbox": list(a["bbox"]) if "bbox" in a else mask_utils.toBbox(rle).tolist()}
+        for a, rle in zip(ground_truth, gt_rles, strict=True)
+    ]  # fmt: skip
+    dets = []
+    for d, rle in zip(detections, det_rles, strict=True):
+        box = list(d["bbox"]) if "bbox" in d else mask_utils.toBbox(rle).tolist()
+        area = box[2] * box[3] if "bbox" in d else float(mask_utils.area(rle))
+        dets.append({"category_id": int(d["category_id"]), "score": float(d.get("score", 1.0)),
+                     "bbox": box, "area": area})  # fmt: skip
+    crowd = [g["iscrowd"] for g in gts]
+    iou = {
+        "segm": mask_utils.iou(det_rles, gt_rles, crowd),
+        "bbox": mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], crowd),
+    }
+    shape = (len(dets), len(gts))
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(shape) for k, v in iou.items()}
+    return InstanceRecord(int(image_id), gts, dets, arrays)
+
+
+class _RecordEval(COCOeval):
+    """COCOeval whose IoUs are sliced from `InstanceRecord`s instead of recomputed.
+
+    Runs with iouType "bbox" so that `_prepare` never asks for masks; which IoU is used is
+    set by the matrices passed in. `computeIoU` keeps COCOeval's order (detections by
+    score, at most maxDets) so `evaluateImg` pairs them as it would.
+    """
+
+    def __init__(self, gt: COCO, dt: COCO, iou: dict[int, np.ndarray]) -> None:
+        super().__init__(gt, dt, iouType="bbox")
+        self._iou = iou
+
+    def computeIoU(self, imgId: int, catId: int) -> Any:  # noqa: N802, N803 (COCOeval's names)
+        gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
+        if not gt and not dt:
+            return []
+        order = np.argsort([-d["score"] for d in dt], kind="mergesort")[: self.params.maxDets[-1]]
+        if not gt or not len(order):
+            return []
+        rows = [dt[i]["row"] for i in order]
+        return self._iou[imgId][np.ix_(rows, [g["col"] for g in gt])]
+
+
+def evaluate_records(
+    records: Sequence[InstanceRecord],
+    cat_ids: Sequence[int],
+    max_dets: int = 100,
+    det_category: Mapping[int, int] | None = None,
+    collapse: bool = False,
+) -> dict[str, EvalImages]:
+    """COCOeval's per-image results, box and mask, of some images' records.
+
+    `det_category` maps predicted classes to GT categories first (a detection whose class
+    has no entry is dropped); `collapse` makes every category 1 (class-agnostic).
+    `cat_ids`: the categories scored (the same for every chunk of a set).
+    """
+    truth: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for r in records:
+        for col, g in enumerate(r.gts):
+            cat = 1 if collapse else g["category_id"]
+            truth.append({**g, "category_id": cat, "id": len(truth) + 1, "image_id": r.image_id,
+                          "col": col})  # fmt: skip
+        for row, d in enumerate(r.dets):
+            cat = d["category_id"]
+            if collapse:
+                cat = 1
+            elif det_category is not None:
+                cat = det_category.get(cat)
+            if cat is not None:
+                results.append({**d, "category_id": cat, "id": len(results) + 1,
+                                "image_id": r.image_id, "row": row})  # fmt: skip
+    images = [{"id": r.image_id} for r in records]
+    categories = [{"id": int(c)} for c in cat_ids]
+    gt, dt = COCO(), COCO()
+    gt.dataset = {"images": images, "categories": categories, "annotations": truth}
+    dt.dataset = {"images": images, "categories": categories, "annotations": results}
+    out = {}
+    with _quiet():
+        gt.createIndex()
+        dt.createIndex()
+        for iou_type in IOU_TYPES:
+            evaluator = _RecordEval(gt, dt, {r.image_id: r.iou[iou_type] for r in records})
+            evaluator.params = _params("bbox", [r.image_id for r in records], cat_ids, max_dets)
+            evaluator.evaluate()
+            out[iou_type] = _entries(evaluator, iou_type, cat_ids, max_dets)
+    return out
+
+
+def _entries(
+    evaluator: COCOeval, iou_type: str, cat_ids: Sequence[int], max_dets: int
+) -> EvalImages:
+    """COCOeval's evalImgs regrouped by image, keeping the fields `accumulate` reads."""
+    params = evaluator.params
+    keep = ("dtMatches", "dtScores", "gtIgnore", "dtIgnore", "aRng", "maxDet")
+    areas, count = len(params.areaRng), len(params.imgIds)
+    entries: dict[int, list[Any]] = {i: [] for i in params.imgIds}
+    for k in range(len(params.catIds)):
+        for a in range(areas):
+            for n, i in enumerate(params.imgIds):
+                entry = evaluator.evalImgs[(k * areas + a) * count + n]
+                entries[i].append(None if entry is None else {f: entry[f] for f in keep})
+    return EvalImages(iou_type, tuple(sorted(int(c) for c in cat_ids)), max_dets, entries)
+
+
 def evaluate_images(
     images: Sequence[tuple[int, int, int]],
     ground_truth: Sequence[Sequence[dict[str, Any]]],
@@ -142,51 +294,13 @@ def evaluate_images(
     """COCOeval's per-image evaluation of some images, kept for a later `summary`.
 
     `images`: (image id, height, width); `ground_truth` / `detections`: each image's COCO
-    annotations (RLE `segmentation`, `bbox`, `category_id`; GT `area` and `iscrowd`,
-    detection `score`). Detections are loaded as COCO's `loadRes` does (a box's area is
-    w * h when a `bbox` is given, as in detectron2's evaluator).
+    annotations (see `instance_record`).
     """
-    truth: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    for (image_id, _, _), anns, dets in zip(images, ground_truth, detections, strict=True):
-        truth += [{**a, "id": len(truth) + n, "image_id": image_id} for n, a in enumerate(anns, 1)]
-        results += [{**d, "image_id": image_id} for d in dets]
-    gt = COCO()
-    gt.dataset = {
-        "images": [{"id": i, "height": h, "width": w} for i, h, w in images],
-        "categories": [{"id": int(c)} for c in cat_ids],
-        "annotations": truth,
-    }
-    with _quiet():
-        gt.createIndex()
-        if results:
-            # loadRes and COCOeval replace top-level keys only: shallow copies are enough.
-            dt = gt.loadRes([dict(r) for r in results])
-        else:
-            dt = COCO()
-            dt.dataset = {**gt.dataset, "annotations": []}
-            dt.createIndex()
-        evaluator = COCOeval(gt, dt, iouType=iou_type)
-        evaluator.params = _params(iou_type, [i for i, _, _ in images], cat_ids, max_dets)
-        evaluator.evaluate()
-    params = evaluator.params
-    per_cat = len(params.areaRng) * len(params.imgIds)
-    entries: dict[int, list[Any]] = {i: [] for i in params.imgIds}
-    for k in range(len(params.catIds)):
-        block = evaluator.evalImgs[k * per_cat : (k + 1) * per_cat]
-        for a in range(len(params.areaRng)):
-            for n, i in enumerate(params.imgIds):
-                entry = block[a * len(params.imgIds) + n]
-                entries[i].append(_slim(entry))
-    return EvalImages(iou_type, tuple(sorted(int(c) for c in cat_ids)), max_dets, entries)
-
-
-def _slim(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The fields `accumulate` reads (ids dropped: they are chunk-local)."""
-    if entry is None:
-        return None
-    keep = ("dtMatches", "dtScores", "gtIgnore", "dtIgnore", "aRng", "maxDet")
-    return {k: entry[k] for k in keep}
+    records = [
+        instance_record(i, h, w, gts, dets)
+        for (i, h, w), gts, dets in zip(images, ground_truth, detections, strict=True)
+    ]
+    return evaluate_records(records, cat_ids, max_dets)[iou_type]
 
 
 def class_agnostic_ap(
@@ -302,9 +416,22 @@ class Job:
         return {c.id: k for k, c in enumerate(self.pred.categories)}
 
 
+@dataclass(frozen=True)
+class PanopticRecord:
+    """One image's panoptic pixels as counts: overlaps, predicted and GT segment infos."""
+
+    overlaps: SegmentOverlaps
+    pred_info: dict[int, int]
+    gt_info: dict[int, tuple[int, bool]]
+
+
 @dataclass
 class Stats:
-    """Summable statistics of some images (one chunk, or the whole set once merged)."""
+    """Summable statistics of some images (one chunk, or the whole set once merged).
+
+    The first pass fills everything but `instance` and `pq`, which the second pass makes
+    from the records alone, without reading an image again.
+    """
 
     images: int = 0
     agnostic: dict[str, EvalImages] = field(default_factory=dict)
@@ -312,6 +439,8 @@ class Stats:
     votes: list[tuple[int, int, float, float]] = field(default_factory=list)
     confusion: ConfusionMatrix | None = None
     pq: PQStats = field(default_factory=PQStats)
+    records: list[InstanceRecord] = field(default_factory=list)
+    panoptic: list[PanopticRecord] = field(default_factory=list)
 
     def merge(self, other: Stats) -> Stats:
         self.images += other.images
@@ -327,6 +456,8 @@ class Stats:
                 other.confusion if self.confusion is None else self.confusion.merge(other.confusion)
             )
         self.pq.merge(other.pq)
+        self.records += other.records
+        self.panoptic += other.panoptic
         return self
 
 
@@ -411,11 +542,9 @@ def _boxes(anns: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
+    """Read each image once: confusion matrix, votes, records, class-agnostic AP."""
     rows = job.rows
     void_row = len(rows)
-    boxes: list[tuple[int, int, int]] = []
-    gts: list[list[dict[str, Any]]] = []
-    dts: list[list[dict[str, Any]]] = []
     for image in images:
         if job.semantic:
             segments, info = image.pred_panoptic()
@@ -425,72 +554,57 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
             gt_sem = image.gt_semantic()
             assert stats.confusion is not None
             stats.confusion.update(table[inverse].reshape(segments.shape), gt_sem, IGNORE)
-        if job.instances:
-            truth, found = image.gt_instances(), image.detections()
-            boxes.append((image.gt_image.image_id, *image.shape()))
-            gts.append([{**a, "category_id": 1} for a in truth])
-            dts.append([{**d, "category_id": 1} for d in found])
-            if job.class_aware:
-                solid = [a for a in truth if not a.get("iscrowd", 0)]
-                stats.votes += best_gt_matches(
-                    _boxes(solid),
-                    np.asarray([a["category_id"] for a in solid], dtype=np.int64),
-                    _boxes(found),
-                    np.asarray([d["category_id"] for d in found], dtype=np.int64),
-                    np.asarray([d.get("score", 1.0) for d in found], dtype=np.float64),
-                )
-    if job.instances and boxes:
-        for iou_type in IOU_TYPES:
-            stats.agnostic[iou_type] = evaluate_images(
-                boxes, gts, dts, [1], iou_type, job.settings.max_dets
-            )
-
-
-def _second_pass(job: Job, maps: Maps, images: list[_Image], stats: Stats) -> None:
-    boxes: list[tuple[int, int, int]] = []
-    gts: list[list[dict[str, Any]]] = []
-    dts: list[list[dict[str, Any]]] = []
-    for image in images:
-        if job.class_aware:
-            boxes.append((image.gt_image.image_id, *image.shape()))
-            gts.append(image.gt_instances())
-            dts.append(
-                [
-                    {**d, "category_id": maps.instance[d["category_id"]]}
-                    for d in image.detections()
-                    if d["category_id"] in maps.instance
-                ]
-            )
         if job.panoptic:
             segments, info = image.pred_panoptic()
-            mapped = {}
-            for seg, cat in info.items():
-                target = maps.instance.get(cat, maps.stuff.get(cat))
-                if target is not None:
-                    mapped[seg] = target
-            kept = np.isin(segments, list(mapped))
             gt_segments, gt_info = image.gt_panoptic()
-            stats.pq.merge(pq_stats(np.where(kept, segments, 0), mapped, gt_segments, gt_info))
-    if job.class_aware and boxes:
-        for iou_type in IOU_TYPES:
-            stats.instance[iou_type] = evaluate_images(
-                boxes, gts, dts, job.gt.thing_ids, iou_type, job.settings.max_dets
+            overlaps = segment_overlaps(segments, gt_segments)
+            stats.panoptic.append(PanopticRecord(overlaps, info, gt_info))
+        if job.instances:
+            record = instance_record(
+                image.gt_image.image_id, *image.shape(), image.gt_instances(), image.detections()
             )
+            stats.records.append(record)
+            if job.class_aware:
+                solid = [g for g in record.gts if not g["iscrowd"]]
+                stats.votes += best_gt_matches(
+                    _boxes(solid),
+                    np.asarray([g["category_id"] for g in solid], dtype=np.int64),
+                    _boxes(record.dets),
+                    np.asarray([d["category_id"] for d in record.dets], dtype=np.int64),
+                    np.asarray([d["score"] for d in record.dets], dtype=np.float64),
+                )
+    if stats.records:
+        stats.agnostic = evaluate_records(stats.records, [1], job.settings.max_dets, collapse=True)
 
 
-def score_chunk(
-    job: Job, pairs: Sequence[tuple[GTImage, PredImage | None]], maps: Maps | None
-) -> Stats:
-    """Statistics of some images: the first pass when `maps` is None, else the second."""
-    stats = Stats(images=len(pairs))
-    if maps is None and job.semantic:
+def _second_pass(job: Job, maps: Maps, part: Stats) -> Stats:
+    """Class-aware AP and PQ of some images' records under the maps."""
+    stats = Stats(images=part.images)
+    if job.class_aware and part.records:
+        stats.instance = evaluate_records(
+            part.records, job.gt.thing_ids, job.settings.max_dets, maps.instance
+        )
+    for record in part.panoptic:
+        mapped = {}
+        for seg, cat in record.pred_info.items():
+            target = maps.instance.get(cat, maps.stuff.get(cat))
+            if target is not None:
+                mapped[seg] = target
+        stats.pq.merge(pq_counts(record.overlaps, mapped, record.gt_info))
+    return stats
+
+
+def score_chunk(job: Job, part: Any, maps: Maps | None) -> Stats:
+    """Statistics of some images: the first pass over image pairs when `maps` is None,
+    else the second over a first pass's `Stats` of the same images."""
+    if maps is not None:
+        return _second_pass(job, maps, part)
+    stats = Stats(images=len(part))
+    if job.semantic:
         stats.confusion = job.empty_confusion()
-    images = [_Image(job, gt_image, pred_image) for gt_image, pred_image in pairs]
+    images = [_Image(job, gt_image, pred_image) for gt_image, pred_image in part]
     try:
-        if maps is None:
-            _first_pass(job, images, stats)
-        else:
-            _second_pass(job, maps, images, stats)
+        _first_pass(job, images, stats)
     except (GroundTruthError, PredictionError, EvaluationError):
         raise
     except ValueError as exc:
@@ -517,18 +631,28 @@ def fit_maps(job: Job, stats: Stats) -> Maps:
             category_of_row[r]: c for r, c in hungarian_match(counts).items()
         }
         maps.semantic_majority = {category_of_row[r]: c for r, c in majority_match(counts).items()}
-        if job.panoptic:
-            stuff_rows = [k for k, c in enumerate(job.pred.categories) if not c.isthing]
-            stuff_ids = job.gt.stuff_ids
-            stuff_cols = [job.gt.semantic_of[c] for c in stuff_ids]
-            if stuff_rows and stuff_cols:
-                sub = counts[np.ix_(stuff_rows, stuff_cols)]
-                maps.stuff = {
-                    category_of_row[stuff_rows[r]]: stuff_ids[c]
-                    for r, c in hungarian_match(sub).items()
-                    if sub[r, c] > 0
-                }
+    if job.panoptic:
+        maps.stuff = _stuff_map(job, stats.panoptic)
     return maps
+
+
+def _stuff_map(job: Job, records: Sequence[PanopticRecord]) -> dict[int, int]:
+    """Predicted stuff category -> GT stuff category: a Hungarian match on the pixels the
+    two share over the set (categories, whatever `semantic_level` the report uses)."""
+    pred_stuff = [c.id for c in job.pred.categories if not c.isthing]
+    gt_stuff = job.gt.stuff_ids
+    if not pred_stuff or not gt_stuff:
+        return {}
+    row, col = {c: k for k, c in enumerate(pred_stuff)}, {c: k for k, c in enumerate(gt_stuff)}
+    counts = np.zeros((len(pred_stuff), len(gt_stuff)), dtype=np.int64)
+    for record in records:
+        for (g, p), n in record.overlaps.intersection.items():
+            r = row.get(record.pred_info.get(p, -1))
+            c = col.get(record.gt_info[g][0]) if g in record.gt_info else None
+            if r is not None and c is not None:
+                counts[r, c] += n
+    matched = hungarian_match(counts).items()
+    return {pred_stuff[r]: gt_stuff[c] for r, c in matched if counts[r, c] > 0}
 
 
 def check_maps(job: Job, maps: Maps, source: str) -> None:
@@ -609,6 +733,7 @@ class ChunkScorer:
         self.maps: Maps | None = pickle.loads(maps)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
+        # Each row is one chunk: image pairs (first pass) or records (second pass).
         out = [
             pickle.dumps(score_chunk(self.job, pickle.loads(chunk), self.maps))
             for chunk in batch["chunk"]
@@ -616,29 +741,34 @@ class ChunkScorer:
         return {"stats": out}
 
 
+def _size(part: Any) -> int:
+    return part.images if isinstance(part, Stats) else len(part)
+
+
 def run_pass(
     job: Job,
-    parts: Sequence[Sequence[tuple[GTImage, PredImage | None]]],
+    parts: Sequence[Any],
     maps: Maps | None,
     on_ray: bool,
     concurrency: int = 2,
     num_cpus: float = 0.5,
     desc: str = "evaluate",
 ) -> Stats:
-    """One pass over every chunk, in process or on Ray Data; the merged statistics."""
+    """One pass over every chunk (image pairs for the first, the first pass's `Stats` of
+    each chunk for the second), in process or on Ray Data; the merged statistics."""
     total = Stats()
     if maps is None and job.semantic:
         total.confusion = job.empty_confusion()
     light = Job(job.gt.without_images(), job.pred.without_images(), job.settings)
-    with tqdm(total=sum(len(p) for p in parts), desc=desc, unit="image") as bar:
+    with tqdm(total=sum(_size(p) for p in parts), desc=desc, unit="image") as bar:
         if not on_ray:
             for part in parts:
                 total.merge(score_chunk(light, part, maps))
-                bar.update(len(part))
+                bar.update(_size(part))
             return total
         import ray.data
 
-        items = ray.data.from_items([{"chunk": pickle.dumps(list(p))} for p in parts])
+        items = ray.data.from_items([{"chunk": pickle.dumps(p)} for p in parts])
         ds = items.map_batches(
             ChunkScorer,
             fn_constructor_kwargs={"job": pickle.dumps(light), "maps": pickle.dumps(maps)},
@@ -677,8 +807,17 @@ def evaluate(
         check_maps(job, maps, pred.path)
     second = Stats()
     if job.class_aware or job.panoptic:
+        # The second pass reads no image: it scores the first pass's records.
+        records = [
+            Stats(
+                images=len(part),
+                records=first.records[k : k + len(part)],
+                panoptic=first.panoptic[k : k + len(part)],
+            )
+            for k, part in zip(range(0, len(gt.images), chunk_size), parts, strict=True)
+        ]
         second = run_pass(
-            job, parts, maps, on_ray, concurrency, num_cpus, f"evaluate {pred.name} 2/2"
+            job, records, maps, on_ray, concurrency, num_cpus, f"evaluate {pred.name} 2/2"
         )
     metrics = summarise(job, maps, first, second)
     keys = set(pred.images)

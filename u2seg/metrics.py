@@ -320,9 +320,42 @@ class PQStats:
         return PQStats({k: list(v) for k, v in self.per_category.items()}).merge(other)
 
 
-def _segment_areas(segments: np.ndarray) -> dict[int, int]:
-    ids, counts = np.unique(segments, return_counts=True)
-    return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+@dataclass(frozen=True)
+class SegmentOverlaps:
+    """One image's pixel counts: segment areas and every (gt id, pred id) intersection.
+
+    All a panoptic score needs of the pixels, so it can be kept instead of the maps and
+    scored later under any category map (`pq_counts`).
+    """
+
+    pred_area: dict[int, int]
+    gt_area: dict[int, int]
+    intersection: dict[tuple[int, int], int]
+
+
+def segment_overlaps(pred_segments: np.ndarray, gt_segments: np.ndarray) -> SegmentOverlaps:
+    """Areas and intersections of two (H, W) maps of non-negative segment ids (0 = void)."""
+    pred = np.asarray(pred_segments)
+    gt = np.asarray(gt_segments)
+    _check_same_shape(pred, gt, "pred_segments", "gt_segments")
+    _check_integer(pred, "pred_segments")
+    _check_integer(gt, "gt_segments")
+    _check_range(pred, 0, 2**32, "pred_segments")
+    _check_range(gt, 0, 2**32, "gt_segments")
+    # Joint ids give every (gt, pred) intersection in one np.unique pass.
+    offset = np.uint64(2**32)
+    joint = gt.astype(np.uint64) * offset + pred.astype(np.uint64)
+    labels, inter_counts = np.unique(joint, return_counts=True)
+    intersection: dict[tuple[int, int], int] = {
+        (int(lab // offset), int(lab % offset)): int(n)
+        for lab, n in zip(labels, inter_counts, strict=True)
+    }
+    pred_area: Counter[int] = Counter()
+    gt_area: Counter[int] = Counter()
+    for (g, p), n in intersection.items():
+        gt_area[g] += n
+        pred_area[p] += n
+    return SegmentOverlaps(dict(pred_area), dict(gt_area), intersection)
 
 
 def pq_stats(
@@ -335,45 +368,44 @@ def pq_stats(
 
     `pred_segments`, `gt_segments`: (H, W) non-negative segment ids, 0 = void/unlabelled.
     `pred_info`: segment id -> category; `gt_info`: segment id -> (category, iscrowd).
-    Every non-zero id in a map must have an info entry (ValueError otherwise).
-
-    A pair matches (TP) when the categories agree, the GT is not crowd and IoU > 0.5,
-    with the pixels the prediction has on GT void removed from the union. Unmatched
-    non-crowd GT segments are FN (also a GT entry without pixels, as panopticapi counts
-    `segments_info`). An unmatched prediction is FP unless more than half of it lies
-    on GT void plus crowd regions of its own category. Predicted info entries without
-    pixels are ignored (panopticapi refuses them; there is nothing to score).
-    Departure: all crowd segments of a category count, where panopticapi keeps the last.
+    Every non-zero id in a map must have an info entry (ValueError otherwise). The rules
+    are those of `pq_counts`.
     """
-    pred = np.asarray(pred_segments)
-    gt = np.asarray(gt_segments)
-    _check_same_shape(pred, gt, "pred_segments", "gt_segments")
-    _check_integer(pred, "pred_segments")
-    _check_integer(gt, "gt_segments")
-    _check_range(pred, 0, 2**32, "pred_segments")
-    _check_range(gt, 0, 2**32, "gt_segments")
-    pred_area = _segment_areas(pred)
-    gt_area = _segment_areas(gt)
-    missing_pred = sorted(set(pred_area) - set(map(int, pred_info)) - {VOID})
-    missing_gt = sorted(set(gt_area) - set(map(int, gt_info)) - {VOID})
+    overlaps = segment_overlaps(pred_segments, gt_segments)
+    missing_pred = sorted(set(overlaps.pred_area) - set(map(int, pred_info)) - {VOID})
+    missing_gt = sorted(set(overlaps.gt_area) - set(map(int, gt_info)) - {VOID})
     if missing_pred or missing_gt:
         raise ValueError(
             f"segment ids without info: pred {missing_pred}, gt {missing_gt} "
             f"(only {VOID} may be left out, it is void)"
         )
+    return pq_counts(overlaps, pred_info, gt_info)
+
+
+def pq_counts(
+    overlaps: SegmentOverlaps,
+    pred_info: Mapping[int, int],
+    gt_info: Mapping[int, tuple[int, bool | int]],
+) -> PQStats:
+    """Panoptic counts of one image from its `segment_overlaps`.
+
+    `pred_info`: segment id -> category of the predicted segments to score (a segment
+    left out counts as void: this is how unmatched clusters are dropped); `gt_info`:
+    segment id -> (category, iscrowd). A pair matches (TP) when the categories agree, the
+    GT is not crowd and IoU > 0.5, with the pixels the prediction has on GT void removed
+    from the union. Unmatched non-crowd GT segments are FN (also a GT entry without
+    pixels, as panopticapi counts `segments_info`). An unmatched prediction is FP unless
+    more than half of it lies on GT void plus crowd regions of its own category.
+    Predicted info entries without pixels are ignored (panopticapi refuses them; there is
+    nothing to score). Departure: all crowd segments of a category count, where
+    panopticapi keeps the last.
+    """
+    pred_area, gt_area = overlaps.pred_area, overlaps.gt_area
+    intersection = overlaps.intersection
     pred_cat = {int(k): int(v) for k, v in pred_info.items() if int(k) in pred_area}
     pred_cat.pop(VOID, None)
     gt_cat = {int(k): int(v[0]) for k, v in gt_info.items() if int(k) != VOID}
     gt_crowd = {int(k): bool(v[1]) for k, v in gt_info.items() if int(k) != VOID}
-
-    # Joint ids give every (gt, pred) intersection in one np.unique pass.
-    offset = np.uint64(2**32)
-    joint = gt.astype(np.uint64) * offset + pred.astype(np.uint64)
-    labels, inter_counts = np.unique(joint, return_counts=True)
-    intersection: dict[tuple[int, int], int] = {
-        (int(lab // offset), int(lab % offset)): int(n)
-        for lab, n in zip(labels, inter_counts, strict=True)
-    }
 
     stats = PQStats()
     gt_matched: set[int] = set()
