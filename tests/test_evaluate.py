@@ -280,3 +280,39 @@ def test_panoptic_json_image_without_annotation_is_named(tmp_path: Path) -> None
     json_path.write_text(json.dumps(data))
     with pytest.raises(GroundTruthError, match=r"panoptic\.json: image 2 \(img002\.jpg\) has no"):
         load_coco_panoptic(str(json_path))
+
+
+def test_stuff_map_is_per_category_whatever_the_semantic_level(tmp_path: Path) -> None:
+    scenes = [scene(i, seed=i) for i in range(1, 4)]
+    json_path = write_ground_truth(tmp_path / "gt", scenes)
+    data = json.loads(json_path.read_text())
+    for c in data["categories"]:
+        c["supercategory"] = "outdoor" if not c["isthing"] else "animal"
+    json_path.write_text(json.dumps(data))
+    gt = load_coco_panoptic(str(json_path), semantic_level="supercategory")
+    assert gt.semantic_classes == ("animal", "outdoor")
+    pred = load_predictions("p", str(write_prediction(tmp_path / "pred", relabel(scenes, SWAPPED))))
+    metrics, maps, _ = evaluate(gt, pred, Settings())
+    assert maps.stuff == {3: 4, 4: 3}  # grass and sky apart, though one semantic class
+    assert metrics["panoptic"]["Stuff"]["PQ"] == pytest.approx(100.0)
+    assert metrics["semantic"]["hungarian"]["pixel_accuracy"] < 100  # 4 clusters, 2 classes
+    assert metrics["semantic"]["majority"]["pixel_accuracy"] == pytest.approx(100.0)
+
+
+def test_each_label_map_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scenes = [scene(i, seed=i) for i in range(1, 6)]
+    gt = load_coco_panoptic(str(write_ground_truth(tmp_path / "gt", scenes)))
+    pred = load_predictions("p", str(write_prediction(tmp_path / "pred", scenes)))
+    reads: list[str] = []
+    for cls in (type(gt), type(pred)):
+        original = cls.panoptic
+
+        def counted(self, image, _original=original, _name=cls.__name__):
+            reads.append(f"{_name}:{image.key}")
+            return _original(self, image)
+
+        monkeypatch.setattr(cls, "panoptic", counted)
+    metrics, _, _ = evaluate(gt, pred, Settings(), chunk_size=2)
+    assert metrics["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
+    assert sorted(reads) == sorted(f"{k}:img{i:03d}" for i in range(1, 6)
+                                   for k in ("GroundTruth", "Predictions"))  # fmt: skip
