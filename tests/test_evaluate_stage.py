@@ -48,8 +48,13 @@ def test_stage_writes_metrics_report_maps_and_pictures(tmp_path: Path) -> None:
     run, gt_json = _run_dir(tmp_path, range(1, 5), SWAPPED)
     manifest = evaluate_stage.run(_config(run, gt_json))
     out = run / "evaluate"
-    metrics = json.loads((out / "metrics.json").read_text())
+
+    def strict(name: str) -> None:
+        raise ValueError(f"metrics.json holds {name}, which is not JSON")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
     scores = metrics["predictions"]["panoptic"]
+    assert scores["class_agnostic"]["segm"]["APl"] is None  # no large object: null, not NaN
     assert scores["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
     assert scores["semantic"]["hungarian"]["mIoU"] == pytest.approx(100.0)
     assert scores["instance"]["segm"]["AP"] == pytest.approx(100.0)

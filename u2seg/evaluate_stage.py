@@ -42,6 +42,17 @@ MAPPING = "mapping.json"
 # --------------------------------------------------------------------------- tables
 
 
+def json_ready(obj: Any) -> Any:
+    """`obj` with NaN (no ground truth to score) as null, so metrics.json is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 def _f(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -297,12 +308,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             results[name] = metrics
     stage.write_json(
         METRICS,
-        {
+        json_ready({
             "ground_truth": {"format": gt.format, "source": gt.source, "images": len(gt.images),
                              "semantic_classes": list(gt.semantic_classes)},
             "protocol": _protocol(cfg),
             "predictions": results,
-        },
+        }),
     )  # fmt: skip
     text = report(gt, cfg, results)
     stage.write_bytes(REPORT, text.encode())
