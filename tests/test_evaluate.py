@@ -28,6 +28,7 @@ from u2seg.evaluate import EvaluationError, Maps, Settings, evaluate, evaluate_i
 from u2seg.groundtruth import (
     GroundTruthError,
     load_cityscapes,
+    load_coco,
     load_coco_panoptic,
     load_cocostuff27,
     restrict,
@@ -316,3 +317,19 @@ def test_each_label_map_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert metrics["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
     assert sorted(reads) == sorted(f"{k}:img{i:03d}" for i in range(1, 6)
                                    for k in ("GroundTruth", "Predictions"))  # fmt: skip
+
+
+def test_coco_instances_ground_truth_scores_ap_only(tmp_path: Path) -> None:
+    scenes = [scene(i, seed=i) for i in range(1, 4)]
+    truth = write_prediction(tmp_path / "gt", scenes, GT_CATEGORIES)  # its instances.json
+    data = json.loads((truth / "instances.json").read_text())
+    for ann in data["annotations"]:
+        del ann["score"]
+    (truth / "instances.json").write_text(json.dumps(data))
+    gt = load_coco(str(truth / "instances.json"))
+    pred = load_predictions("p", str(write_prediction(tmp_path / "pred", relabel(scenes, SWAPPED))))
+    metrics, maps, _ = evaluate(gt, pred, Settings())
+    assert set(metrics) == {"class_agnostic", "instance", "images"}  # no semantic, no PQ
+    assert maps.instance == {1: 2, 2: 1}
+    assert metrics["instance"]["segm"]["AP"] == pytest.approx(100.0)
+    assert metrics["instance"]["bbox"]["AP50"] == pytest.approx(100.0)

@@ -89,6 +89,19 @@ def test_missing_prediction_stage_is_named(tmp_path: Path) -> None:
     cfg = _config(run, gt_json, "evaluate.predictions=[maskcut]")
     with pytest.raises(ArtifactError, match=r"'maskcut' stage has not completed"):
         evaluate_stage.run(cfg)
+    cfg = _config(run, gt_json, f"evaluate.predictions=[{tmp_path / 'nowhere'}]")
+    with pytest.raises(ValueError, match=r"prediction directory not found: .*nowhere"):
+        evaluate_stage.run(cfg)
+
+
+def test_a_directory_of_predictions_is_scored_under_its_name(tmp_path: Path) -> None:
+    run, gt_json = _run_dir(tmp_path, range(1, 3), SWAPPED)
+    model = tmp_path / "model_predictions"
+    (run / "panoptic").rename(model)  # e.g. a trained model's output, outside the run
+    evaluate_stage.run(_config(run, gt_json, f"evaluate.predictions=[{model}]"))
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())["predictions"]
+    assert metrics["model_predictions"]["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
+    assert (run / "evaluate" / "model_predictions" / "mapping.json").is_file()
 
 
 @pytest.mark.slow
