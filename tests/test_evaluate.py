@@ -24,7 +24,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from u2seg.evaluate import EvaluationError, Maps, Settings, evaluate, evaluate_images
+from u2seg.evaluate import SUMMARY, EvaluationError, Maps, Settings, evaluate, evaluate_images
 from u2seg.groundtruth import (
     GroundTruthError,
     load_cityscapes,
@@ -185,7 +185,12 @@ def test_chunked_cocoeval_equals_one_cocoeval(tmp_path: Path) -> None:
     ours = merged.summary()
     assert 0 < ours["AP"] < 100
     expected = [v * 100 if v >= 0 else math.nan for v in reference.stats[:6]]
-    assert list(ours.values()) == pytest.approx(expected, nan_ok=True)
+    assert [ours[k] for k in SUMMARY] == pytest.approx(expected, nan_ok=True)
+    # Per category: COCOeval's precision of that category, all areas, maxDets 100.
+    precision = reference.eval["precision"][:, :, :, 0, -1]
+    for k, cat in enumerate((1, 2)):
+        p = precision[:, :, k]
+        assert ours["per_category"][cat] == pytest.approx(100 * p[p > -1].mean())
 
 
 def test_cityscapes_ids_become_panoptic_with_crowd_and_void(tmp_path: Path) -> None:
@@ -333,3 +338,14 @@ def test_coco_instances_ground_truth_scores_ap_only(tmp_path: Path) -> None:
     assert maps.instance == {1: 2, 2: 1}
     assert metrics["instance"]["segm"]["AP"] == pytest.approx(100.0)
     assert metrics["instance"]["bbox"]["AP50"] == pytest.approx(100.0)
+    assert metrics["instance"]["segm"]["per_class"] == pytest.approx({"cat": 100.0, "dog": 100.0})
+
+
+def test_two_predicted_images_of_one_name_are_refused(tmp_path: Path) -> None:
+    folder = write_prediction(tmp_path / "pred", [scene(1, seed=1), scene(2, seed=2)])
+    data = json.loads((folder / "instances.json").read_text())
+    data["images"][1]["file_name"] = "other/img001.jpg"
+    (folder / "panoptic.json").unlink()
+    (folder / "instances.json").write_text(json.dumps(data))
+    with pytest.raises(PredictionError, match=r"img001\.jpg and other/img001\.jpg have the same"):
+        load_predictions("p", str(folder))

@@ -68,6 +68,7 @@ def test_stage_writes_metrics_report_maps_and_pictures(tmp_path: Path) -> None:
     text = (out / "report.md").read_text()
     assert "| panoptic | 100.0 | 100.0 | 100.0 |" in text
     assert "![panoptic confusion](panoptic/confusion.png)" in text
+    assert "| cat | 100.0 | 100.0 | 100.0 | 100.0 | 4 | 0 | 0 | 100.0 |" in text
     assert any(line.startswith("| predictions | PQ |") for line in manifest["table"])
     assert manifest["counts"] == {"images": 4, "prediction_sets": 1, "on_ray": 0}
 

@@ -117,8 +117,9 @@ class EvalImages:
         self.entries.update(other.entries)
         return self
 
-    def summary(self) -> dict[str, float]:
-        """AP, AP50, AP75, APs/m/l in %; NaN where no ground truth exists in the range."""
+    def summary(self) -> dict[str, Any]:
+        """AP, AP50, AP75, APs/m/l in %; NaN where no ground truth exists in the range.
+        With several categories also `per_category`: category id -> AP (all areas)."""
         if not self.entries:
             return dict.fromkeys(SUMMARY, float("nan"))
         params = _params(self.iou_type, list(self.entries), self.cat_ids, self.max_dets)
@@ -135,7 +136,15 @@ class EvalImages:
             evaluator.summarize()
         stats = evaluator.stats[: len(SUMMARY)]
         pairs = zip(SUMMARY, stats, strict=True)
-        return {k: float(v * 100) if v >= 0 else float("nan") for k, v in pairs}
+        out: dict[str, Any] = {k: float(v * 100) if v >= 0 else float("nan") for k, v in pairs}
+        if len(params.catIds) > 1:
+            # precision: (IoU thresholds, recall points, categories, areas, maxDets).
+            precision = evaluator.eval["precision"][:, :, :, 0, -1]
+            out["per_category"] = {
+                int(c): float(100 * p[p > -1].mean()) if (p > -1).any() else float("nan")
+                for c, p in zip(params.catIds, np.moveaxis(precision, 2, 0), strict=True)
+            }
+        return out
 
 
 @dataclass
@@ -686,7 +695,15 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
         out["class_agnostic"] = {t: first.agnostic[t].summary() for t in IOU_TYPES}
     if second.instance:
         thing_preds = [c.id for c in job.pred.categories if c.isthing]
-        out["instance"] = {t: second.instance[t].summary() for t in IOU_TYPES}
+        names = {c.id: c.name for c in job.gt.categories}
+        out["instance"] = {}
+        for t in IOU_TYPES:
+            summary = second.instance[t].summary()
+            per_category = summary.pop("per_category", {})
+            # Only the classes some cluster maps to: the others score 0 by construction.
+            matched = set(maps.instance.values())
+            summary["per_class"] = {names[c]: v for c, v in per_category.items() if c in matched}
+            out["instance"][t] = summary
         out["instance"]["matched_classes"] = len(maps.instance)
         out["instance"]["predicted_classes"] = len(thing_preds)
     if first.confusion is not None:

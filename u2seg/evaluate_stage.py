@@ -124,6 +124,26 @@ def _protocol(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def per_class_table(metrics: dict[str, Any]) -> list[str]:
+    """One row per ground-truth class that anything scored: IoU, PQ / SQ / RQ with TP / FP /
+    FN, class-aware mask AP (matched classes only)."""
+    iou: dict[str, float] = {}
+    if "semantic" in metrics:
+        semantic = metrics["semantic"]
+        pairs = zip(semantic["classes"], semantic["hungarian"]["per_class_iou"], strict=True)
+        iou = {name: v for name, v in pairs if not math.isnan(v)}
+    pq = metrics.get("panoptic", {}).get("per_class", {})
+    ap = metrics.get("instance", {}).get("segm", {}).get("per_class", {})
+    names = sorted(set(iou) | set(pq) | set(ap))
+    rows = [
+        [n, iou.get(n), *(pq[n][k] if n in pq else None for k in ("PQ", "SQ", "RQ")),
+         *(pq[n][k] if n in pq else None for k in ("tp", "fp", "fn")), ap.get(n)]
+        for n in names
+    ]  # fmt: skip
+    header = ["class", "IoU", "PQ", "SQ", "RQ", "TP", "FP", "FN", "AP^mask"]
+    return _section("Per class", header, rows)
+
+
 def report(gt: GroundTruth, cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
     """report.md: ground truth, protocol, tables, pictures."""
     things, stuff = len(gt.thing_ids), len(gt.stuff_ids)
@@ -150,6 +170,7 @@ def report(gt: GroundTruth, cfg: PipelineConfig, results: dict[str, dict[str, An
             lines += ["", f"**No ground-truth image has a prediction in {name}**: check that "
                       "the predictions were made on the ground truth's images (matched by "
                       "file name)."]  # fmt: skip
+        lines += per_class_table(m)
         for picture, what in (("confusion.png", "confusion"), ("iou.png", "per-class IoU"),
                               ("overlays.png", "photo | ground truth | prediction")):  # fmt: skip
             if picture in m.get("pictures", []):

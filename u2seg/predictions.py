@@ -113,6 +113,19 @@ def _image(im: dict[str, Any], **extra: Any) -> PredImage:
     )  # fmt: skip
 
 
+def _by_key(images: list[PredImage], url: str) -> dict[str, PredImage]:
+    """Images by matching name; two images of one name cannot be told apart."""
+    out: dict[str, PredImage] = {}
+    for image in images:
+        if image.key in out:
+            raise PredictionError(
+                f"{url}: {out[image.key].file_name} and {image.file_name} have the same name "
+                f"{image.key!r}; images are matched to the ground truth by name"
+            )
+        out[image.key] = image
+    return out
+
+
 def load_predictions(name: str, path: str) -> Predictions:
     """The predictions in directory `path` (local or fsspec URL), reported as `name`."""
     fs, root = url_to_fs(path)
@@ -124,11 +137,8 @@ def load_predictions(name: str, path: str) -> Predictions:
         if not has_instances:
             raise PredictionError(f"{path} holds neither {PANOPTIC_JSON} nor {INSTANCES_JSON}")
         categories, by_image, raw = _instances(instances_file)
-        images = {
-            (p := _image(im, annotations=tuple(by_image.get(int(im["id"]), [])))).key: p
-            for im in raw
-        }
-        return Predictions(name, path, "instances", categories, images)
+        listed = [_image(im, annotations=tuple(by_image.get(int(im["id"]), []))) for im in raw]
+        return Predictions(name, path, "instances", categories, _by_key(listed, instances_file))
     try:
         data = load_json(panoptic_file, "predicted panoptic JSON")
         categories = parse_categories(data, panoptic_file, panoptic=True)
@@ -138,7 +148,7 @@ def load_predictions(name: str, path: str) -> Predictions:
     by_image = _instances(instances_file)[1] if has_instances else {}
     png_root = panoptic_file[: -len(".json")]
     entries = {int(a["image_id"]): a for a in data.get("annotations", [])}
-    images = {}
+    listed = []
     for im in data.get("images", []):
         ann = entries.get(int(im["id"]))
         if ann is None:
@@ -155,7 +165,8 @@ def load_predictions(name: str, path: str) -> Predictions:
             panoptic_file=f"{png_root}/{ann['file_name']}",
             segments_info=tuple(ann["segments_info"]),
         )
-        images[image.key] = image
+        listed.append(image)
+    images = _by_key(listed, panoptic_file)
     return Predictions(name, path, "panoptic", categories, images, has_instances)
 
 
