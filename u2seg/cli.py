@@ -87,7 +87,8 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     Predicted classes are mapped to ground-truth classes first: instance classes\n"
         "     by majority vote (evaluate.min_score, evaluate.min_iou), semantic / stuff by\n"
         "     Hungarian matching; evaluate.mapping_from=<an evaluate/ dir> applies the\n"
-        "     maps fit on another split instead.\n"
+        "     maps fit on another split instead. data.source (optional): the photos,\n"
+        "     for the overlay pictures.\n"
         "out: <output>/evaluate/: metrics.json, report.md (tables + pictures), per set\n"
         "     <set>/mapping.json, confusion.png, iou.png, overlays.png. Prints the tables.",
     ),
