@@ -60,7 +60,7 @@ def test_demo_end_to_end(
     assert manifest["config"]["backbone"]["weights"] == "packaged"
     assert (out / "data" / "annotations" / "instances.json").is_file()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
-    assert set(metrics) == {"maskcut", "panoptic"}
+    assert set(metrics) == {"maskcut", "semantic", "panoptic"}
     assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["panoptic"])
     assert metrics["maskcut"]["images"]["scored"] == 3  # the photos with ground truth
     printed = capsys.readouterr().out

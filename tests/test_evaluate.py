@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
 from evalcases import (
     GT_CATEGORIES,
     IDENTITY,
@@ -20,10 +24,6 @@ from evalcases import (
     write_ground_truth,
     write_prediction,
 )
-from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
 from u2seg.evaluate import SUMMARY, EvaluationError, Maps, Settings, evaluate, evaluate_images
 from u2seg.groundtruth import (
     GroundTruthError,

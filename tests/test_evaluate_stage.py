@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from evalcases import SWAPPED, relabel, scene, write_ground_truth, write_prediction
 from PIL import Image
 
+from evalcases import SWAPPED, relabel, scene, write_ground_truth, write_prediction
 from u2seg import evaluate_stage
-from u2seg.artifacts import ArtifactError
+from u2seg.artifacts import ArtifactError, png_bytes
 from u2seg.cli import main
 from u2seg.config import PipelineConfig, load_config
 
@@ -83,6 +85,32 @@ def test_maps_of_one_split_apply_to_another(tmp_path: Path) -> None:
     assert metrics["predictions"]["panoptic"]["panoptic"]["All"]["PQ"] == pytest.approx(100.0)
     with pytest.raises(FileNotFoundError, match=r"no saved maps for 'panoptic'"):
         evaluate_stage.run(_config(run_b, gt_b, f"evaluate.mapping_from={tmp_path}"))
+
+
+def test_semantic_stage_is_scored_by_the_semantic_protocol(tmp_path: Path) -> None:
+    scenes = [scene(i, seed=i) for i in range(1, 4)]
+    gt_json = write_ground_truth(tmp_path / "gt", scenes)
+    run = tmp_path / "run"
+    (run / "semantic").mkdir(parents=True)
+    rows = []
+    for entry, segments, info in scenes:  # stuff cluster = a permutation of the category
+        lut = np.zeros(segments.max() + 1, dtype=np.uint8)
+        for s in info:
+            lut[s["id"]] = (s["category_id"] + 1) % 4
+        labels = lut[segments]
+        rows.append({**{k: entry[k] for k in ("file_name", "width", "height")},
+                     "image_id": entry["id"], "error": None, "labels_png": png_bytes(labels)})
+    pq.write_table(pa.Table.from_pylist(rows), run / "semantic" / "part-00000.parquet")
+    manifest = {"stage": "semantic", "counts": {"classes": 4}}
+    (run / "semantic" / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(None, [f"output={run}", "evaluate.predictions=[semantic]",
+                             f"evaluate.gt_panoptic_json={gt_json}"])  # fmt: skip
+    evaluate_stage.run(cfg)
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())["predictions"]
+    assert set(metrics["semantic"]) == {"semantic", "images", "pictures"}
+    assert metrics["semantic"]["semantic"]["hungarian"]["mIoU"] == pytest.approx(100.0)
+    maps = json.loads((run / "evaluate" / "semantic" / "mapping.json").read_text())
+    assert maps["semantic_hungarian"] == {"1": 2, "2": 3, "3": 0, "4": 1}
 
 
 def test_missing_prediction_stage_is_named(tmp_path: Path) -> None:

@@ -161,7 +161,9 @@ def test_evaluate_scores_pseudo_masks_and_pseudo_labels(
     )  # fmt: skip
     manifest = evaluate_stage.run(cfg)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
-    masks, labels = metrics["maskcut"], metrics["panoptic"]
+    masks, stuff, labels = metrics["maskcut"], metrics["semantic"], metrics["panoptic"]
+    assert set(stuff) == {"semantic", "images", "pictures"}  # stuff classes: mIoU only
+    assert stuff["semantic"]["hungarian"]["matched_clusters"] == S
     assert set(masks) == {"class_agnostic", "images", "pictures"}  # one class: no mapping
     assert masks["images"]["without_prediction"] == 1  # arc2017 was not in the run
     assert masks["images"]["predicted_not_in_ground_truth"] == 1  # coffee has no labels
@@ -170,7 +172,7 @@ def test_evaluate_scores_pseudo_masks_and_pseudo_labels(
     assert 0 <= labels["panoptic"]["All"]["PQ"] <= 100
     assert labels["semantic"]["hungarian"]["matched_clusters"] <= K + S
     assert (out / "evaluate" / "panoptic" / "overlays.png").is_file()
-    assert manifest["counts"]["prediction_sets"] == 2
+    assert manifest["counts"]["prediction_sets"] == 3
 
 
 def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:

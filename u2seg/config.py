@@ -201,13 +201,13 @@ class PanopticConfig:
 class EvaluateConfig:
     """Scoring predictions against ground truth (the `evaluate/` artifact).
 
-    `predictions`: stages of this run ("maskcut", "panoptic", later "predict") or
-    directories in the same COCO layout. Ground truth: `gt_format` "coco" (`gt_instances`,
-    a COCO instances JSON), "coco-panoptic" (`gt_panoptic_json`, PNGs in `gt_panoptic_root`,
-    default the JSON path without ".json"; `gt_instances` optionally for COCO's own
-    instance masks), "cocostuff27" (`gt_semantic_root`, COCO-Stuff label PNGs) or
-    "cityscapes" (`gt_cityscapes`, a gtFine split folder). `image_list`: a text file that
-    restricts the set (e.g. STEGO's curated COCO-Stuff list). `semantic_level`:
+    `predictions`: stages of this run ("maskcut", "semantic", "panoptic", later
+    "predict") or directories in the same COCO layout. Ground truth: `gt_format` "coco"
+    (`gt_instances`, a COCO instances JSON), "coco-panoptic" (`gt_panoptic_json`, PNGs in
+    `gt_panoptic_root`, default the JSON path without ".json"; `gt_instances` optionally
+    for COCO's own instance masks), "cocostuff27" (`gt_semantic_root`, COCO-Stuff label
+    PNGs) or "cityscapes" (`gt_cityscapes`, a gtFine split folder). `image_list`: a text
+    file that restricts the set (e.g. STEGO's curated COCO-Stuff list). `semantic_level`:
     "category" or "supercategory" (COCO panoptic -> the 27 COCO-Stuff classes).
     Instance map: votes of predictions with score >= `min_score` and box IoU > `min_iou`.
     `mapping_from`: an earlier `evaluate/` directory whose maps are applied instead of
@@ -215,7 +215,7 @@ class EvaluateConfig:
     actors of `num_cpus`) from `ray_min_images` images on. `overlays`: pictures per set.
     """
 
-    predictions: list[str] = field(default_factory=lambda: ["maskcut", "panoptic"])
+    predictions: list[str] = field(default_factory=lambda: ["maskcut", "semantic", "panoptic"])
     gt_format: str = "coco-panoptic"
     gt_instances: str = ""
     gt_panoptic_json: str = ""

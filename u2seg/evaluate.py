@@ -72,7 +72,7 @@ from u2seg.metrics import (
     segment_overlaps,
     semantic_scores,
 )
-from u2seg.predictions import PredictionError, Predictions, PredImage
+from u2seg.predictions import PredictionError, Predictions, PredImage, semantic_labels
 from u2seg.refine import mask_to_annotation
 
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -409,7 +409,7 @@ class Job:
 
     @property
     def semantic(self) -> bool:
-        return self.gt.has_semantic and self.pred.kind == "panoptic"
+        return self.gt.has_semantic and self.pred.kind in ("panoptic", "semantic")
 
     @property
     def panoptic(self) -> bool:
@@ -528,6 +528,25 @@ class _Image:
                 )
         return [dict(d) for d in self.pred_image.annotations]
 
+    def pred_classes(self) -> np.ndarray:
+        """int64 (H, W) predicted category per pixel, 0 where nothing is predicted."""
+        shape = self.shape()
+        if self.job.pred.kind != "semantic":
+            segments, info = self.pred_panoptic()
+            ids, inverse = np.unique(segments, return_inverse=True)
+            table = np.asarray([info.get(i, 0) for i in ids.tolist()], dtype=np.int64)
+            return table[inverse].reshape(segments.shape)
+        if self.pred_image is None:
+            return np.zeros(shape, dtype=np.int64)
+        labels = semantic_labels(self.pred_image)
+        if labels.shape != shape:
+            raise EvaluationError(
+                f"{self.job.pred.path}: the labels of {self.pred_image.file_name} are "
+                f"{labels.shape[1]}x{labels.shape[0]} but its ground truth {self.name} is "
+                f"{shape[1]}x{shape[0]}"
+            )
+        return labels
+
     def pred_panoptic(self) -> tuple[np.ndarray, dict[int, int]]:
         """Predicted segments (void everywhere without a prediction) of the GT's size."""
         if self._pred_panoptic is None:
@@ -556,13 +575,13 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
     void_row = len(rows)
     for image in images:
         if job.semantic:
-            segments, info = image.pred_panoptic()
-            lut = {seg: rows[cat] for seg, cat in info.items()}
-            ids, inverse = np.unique(segments, return_inverse=True)
-            table = np.asarray([lut.get(i, void_row) for i in ids.tolist()], dtype=np.int64)
+            classes = image.pred_classes()
+            lut = np.full(max(rows, default=0) + 1, void_row, dtype=np.int64)
+            for cat, row in rows.items():
+                lut[cat] = row
             gt_sem = image.gt_semantic()
             assert stats.confusion is not None
-            stats.confusion.update(table[inverse].reshape(segments.shape), gt_sem, IGNORE)
+            stats.confusion.update(lut[classes], gt_sem, IGNORE)
         if job.panoptic:
             segments, info = image.pred_panoptic()
             gt_segments, gt_info = image.gt_panoptic()

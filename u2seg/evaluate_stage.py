@@ -29,7 +29,7 @@ from u2seg.evaluate import Maps, Settings, evaluate, load_ground_truth
 from u2seg.figures import blend, color_segments, confusion_figure, iou_bars, side_by_side
 from u2seg.groundtruth import GroundTruth, image_key
 from u2seg.ingest import ImageError, list_images, read_image
-from u2seg.predictions import Predictions, load_predictions, resolve
+from u2seg.predictions import Predictions, load_predictions, resolve, semantic_labels
 from u2seg.refine import rle_to_mask
 from u2seg.runtime import ray_session
 
@@ -222,7 +222,9 @@ def _overlay_rows(
         if photo.shape[:2] != gt_seg.shape:
             continue
         found = pred.images.get(image.key)
-        if pred.kind == "panoptic" and found is not None:
+        if pred.kind == "semantic" and found is not None:
+            pred_seg, pred_col = semantic_labels(found), None
+        elif pred.kind == "panoptic" and found is not None:
             pred_ids, predicted = pred.panoptic(found)
             mapped = {s: maps.instance.get(c, maps.stuff.get(c, -1)) for s, c in predicted.items()}
             pred_seg, pred_col = _compact(pred_ids, mapped, colour_of)

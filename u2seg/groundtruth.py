@@ -303,6 +303,8 @@ def parse_categories(data: dict[str, Any], url: str, panoptic: bool) -> tuple[Ca
         raise GroundTruthError(f"{url}: categories need 'id' and 'name' ({exc})") from None
     if not cats:
         raise GroundTruthError(f"{url} lists no categories")
+    if min(c.id for c in cats) < 1:
+        raise GroundTruthError(f"{url}: category ids must be >= 1 (0 stands for void)")
     return cats
 
 

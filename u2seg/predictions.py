@@ -7,6 +7,8 @@
   categories with `isthing`), and ``instances.json`` for the thing instances when present.
   `panoptic/` (the pseudo labels) is one; the trained model's predictions use the same
   layout, so they plug in unchanged.
+- semantic: the `semantic/` stage (its Parquet shards hold a label PNG per image, stuff
+  cluster c as category c + 1), scored by the semantic protocol alone (STEGO's).
 
 `evaluate.predictions` names stages of the run (their manifest must exist) or directories.
 Images are matched to the ground truth by `groundtruth.image_key` of their file names.
@@ -15,6 +17,7 @@ Images are matched to the ground truth by `groundtruth.image_key` of their file 
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +26,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from u2seg.artifacts import StageDir
+from u2seg.artifacts import MANIFEST, StageDir
 from u2seg.groundtruth import (
     Category,
     GroundTruthError,
@@ -54,6 +57,7 @@ class PredImage:
     annotations: tuple[dict[str, Any], ...] = ()
     panoptic_file: str | None = None
     segments_info: tuple[dict[str, Any], ...] = ()
+    labels_png: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,33 @@ class Predictions:
         return segments, info
 
 
+def semantic_labels(image: PredImage) -> np.ndarray:
+    """int64 (H, W) category ids (stuff cluster + 1) of a semantic prediction."""
+    if image.labels_png is None:
+        raise PredictionError(f"{image.file_name} has no semantic labels")
+    with Image.open(io.BytesIO(image.labels_png)) as im:
+        return np.asarray(im).astype(np.int64) + 1
+
+
+def _load_semantic(name: str, path: str) -> Predictions:
+    """The stuff labels of a `semantic` stage directory (held as PNG bytes, a few KB an
+    image)."""
+    stage = StageDir(*path.rstrip("/").rsplit("/", 1))
+    classes = int(stage.manifest()["counts"]["classes"])
+    categories = tuple(Category(c + 1, f"stuff-{c}", False) for c in range(classes))
+    columns = ["image_id", "file_name", "width", "height", "error", "labels_png"]
+    listed = [
+        PredImage(
+            image_key(r["file_name"]), int(r["image_id"]), r["file_name"], int(r["width"]),
+            int(r["height"]), labels_png=r["labels_png"],
+        )
+        for shard in stage.shard_names()
+        for r in stage.read_table(shard, columns).to_pylist()
+        if r["error"] is None
+    ]  # fmt: skip
+    return Predictions(name, path, "semantic", categories, _by_key(listed, path), False)
+
+
 def _instances(url: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
     """read_instances of a prediction: errors as PredictionError, score 1.0 where absent."""
     try:
@@ -134,8 +165,15 @@ def load_predictions(name: str, path: str) -> Predictions:
     panoptic_file = fs.unstrip_protocol(f"{root}/{PANOPTIC_JSON}")
     has_instances = fs.exists(f"{root}/{INSTANCES_JSON}")
     if not fs.exists(f"{root}/{PANOPTIC_JSON}"):
+        if fs.exists(f"{root}/{MANIFEST}") and not has_instances:
+            with fs.open(f"{root}/{MANIFEST}", "rb") as fh:
+                if json.load(fh).get("stage") == "semantic":
+                    return _load_semantic(name, path)
         if not has_instances:
-            raise PredictionError(f"{path} holds neither {PANOPTIC_JSON} nor {INSTANCES_JSON}")
+            raise PredictionError(
+                f"{path} holds neither {PANOPTIC_JSON} nor {INSTANCES_JSON} (nor is it a "
+                "semantic stage)"
+            )
         categories, by_image, raw = _instances(instances_file)
         listed = [_image(im, annotations=tuple(by_image.get(int(im["id"]), []))) for im in raw]
         return Predictions(name, path, "instances", categories, _by_key(listed, instances_file))
