@@ -56,8 +56,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from u2seg.coco_eval import SUMMARY
 from u2seg.config import RayConfig
-from u2seg.evaluate import SUMMARY, Settings, evaluate
+from u2seg.evaluate import Settings, evaluate
 from u2seg.groundtruth import load_coco_panoptic, write_coco_panoptic
 from u2seg.metrics import ConfusionMatrix, PQStats, pq_stats, pq_summary
 from u2seg.panoptic import rgb_to_id

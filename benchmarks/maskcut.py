@@ -33,9 +33,9 @@ import psutil
 import torch
 
 from u2seg.backbone import load_backbone
+from u2seg.coco_eval import best_iou, class_agnostic_ap
 from u2seg.config import MaskCutConfig, load_config
 from u2seg.demo_data import write_demo_dataset
-from u2seg.evaluate import best_iou, class_agnostic_ap
 from u2seg.imagestage import normalise
 from u2seg.ingest import read_image, resize_square
 from u2seg.maskcut import maskcut_batch

@@ -24,7 +24,8 @@ from evalcases import (
     write_ground_truth,
     write_prediction,
 )
-from u2seg.evaluate import SUMMARY, EvaluationError, Maps, Settings, evaluate, evaluate_images
+from u2seg.coco_eval import SUMMARY, evaluate_images
+from u2seg.evaluate import EvaluationError, Maps, Settings, evaluate
 from u2seg.groundtruth import (
     GroundTruthError,
     load_cityscapes,

@@ -11,9 +11,9 @@ import pytest
 from pycocotools.coco import COCO
 
 from conftest import demo_config, write_bad_files
+from u2seg.coco_eval import best_iou
 from u2seg.config import MaskCutConfig
 from u2seg.demo_data import write_demo_dataset
-from u2seg.evaluate import best_iou
 from u2seg.maskcut_stage import check_options, cut_options, refine_masks, run
 from u2seg.refine import rle_to_mask
 
