@@ -206,6 +206,13 @@ def _overlay_rows(
 ) -> list[np.ndarray]:
     """photo | ground truth | prediction (after the maps) for the first `limit` images."""
     colour_of = {c.id: k for k, c in enumerate(gt.categories)}
+    # A semantic class takes the colour of its first category, so right answers match.
+    class_colour: dict[int, int] = {}
+    for category, cls in gt.semantic_of.items():
+        class_colour.setdefault(cls, colour_of[category])
+    stuff_colour = {
+        c.id: class_colour.get(maps.semantic_hungarian.get(c.id, -1), -1) for c in pred.categories
+    }
     rows = []
     for image in gt.images[:limit]:
         try:
@@ -223,7 +230,8 @@ def _overlay_rows(
             continue
         found = pred.images.get(image.key)
         if pred.kind == "semantic" and found is not None:
-            pred_seg, pred_col = semantic_labels(found), None
+            identity = {c.id: c.id for c in pred.categories}
+            pred_seg, pred_col = _compact(semantic_labels(found), identity, stuff_colour)
         elif pred.kind == "panoptic" and found is not None:
             pred_ids, predicted = pred.panoptic(found)
             mapped = {s: maps.instance.get(c, maps.stuff.get(c, -1)) for s, c in predicted.items()}
