@@ -314,9 +314,9 @@ def test_each_label_map_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for cls in (type(gt), type(pred)):
         original = cls.panoptic
 
-        def counted(self, image, _original=original, _name=cls.__name__):
+        def counted(self, image, _original=original, _name=cls.__name__, **kwargs):
             reads.append(f"{_name}:{image.key}")
-            return _original(self, image)
+            return _original(self, image, **kwargs)
 
         monkeypatch.setattr(cls, "panoptic", counted)
     metrics, _, _ = evaluate(gt, pred, Settings(), chunk_size=2)
@@ -350,3 +350,16 @@ def test_two_predicted_images_of_one_name_are_refused(tmp_path: Path) -> None:
     (folder / "instances.json").write_text(json.dumps(data))
     with pytest.raises(PredictionError, match=r"img001\.jpg and other/img001\.jpg have the same"):
         load_predictions("p", str(folder))
+
+
+@pytest.mark.parametrize("side", ["gt", "pred"])
+def test_segment_ids_without_info_are_named(tmp_path: Path, side: str) -> None:
+    entry, segments, info = scene(1, seed=1)
+    broken = (entry, segments, [s for s in info if s["id"] != 2])  # grass has no entry
+    whole = scene(1, seed=1)
+    gt_scenes, pred_scenes = ([broken], [whole]) if side == "gt" else ([whole], [broken])
+    gt = load_coco_panoptic(str(write_ground_truth(tmp_path / "gt", gt_scenes)))
+    pred = load_predictions("p", str(write_prediction(tmp_path / "pred", pred_scenes)))
+    folder = "gt" if side == "gt" else "pred"
+    with pytest.raises(ValueError, match=rf"{folder}/panoptic/img001\.png: segment ids \[2\]"):
+        evaluate(gt, pred, Settings())

@@ -53,6 +53,7 @@ from u2seg.groundtruth import (
     GroundTruth,
     GroundTruthError,
     GTImage,
+    check_segment_ids,
     load_cityscapes,
     load_coco,
     load_coco_panoptic,
@@ -204,6 +205,7 @@ class _Image:
         self.job, self.gt_image, self.pred_image = job, gt_image, pred_image
         self._gt_panoptic: tuple[np.ndarray, dict[int, tuple[int, bool]]] | None = None
         self._pred_panoptic: tuple[np.ndarray, dict[int, int]] | None = None
+        self._overlaps: SegmentOverlaps | None = None
 
     @property
     def name(self) -> str:
@@ -211,8 +213,23 @@ class _Image:
 
     def gt_panoptic(self) -> tuple[np.ndarray, dict[int, tuple[int, bool]]]:
         if self._gt_panoptic is None:
-            self._gt_panoptic = self.job.gt.panoptic(self.gt_image)
+            # With a panoptic prediction the ids are checked on the overlaps instead.
+            check = self.job.pred.kind != "panoptic"
+            self._gt_panoptic = self.job.gt.panoptic(self.gt_image, check_ids=check)
         return self._gt_panoptic
+
+    def overlaps(self) -> SegmentOverlaps:
+        """The segment overlaps of a panoptic prediction with the panoptic ground truth,
+        one pass over the pixels that also checks both sides' segment ids."""
+        if self._overlaps is None:
+            segments, info = self.pred_panoptic()
+            gt_segments, gt_info = self.gt_panoptic()
+            self._overlaps = segment_overlaps(segments, gt_segments)
+            check_segment_ids(self._overlaps.gt_area, gt_info, self.name, GroundTruthError)
+            if self.pred_image is not None:
+                url = self.pred_image.panoptic_file or self.pred_image.file_name
+                check_segment_ids(self._overlaps.pred_area, info, url, PredictionError)
+        return self._overlaps
 
     def shape(self) -> tuple[int, int]:
         im = self.gt_image
@@ -281,7 +298,8 @@ class _Image:
             if self.pred_image is None:
                 self._pred_panoptic = np.zeros(shape, dtype=np.int64), {}
             else:
-                segments, info = self.job.pred.panoptic(self.pred_image)
+                check = not self.job.gt.has_panoptic  # else on the overlaps
+                segments, info = self.job.pred.panoptic(self.pred_image, check_ids=check)
                 if segments.shape != shape:
                     raise EvaluationError(
                         f"{self.pred_image.panoptic_file} is {segments.shape[1]}x"
@@ -301,7 +319,13 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
     rows = job.rows
     void_row = len(rows)
     for image in images:
-        if job.semantic:
+        if job.panoptic:
+            overlaps = image.overlaps()
+            info, gt_info = image.pred_panoptic()[1], image.gt_panoptic()[1]
+            stats.panoptic.append(PanopticRecord(overlaps, info, gt_info))
+            if job.semantic:
+                _confusion_from_overlaps(job, stats, overlaps, info, gt_info)
+        elif job.semantic:
             classes = image.pred_classes()
             lut = np.full(max(rows, default=0) + 1, void_row, dtype=np.int64)
             for cat, row in rows.items():
@@ -309,11 +333,6 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
             gt_sem = image.gt_semantic()
             assert stats.confusion is not None
             stats.confusion.update(lut[classes], gt_sem, IGNORE)
-        if job.panoptic:
-            segments, info = image.pred_panoptic()
-            gt_segments, gt_info = image.gt_panoptic()
-            overlaps = segment_overlaps(segments, gt_segments)
-            stats.panoptic.append(PanopticRecord(overlaps, info, gt_info))
         if job.instances:
             record = instance_record(
                 image.gt_image.image_id, *image.shape(), image.gt_instances(), image.detections()
@@ -330,6 +349,28 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
                 )
     if stats.records:
         stats.agnostic = evaluate_records(stats.records, [1], job.settings.max_dets, collapse=True)
+
+
+def _confusion_from_overlaps(
+    job: Job,
+    stats: Stats,
+    overlaps: SegmentOverlaps,
+    info: dict[int, int],
+    gt_info: dict[int, tuple[int, bool]],
+) -> None:
+    """Add one image's pixels to the confusion matrix from its segment overlaps (the same
+    counts as a pixel-by-pixel pass: each overlap is a block of equal (row, class) pixels)."""
+    rows, void_row = job.rows, len(job.rows)
+    pred_rows, gt_classes, counts = [], [], []
+    for (g, p), n in overlaps.intersection.items():
+        cls = job.gt.semantic_of.get(gt_info[g][0], IGNORE) if g in gt_info else IGNORE
+        if cls == IGNORE:
+            continue  # GT void
+        pred_rows.append(rows[info[p]] if p in info else void_row)
+        gt_classes.append(cls)
+        counts.append(n)
+    assert stats.confusion is not None
+    stats.confusion.add(np.asarray(pred_rows), np.asarray(gt_classes), np.asarray(counts))
 
 
 def _second_pass(job: Job, maps: Maps, part: Stats) -> Stats:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -157,8 +157,12 @@ class GroundTruth:
 
     # -- per image ---------------------------------------------------------------------
 
-    def panoptic(self, image: GTImage) -> Panoptic:
-        """int64 (H, W) segment ids (0 = void) and segment id -> (category, iscrowd)."""
+    def panoptic(self, image: GTImage, check_ids: bool = True) -> Panoptic:
+        """int64 (H, W) segment ids (0 = void) and segment id -> (category, iscrowd).
+
+        `check_ids`: refuse ids without a segments_info entry here (a pass over the
+        pixels); callers that count the ids anyway check them with `check_segment_ids`.
+        """
         if not self.has_panoptic or image.label_file is None:
             raise GroundTruthError(f"{self.source}: {self.format} ground truth has no panoptic")
         if self.format == "cityscapes":
@@ -170,11 +174,8 @@ class GroundTruth:
         info = {int(s["id"]): (int(s["category_id"]), bool(s.get("iscrowd", 0)))
                 for s in image.segments_info}  # fmt: skip
         _check_size(segments, image, image.label_file)
-        missing = sorted(set(np.unique(segments).tolist()) - set(info) - {0})
-        if missing:
-            raise GroundTruthError(
-                f"{image.label_file}: segment ids {missing[:10]} have no segments_info entry"
-            )
+        if check_ids:
+            check_segment_ids(np.unique(segments), info, image.label_file, GroundTruthError)
         return segments, info
 
     def semantic(self, image: GTImage, panoptic: Panoptic | None = None) -> np.ndarray:
@@ -212,6 +213,15 @@ class GroundTruth:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def check_segment_ids(
+    present: Iterable[int], info: Mapping[int, Any], url: str, error: type[ValueError]
+) -> None:
+    """Every segment id in a label map (but void 0) must have a segments_info entry."""
+    missing = sorted(set(int(i) for i in present) - set(info) - {0})
+    if missing:
+        raise error(f"{url}: segment ids {missing[:10]} have no segments_info entry")
 
 
 def image_key(file_name: str) -> str:
@@ -264,18 +274,17 @@ def _cityscapes_panoptic(ids: np.ndarray, url: str) -> Panoptic:
     """Cityscapes instance ids (label, or label * 1000 + instance) -> panoptic segments."""
     if ids.ndim != 2:
         raise GroundTruthError(f"{url}: an instanceIds PNG has one channel, got {ids.shape}")
-    ids = ids.astype(np.int64)
-    values = np.unique(ids)
-    segments = np.zeros_like(ids)
+    values, inverse = np.unique(ids.astype(np.int64), return_inverse=True)
+    kept = np.zeros(len(values), dtype=np.int64)
     info: dict[int, tuple[int, bool]] = {}
-    for value in values.tolist():
+    for k, value in enumerate(values.tolist()):
         label = value // 1000 if value >= 1000 else value
         if label not in _CITYSCAPES_INFO:
             continue  # void, or a class Cityscapes does not evaluate
         # Thing pixels with the bare label id are a group of instances: crowd.
         info[value] = (label, _CITYSCAPES_INFO[label] and value < 1000)
-        segments[ids == value] = value
-    return segments, info
+        kept[k] = value
+    return kept[inverse].reshape(ids.shape), info
 
 
 def load_json(url: str, what: str) -> Any:

@@ -114,6 +114,15 @@ class ConfusionMatrix:
         self.counts += flat.reshape(self.counts.shape)
         return self
 
+    def add(self, pred: np.ndarray, gt: np.ndarray, counts: np.ndarray) -> ConfusionMatrix:
+        """Add `counts` pixels at each (pred[k], gt[k]): counts already tallied elsewhere
+        (e.g. from segment overlaps). Returns self."""
+        pred, gt = np.asarray(pred, dtype=np.int64), np.asarray(gt, dtype=np.int64)
+        _check_range(pred, 0, self.num_clusters, "pred")
+        _check_range(gt, 0, self.num_classes, "gt")
+        np.add.at(self.counts, (pred, gt), np.asarray(counts, dtype=np.int64))
+        return self
+
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add `other`'s counts into self (same shape required). Returns self."""
         if self.counts.shape != other.counts.shape:

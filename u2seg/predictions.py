@@ -30,6 +30,7 @@ from u2seg.artifacts import MANIFEST, StageDir
 from u2seg.groundtruth import (
     Category,
     GroundTruthError,
+    check_segment_ids,
     image_key,
     load_json,
     parse_categories,
@@ -79,8 +80,11 @@ class Predictions:
     def without_images(self) -> Predictions:
         return replace(self, images={})
 
-    def panoptic(self, image: PredImage) -> tuple[np.ndarray, dict[int, int]]:
-        """int64 (H, W) segment ids (0 = void) and segment id -> predicted category."""
+    def panoptic(
+        self, image: PredImage, check_ids: bool = True
+    ) -> tuple[np.ndarray, dict[int, int]]:
+        """int64 (H, W) segment ids (0 = void) and segment id -> predicted category
+        (`check_ids` as in `GroundTruth.panoptic`)."""
         if image.panoptic_file is None:
             raise PredictionError(f"{self.path}: {image.file_name} has no panoptic PNG")
         try:
@@ -92,11 +96,8 @@ class Predictions:
         with Image.open(io.BytesIO(data)) as im:
             segments = rgb_to_id(np.asarray(im.convert("RGB"))).astype(np.int64)
         info = {int(s["id"]): int(s["category_id"]) for s in image.segments_info}
-        missing = sorted(set(np.unique(segments).tolist()) - set(info) - {0})
-        if missing:
-            raise PredictionError(
-                f"{image.panoptic_file}: segment ids {missing[:10]} have no segments_info entry"
-            )
+        if check_ids:
+            check_segment_ids(np.unique(segments), info, image.panoptic_file, PredictionError)
         return segments, info
 
 
