@@ -257,11 +257,12 @@ class _Image:
         if not self.job.pred.has_instances:
             segments, info = self.pred_panoptic()
             things = {c.id for c in self.job.pred.categories if c.isthing}
-            return [
-                mask_to_annotation(segments == seg, self.gt_image.image_id, seg, cat, 1.0)
-                for seg, cat in sorted(info.items())
-                if cat in things and (segments == seg).any()
-            ]
+            found = []
+            for seg, cat in sorted(info.items()):
+                mask = segments == seg
+                if cat in things and mask.any():
+                    found.append(mask_to_annotation(mask, self.gt_image.image_id, seg, cat, 1.0))
+            return found
         height, width = self.shape()
         for det in self.pred_image.annotations:
             size = list(det.get("segmentation", {}).get("size", [height, width]))
@@ -317,19 +318,19 @@ def _boxes(anns: Sequence[dict[str, Any]]) -> np.ndarray:
 def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
     """Read each image once: confusion matrix, votes, records, class-agnostic AP."""
     rows = job.rows
-    void_row = len(rows)
+    # Predicted category -> confusion row; 0 (nothing predicted) and gaps: the void row.
+    lut = np.full(max(rows, default=0) + 1, len(rows), dtype=np.int64)
+    for cat, row in rows.items():
+        lut[cat] = row
     for image in images:
         if job.panoptic:
             overlaps = image.overlaps()
             info, gt_info = image.pred_panoptic()[1], image.gt_panoptic()[1]
             stats.panoptic.append(PanopticRecord(overlaps, info, gt_info))
             if job.semantic:
-                _confusion_from_overlaps(job, stats, overlaps, info, gt_info)
+                _confusion_from_overlaps(job, rows, stats, overlaps, info, gt_info)
         elif job.semantic:
             classes = image.pred_classes()
-            lut = np.full(max(rows, default=0) + 1, void_row, dtype=np.int64)
-            for cat, row in rows.items():
-                lut[cat] = row
             gt_sem = image.gt_semantic()
             assert stats.confusion is not None
             stats.confusion.update(lut[classes], gt_sem, IGNORE)
@@ -353,14 +354,16 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
 
 def _confusion_from_overlaps(
     job: Job,
+    rows: dict[int, int],
     stats: Stats,
     overlaps: SegmentOverlaps,
     info: dict[int, int],
     gt_info: dict[int, tuple[int, bool]],
 ) -> None:
     """Add one image's pixels to the confusion matrix from its segment overlaps (the same
-    counts as a pixel-by-pixel pass: each overlap is a block of equal (row, class) pixels)."""
-    rows, void_row = job.rows, len(job.rows)
+    counts as a pixel-by-pixel pass: each overlap is a block of equal (row, class) pixels).
+    `rows`: `job.rows`, made once per chunk."""
+    void_row = len(rows)
     pred_rows, gt_classes, counts = [], [], []
     for (g, p), n in overlaps.intersection.items():
         cls = job.gt.semantic_of.get(gt_info[g][0], IGNORE) if g in gt_info else IGNORE
@@ -480,15 +483,15 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
     out: dict[str, Any] = {}
     if first.agnostic:
         out["class_agnostic"] = {t: first.agnostic[t].summary() for t in IOU_TYPES}
+    names = {c.id: c.name for c in job.gt.categories}
     if second.instance:
         thing_preds = [c.id for c in job.pred.categories if c.isthing]
-        names = {c.id: c.name for c in job.gt.categories}
+        # Only the classes some cluster maps to: the others score 0 by construction.
+        matched = set(maps.instance.values())
         out["instance"] = {}
         for t in IOU_TYPES:
             summary = second.instance[t].summary()
             per_category = summary.pop("per_category", {})
-            # Only the classes some cluster maps to: the others score 0 by construction.
-            matched = set(maps.instance.values())
             summary["per_class"] = {names[c]: v for c, v in per_category.items() if c in matched}
             out["instance"][t] = summary
         out["instance"]["matched_classes"] = len(maps.instance)
@@ -503,7 +506,6 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
         out["semantic"]["classes"] = list(job.gt.semantic_classes)
     if job.panoptic:
         summary = pq_summary(second.pq, job.gt.thing_ids, job.gt.stuff_ids)
-        names = {c.id: c.name for c in job.gt.categories}
         per_class = {}
         for cat, (tp, fp, fn, iou) in sorted(second.pq.per_category.items()):
             denom = tp + 0.5 * fp + 0.5 * fn
