@@ -376,6 +376,34 @@ def load_coco(instances: str) -> GroundTruth:
     return GroundTruth("coco", instances, categories, (), {}, True, False, images, True)
 
 
+def read_panoptic(
+    url: str, what: str, require_images: bool
+) -> tuple[tuple[Category, ...], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """Categories and (image entry, annotation entry) pairs of a COCO panoptic JSON; an
+    image without an annotation entry or a segment of an unknown category is an error
+    naming it. `require_images`: an empty image list is an error too."""
+    data = load_json(url, what)
+    categories = parse_categories(data, url, panoptic=True)
+    known = {c.id for c in categories}
+    annotations = {int(a["image_id"]): a for a in data.get("annotations", [])}
+    images = _images_of(data, url) if require_images else data.get("images", [])
+    pairs = []
+    for im in images:
+        ann = annotations.get(int(im["id"]))
+        if ann is None:
+            raise GroundTruthError(
+                f"{url}: image {im['id']} ({im['file_name']}) has no annotation entry"
+            )
+        for s in ann["segments_info"]:
+            if int(s["category_id"]) not in known:
+                raise GroundTruthError(
+                    f"{url}: segment {s['id']} of {ann['file_name']} has unknown "
+                    f"category id {s['category_id']}"
+                )
+        pairs.append((im, ann))
+    return categories, pairs
+
+
 def load_coco_panoptic(
     panoptic_json: str,
     panoptic_root: str | None = None,
@@ -385,11 +413,8 @@ def load_coco_panoptic(
     """Panoptic (and semantic, instance) ground truth from a COCO panoptic JSON + PNGs."""
     if semantic_level not in SEMANTIC_LEVELS:
         raise GroundTruthError(f"semantic_level must be one of {SEMANTIC_LEVELS}")
-    data = load_json(panoptic_json, "ground-truth panoptic JSON")
+    categories, entries = read_panoptic(panoptic_json, "ground-truth panoptic JSON", True)
     root = panoptic_root or panoptic_json[: -len(".json")]
-    categories = parse_categories(data, panoptic_json, panoptic=True)
-    known = {c.id for c in categories}
-    annotations = {int(a["image_id"]): a for a in data.get("annotations", [])}
     by_image: dict[int, list[Any]] = {}
     if instances:
         inst_categories, by_image, _ = read_instances(instances, "ground-truth instances JSON")
@@ -400,18 +425,7 @@ def load_coco_panoptic(
                 f"{panoptic_json}"
             )
     images = []
-    for im in _images_of(data, panoptic_json):
-        ann = annotations.get(int(im["id"]))
-        if ann is None:
-            raise GroundTruthError(
-                f"{panoptic_json}: image {im['id']} ({im['file_name']}) has no annotation entry"
-            )
-        for s in ann["segments_info"]:
-            if int(s["category_id"]) not in known:
-                raise GroundTruthError(
-                    f"{panoptic_json}: segment {s['id']} of {ann['file_name']} has unknown "
-                    f"category id {s['category_id']}"
-                )
+    for im, ann in entries:
         images.append(
             GTImage(
                 image_key(im["file_name"]), int(im["id"]), str(im["file_name"]),

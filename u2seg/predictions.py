@@ -32,9 +32,8 @@ from u2seg.groundtruth import (
     GroundTruthError,
     check_segment_ids,
     image_key,
-    load_json,
-    parse_categories,
     read_instances,
+    read_panoptic,
 )
 from u2seg.panoptic import rgb_to_id
 
@@ -179,32 +178,20 @@ def load_predictions(name: str, path: str) -> Predictions:
         listed = [_image(im, annotations=tuple(by_image.get(int(im["id"]), []))) for im in raw]
         return Predictions(name, path, "instances", categories, _by_key(listed, instances_file))
     try:
-        data = load_json(panoptic_file, "predicted panoptic JSON")
-        categories = parse_categories(data, panoptic_file, panoptic=True)
+        categories, entries = read_panoptic(panoptic_file, "predicted panoptic JSON", False)
     except GroundTruthError as exc:
         raise PredictionError(str(exc)) from None
-    known = {c.id for c in categories}
     by_image = _instances(instances_file)[1] if has_instances else {}
     png_root = panoptic_file[: -len(".json")]
-    entries = {int(a["image_id"]): a for a in data.get("annotations", [])}
-    listed = []
-    for im in data.get("images", []):
-        ann = entries.get(int(im["id"]))
-        if ann is None:
-            raise PredictionError(f"{panoptic_file}: image {im['file_name']} has no annotation")
-        for s in ann["segments_info"]:
-            if int(s["category_id"]) not in known:
-                raise PredictionError(
-                    f"{panoptic_file}: segment {s['id']} of {ann['file_name']} has unknown "
-                    f"category id {s['category_id']}"
-                )
-        image = _image(
+    listed = [
+        _image(
             im,
             annotations=tuple(by_image.get(int(im["id"]), [])),
             panoptic_file=f"{png_root}/{ann['file_name']}",
             segments_info=tuple(ann["segments_info"]),
         )
-        listed.append(image)
+        for im, ann in entries
+    ]
     images = _by_key(listed, panoptic_file)
     return Predictions(name, path, "panoptic", categories, images, has_instances)
 
