@@ -33,7 +33,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from u2seg.groundtruth import write_coco_panoptic
-from u2seg.panoptic import segment_boxes
+from u2seg.panoptic import segment_infos
 from u2seg.visualize import palette
 
 IMAGES_DIR = "images"
@@ -243,17 +243,7 @@ def _panoptic_scene(
     if photo.background is not None:
         cats.append(background_id)
         segments[photo.background & (segments == 0)] = len(cats)
-    boxes = segment_boxes(segments, len(cats))
-    area = np.bincount(segments.ravel(), minlength=len(cats) + 1)
-    info = [
-        {
-            "id": k, "category_id": cats[k - 1], "isthing": int(cats[k - 1] != background_id),
-            "area": int(area[k]), "bbox": [int(v) for v in boxes[k]], "iscrowd": 0,
-        }
-        for k in range(1, len(cats) + 1)
-        if area[k]
-    ]  # fmt: skip
-    return entry, segments, info
+    return entry, segments, segment_infos(segments, cats, [c != background_id for c in cats])
 
 
 def write_demo_dataset(out_dir: str | Path) -> DemoDataset:

@@ -214,6 +214,29 @@ def segment_boxes(segments: np.ndarray, num_ids: int) -> np.ndarray:
     return boxes
 
 
+def segment_infos(
+    segments: np.ndarray, categories: Sequence[int], things: Sequence[bool]
+) -> list[dict[str, Any]]:
+    """COCO panoptic `segments_info` of ids 1..n in an int (H, W) map: id k has category
+    `categories[k - 1]` and isthing `things[k - 1]`; area and bbox (`segment_boxes`) from
+    the pixels, iscrowd 0. Ids without pixels are left out."""
+    num_segments = len(categories)
+    area = np.bincount(segments.ravel(), minlength=num_segments + 1)
+    boxes = segment_boxes(segments, num_segments)
+    return [
+        {
+            "id": k,
+            "category_id": int(categories[k - 1]),
+            "isthing": int(things[k - 1]),
+            "area": int(area[k]),
+            "bbox": [int(v) for v in boxes[k]],
+            "iscrowd": 0,
+        }
+        for k in range(1, num_segments + 1)
+        if area[k]
+    ]
+
+
 def _check_stuff(stuff: np.ndarray, num_stuff: int, void: int) -> np.ndarray:
     """int64 (H, W) copy of the stuff map with void pixels set to `num_stuff` (a spare bin)."""
     if not 1 <= num_stuff <= MAX_STUFF:
@@ -290,25 +313,12 @@ def merge_panoptic(
     segments = np.where(painted, thing_ids[painting.index_map + 1], stuff_ids[labels])
     segments = segments.astype(np.int32, copy=False)
 
-    num_segments = num_painted + kept_clusters.size
-    seg_area = np.bincount(segments.ravel(), minlength=num_segments + 1)
-    boxes = segment_boxes(segments, num_segments)
     categories = [int(classes[i]) for i in painting.order]
     categories += [num_things + 1 + int(c) for c in kept_clusters]
-    segments_info = [
-        {
-            "id": k,
-            "category_id": categories[k - 1],
-            "isthing": int(k <= num_painted),
-            "area": int(seg_area[k]),
-            "bbox": [int(v) for v in boxes[k]],
-            "iscrowd": 0,
-        }
-        for k in range(1, num_segments + 1)
-    ]
+    things = [k < num_painted for k in range(len(categories))]
     return PanopticResult(
         segments=segments,
-        segments_info=segments_info,
+        segments_info=segment_infos(segments, categories, things),
         num_things=int(num_things),
         instance_index=painting.order,
         dropped=painting.dropped,
