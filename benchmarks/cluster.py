@@ -32,8 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from u2seg.config import RayConfig
-from u2seg.kmeans import ParquetShard, initial_rows, kmeans_local, kmeans_sharded, load_shards
+from u2seg.data.vectors import ParquetShard
+from u2seg.ops.kmeans import initial_rows, kmeans_local
 from u2seg.runtime import ray_session
+from u2seg.stages._sharded_kmeans import kmeans_sharded, load_shards
 
 T = TypeVar("T")
 BLOCK = 50_000

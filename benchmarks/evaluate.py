@@ -1,4 +1,4 @@
-"""The evaluate stage: images/s of `u2seg.evaluate.evaluate`, in process and on Ray Data.
+"""The evaluate stage: images/s of `u2seg.stages.evaluate.evaluate`, in process and on Ray Data.
 
     python benchmarks/evaluate.py [--images 1000] [--size 128] [--chunk-size 64] [--skip-ray]
 
@@ -26,7 +26,7 @@ images/s over the whole set:
 3. Baseline, the monolithic way upstream code evaluates, computing the same numbers with
    the known (generating) cluster -> class map instead of a map search: one loop over the
    images reading the GT and predicted panoptic PNGs once (GT thing segments RLE-encoded,
-   `u2seg.metrics.pq_stats`, the pixel confusion matrix), then one pycocotools COCOeval
+   `u2seg.ops.metrics.pq_stats`, the pixel confusion matrix), then one pycocotools COCOeval
    over the whole set per box / mask, class-agnostic and class-aware (all GT in one COCO
    object, all detections in one `loadRes`). Its class-agnostic AP and confusion matrix
    must equal u2seg's (1e-9): a check of the chunked COCOeval; when u2seg's fitted maps
@@ -56,15 +56,15 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from u2seg.coco_eval import SUMMARY
 from u2seg.config import RayConfig
-from u2seg.evaluate import Settings, evaluate
-from u2seg.groundtruth import load_coco_panoptic, write_coco_panoptic
-from u2seg.metrics import ConfusionMatrix, PQStats, pq_stats, pq_summary
-from u2seg.panoptic import rgb_to_id
-from u2seg.predictions import load_predictions
-from u2seg.refine import mask_to_annotation
+from u2seg.data.coco import mask_to_annotation, rgb_to_id
+from u2seg.data.groundtruth import load_coco_panoptic, write_coco_panoptic
+from u2seg.data.predictions import load_predictions
+from u2seg.ops.coco_eval import SUMMARY
+from u2seg.ops.metrics import ConfusionMatrix, PQStats, pq_stats, pq_summary
 from u2seg.runtime import ray_session
+from u2seg.stages._scoring import Settings
+from u2seg.stages.evaluate import evaluate
 
 T = TypeVar("T")
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from u2seg.backbone import load_backbone
 from u2seg.config import RayConfig, load_config
-from u2seg.demo_data import write_demo_dataset
-from u2seg.features import run
-from u2seg.imagestage import input_size, normalise
-from u2seg.ingest import read_image, resize_square
+from u2seg.data.demo import write_demo_dataset
+from u2seg.data.images import read_image, resize_square
+from u2seg.models.vit import input_size, load_backbone, normalise
 from u2seg.runtime import ray_session
+from u2seg.stages.features import run
 
 
 def make_images(folder: Path, count: int) -> list[Path]:

@@ -32,15 +32,14 @@ import numpy as np
 import psutil
 import torch
 
-from u2seg.backbone import load_backbone
-from u2seg.coco_eval import best_iou, class_agnostic_ap
 from u2seg.config import MaskCutConfig, load_config
-from u2seg.demo_data import write_demo_dataset
-from u2seg.imagestage import normalise
-from u2seg.ingest import read_image, resize_square
-from u2seg.maskcut import maskcut_batch
-from u2seg.maskcut_stage import cut_options, refine_masks
-from u2seg.refine import mask_to_annotation, rle_to_mask
+from u2seg.data.coco import mask_to_annotation, rle_to_mask
+from u2seg.data.demo import write_demo_dataset
+from u2seg.data.images import read_image, resize_square
+from u2seg.models.vit import load_backbone, normalise
+from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
+from u2seg.ops.maskcut import discovery_score, maskcut_batch
+from u2seg.stages.maskcut import cut_options, refine_masks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -85,7 +84,9 @@ def quality(tmp: Path) -> None:
                 full = refine_masks(squares[j], masks, originals[image_id].shape[:2], cfg)
                 for k, mask in enumerate(full):
                     anns.append(
-                        mask_to_annotation(mask, image_id, len(anns) + 1, score=1 - k / 100)
+                        mask_to_annotation(
+                            mask, image_id, len(anns) + 1, score=discovery_score(k)
+                        )
                     )
                 if image_id == quokka["image_id"]:
                     quokka_iou = best_iou(rle_to_mask(quokka["segmentation"]), full)

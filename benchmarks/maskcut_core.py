@@ -1,4 +1,4 @@
-"""MaskCut core speed and agreement: `u2seg.maskcut` vs the published dense solver, same run.
+"""MaskCut core speed and agreement: `u2seg.ops.maskcut` vs the published dense solver, same run.
 
     python benchmarks/maskcut_core.py [--images 4] [--gpu-batch 64]
 
@@ -37,11 +37,10 @@ import torch
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from u2seg.backbone import load_backbone
-from u2seg.demo_data import write_demo_dataset
-from u2seg.imagestage import normalise
-from u2seg.ingest import read_image, resize_square
-from u2seg.maskcut import maskcut, maskcut_batch
+from u2seg.data.demo import write_demo_dataset
+from u2seg.data.images import read_image, resize_square
+from u2seg.models.vit import load_backbone, normalise
+from u2seg.ops.maskcut import maskcut, maskcut_batch
 
 IMAGE_SIZE = 840  # 60 x 60 patches of 14 px
 EPS = 1e-5

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from u2seg.groundtruth import write_coco_panoptic
-from u2seg.refine import mask_to_annotation
+from u2seg.data.coco import mask_to_annotation
+from u2seg.data.groundtruth import write_coco_panoptic
 
 # Ground truth: two thing and two stuff categories.
 GT_CATEGORIES = [

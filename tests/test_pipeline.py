@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import DEMO_CONFIG, demo_config
-from u2seg import cluster, embed, evaluate_stage, maskcut_stage, panoptic_stage, semantic, visualize
+from tests.helpers import DEMO_CONFIG, demo_config
 from u2seg.artifacts import ArtifactError
 from u2seg.config import PipelineConfig, load_config
-from u2seg.demo_data import write_demo_dataset
-from u2seg.panoptic import rgb_to_id
+from u2seg.data.coco import rgb_to_id
+from u2seg.data.demo import write_demo_dataset
+from u2seg.stages import cluster, embed, evaluate, maskcut, panoptic, semantic, visualize
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 K, S = 3, 4
@@ -42,7 +42,7 @@ def run_dir(
     for name in ("voc.jpg", "quokka.jpg", "coffee.jpg"):
         shutil.copyfile(demo.root / name, folder / name)
     cfg = _config(folder, tmp / "run", weights_cache)
-    for stage in (maskcut_stage, embed, cluster, semantic, panoptic_stage):
+    for stage in (maskcut, embed, cluster, semantic, panoptic):
         stage.run(cfg)
     return tmp / "run", cfg
 
@@ -136,7 +136,7 @@ def test_panoptic_resumes_to_the_same_files(run_dir: tuple[Path, PipelineConfig]
     clean = {n: (root / n).read_bytes() for n in ("panoptic.json", "instances.json")}
     for name in ("manifest.json", "panoptic.json", "instances.json", "part-00001.parquet"):
         (root / name).unlink()
-    manifest = panoptic_stage.run(cfg)
+    manifest = panoptic.run(cfg)
     assert manifest["counts"]["resumed_shards"] == 1
     assert {n: (root / n).read_bytes() for n in clean} == clean
 
@@ -159,7 +159,7 @@ def test_evaluate_scores_pseudo_masks_and_pseudo_labels(
         Path(cfg.data.source), out, Path(str(cfg.backbone.cache_dir)),
         f"evaluate.gt_panoptic_json={gt}",
     )  # fmt: skip
-    manifest = evaluate_stage.run(cfg)
+    manifest = evaluate.run(cfg)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
     masks, stuff, labels = metrics["maskcut"], metrics["semantic"], metrics["panoptic"]
     assert set(stuff) == {"semantic", "images", "pictures"}  # stuff classes: mIoU only
@@ -177,7 +177,7 @@ def test_evaluate_scores_pseudo_masks_and_pseudo_labels(
 
 def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CONFIG, [f"output={tmp_path}", "data.source=/x"])
-    for stage, needed in ((cluster, "embed"), (panoptic_stage, "maskcut")):
+    for stage, needed in ((cluster, "embed"), (panoptic, "maskcut")):
         with pytest.raises(ArtifactError, match=f"u2seg {needed}"):
             stage.run(cfg)
 

@@ -6,40 +6,32 @@ The public API is the stage functions, `run_<stage>(cfg) -> manifest`, and `load
     cfg = u2seg.load_config("configs/demo.yaml", ["data.source=/images"])
     manifest = u2seg.run_features(cfg)
 
-Stage modules load lazily, so `import u2seg` (and `u2seg --help`) does not import torch or Ray.
+`run_<stage>` is `u2seg.stages.<stage>.run`, for every public module of `u2seg/stages/`
+(one per `u2seg` command). Stage modules load lazily, so `import u2seg` (and
+`u2seg --help`) does not import torch or Ray.
+
+Layers: `stages/` (the commands) compose `models/` (the networks), `data/` (sources and
+formats) and `ops/` (pure numeric cores), which use `config`, `artifacts` and `runtime`.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
+from u2seg import stages
 from u2seg.config import PipelineConfig, load_config
 
-__all__ = [
-    "PipelineConfig",
-    "load_config",
-    "run_cluster",
-    "run_embed",
-    "run_evaluate",
-    "run_features",
-    "run_maskcut",
-    "run_panoptic",
-    "run_semantic",
-]
+STAGES = tuple(
+    sorted(m.name for m in pkgutil.iter_modules(stages.__path__) if not m.name.startswith("_"))
+)
 
-_STAGES = {
-    "run_features": "u2seg.features",
-    "run_maskcut": "u2seg.maskcut_stage",
-    "run_embed": "u2seg.embed",
-    "run_cluster": "u2seg.cluster",
-    "run_semantic": "u2seg.semantic",
-    "run_panoptic": "u2seg.panoptic_stage",
-    "run_evaluate": "u2seg.evaluate_stage",
-}
+__all__ = ["PipelineConfig", "STAGES", "load_config", *(f"run_{name}" for name in STAGES)]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _STAGES:
-        return importlib.import_module(_STAGES[name]).run
+    stage = name.removeprefix("run_")
+    if name.startswith("run_") and stage in STAGES:
+        return importlib.import_module(f"u2seg.stages.{stage}").run
     raise AttributeError(f"module 'u2seg' has no attribute {name!r}")

@@ -206,7 +206,7 @@ def _run_each(cfg: PipelineConfig, stages: dict[str, StageFn], names: Sequence[s
 
 
 def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
-    from u2seg.demo_data import write_demo_dataset
+    from u2seg.data.demo import write_demo_dataset
 
     cfg = load_config(config or demo_config_path(), overrides)
     if not cfg.data.source:
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
         if args.command == "visualize":
-            from u2seg import visualize
+            from u2seg.stages import visualize
 
             print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
             return 0
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         _run_stages(cfg, names)
         if args.command == "demo":
-            from u2seg import visualize
+            from u2seg.stages import visualize
 
             for stage in visualize.STAGES:
                 print(f"[visualize] wrote {visualize.run(cfg, stage)}/")

@@ -71,13 +71,17 @@ class ActorConfig:
     """The Ray Data actor pool of a per-image stage.
 
     `concurrency` actors of `num_cpus` CPUs and `num_gpus` GPUs each (None: 1 when the
-    cluster has GPUs, else 0), fed `batch_size` images at a time. `torch_threads`: intra-op
-    threads of a CPU actor (Ray gives fractional-CPU actors one thread; None keeps that).
-    On a 2-core machine keep `num_cpus` below 1: whole-CPU actors starve the read tasks.
+    cluster has GPUs, else 0), fed `batch_size` images at a time. `max_concurrency`: None
+    keeps the pool at `concurrency` actors; a larger number lets it grow to that many while
+    the cluster adds GPUs or CPUs (an autoscaling pool, `concurrency` its minimum).
+    `torch_threads`: intra-op threads of a CPU actor (Ray gives fractional-CPU actors one
+    thread; None keeps that). On a 2-core machine keep `num_cpus` below 1: whole-CPU actors
+    starve the read tasks.
     """
 
     batch_size: int = 8
     concurrency: int = 1
+    max_concurrency: int | None = None
     num_cpus: float = 0.5
     num_gpus: float | None = None
     torch_threads: int | None = None
@@ -100,7 +104,7 @@ class MaskCutConfig(ActorConfig):
 
     `feature`: what feeds the cut, "keys" (last-block attention keys, published) or
     "tokens" (output patch tokens). `n_masks` rounds, affinity threshold `tau`. Robust
-    options (see u2seg.maskcut.maskcut): `center` the features per image, `tau_quantile`
+    options (see u2seg.ops.maskcut.maskcut): `center` the features per image, `tau_quantile`
     (tau from the image's similarity distribution instead of the fixed `tau`),
     `foreground` rule "corners" (published) or "border", `max_ncut` adaptive stop,
     `mask_rejected`, `drop_covered` (found objects leave the graph). Refinement: `crf`
@@ -212,7 +216,8 @@ class EvaluateConfig:
     Instance map: votes of predictions with score >= `min_score` and box IoU > `min_iou`.
     `mapping_from`: an earlier `evaluate/` directory whose maps are applied instead of
     fitting them here. Work: chunks of `chunk_size` images, on Ray Data (`concurrency`
-    actors of `num_cpus`) from `ray_min_images` images on. `overlays`: pictures per set.
+    actors of `num_cpus`, up to `max_concurrency` if set) from `ray_min_images` images on.
+    `overlays`: pictures per set.
     """
 
     predictions: list[str] = field(default_factory=lambda: ["maskcut", "semantic", "panoptic"])
@@ -231,6 +236,7 @@ class EvaluateConfig:
     chunk_size: int = 64
     ray_min_images: int = 2000
     concurrency: int = 2
+    max_concurrency: int | None = None
     num_cpus: float = 0.5
     overlays: int = 6
 

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -62,3 +63,20 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return bool(ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def actor_pool(size: int, max_size: int | None, name: str) -> Any:
+    """The `compute=` of a Ray Data actor pool: `size` actors, or, with `max_size`, a pool
+    that starts at `size` and grows to `max_size` as the cluster adds resources (and lets
+    idle actors go). `name`: the config section, for the error."""
+    import ray.data
+
+    if size < 1:
+        raise ValueError(f"{name}.concurrency must be >= 1, got {size}")
+    if max_size is None or max_size == size:
+        return ray.data.ActorPoolStrategy(size=size)
+    if max_size < size:
+        raise ValueError(
+            f"{name}.max_concurrency={max_size} is below {name}.concurrency={size}"
+        )
+    return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size)

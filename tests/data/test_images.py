@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import save_photo, write_bad_files
+from u2seg.data.images import (
+    ImageError,
+    SourceError,
+    SquareImages,
+    decode_image,
+    list_images,
+    read_image,
+    resize_square,
+)
+
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    save_photo(root / "b.jpg", (40, 30), seed=1)
+    save_photo(root / "sub" / "a.png", (20, 50), seed=2)
+    save_photo(root / "sub" / "deeper" / "c.JPEG", (33, 33), seed=3)
+    (root / "notes.txt").write_text("not listed: wrong extension")
+    return root
+
+
+def test_folder_is_recursive_sorted_and_relative(folder: Path) -> None:
+    refs = list_images(str(folder)).to_pylist()
+    assert [r["file_name"] for r in refs] == ["b.jpg", "sub/a.png", "sub/deeper/c.JPEG"]
+    assert [r["image_id"] for r in refs] == [1, 2, 3]
+    assert all(Path(r["path"]).is_file() for r in refs)
+
+
+def test_coco_json_uses_its_ids_and_root(folder: Path, tmp_path: Path) -> None:
+    coco = {
+        "images": [
+            {"id": 17, "file_name": "sub/a.png", "width": 20, "height": 50},
+            {"id": 4, "file_name": "b.jpg", "width": 40, "height": 30},
+        ]
+    }
+    path = tmp_path / "ann" / "instances.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(coco))
+    refs = list_images(str(path), root=str(folder)).to_pylist()
+    assert [(r["image_id"], r["file_name"]) for r in refs] == [(17, "sub/a.png"), (4, "b.jpg")]
+    assert refs[0]["path"] == f"{folder}/sub/a.png"
+    # Without a root, file names resolve next to the JSON.
+    assert list_images(str(path)).to_pylist()[1]["path"] == f"{path.parent}/b.jpg"
+
+
+def test_text_list_relative_absolute_and_comments(folder: Path) -> None:
+    listing = folder / "list.txt"
+    listing.write_text(f"# images\nb.jpg\n\n{folder}/sub/a.png\n")
+    refs = list_images(str(listing)).to_pylist()
+    assert [r["path"] for r in refs] == [f"{folder}/b.jpg", f"{folder}/sub/a.png"]
+    assert [r["image_id"] for r in refs] == [1, 2]
+
+
+def test_fsspec_url_source() -> None:
+    fs = fsspec.filesystem("memory")
+    for name, fmt in (("x/1.png", "PNG"), ("x/y/2.jpg", "JPEG")):
+        with fs.open(f"/bucket/{name}", "wb") as fh:
+            Image.new("RGB", (8, 6), (10, 20, 30)).save(fh, format=fmt)
+    refs = list_images("memory://bucket").to_pylist()
+    assert [r["file_name"] for r in refs] == ["x/1.png", "x/y/2.jpg"]
+    # fsspec's canonical URL of the memory filesystem has a rooted path (memory:///...).
+    assert refs[0]["path"].startswith("memory://") and refs[0]["path"].endswith("/bucket/x/1.png")
+    assert read_image(refs[0]["path"], MAX_PIXELS).shape == (6, 8, 3)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [("", "no image source"), ("/no/such/dir", "not found")],
+)
+def test_bad_sources(source: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        list_images(source)
+
+
+def test_empty_folder_and_bad_json(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no images"):
+        list_images(str(tmp_path))
+    bad = tmp_path / "x.json"
+    bad.write_text('{"annotations": []}')
+    with pytest.raises(SourceError, match="'images' list"):
+        list_images(str(bad))
+    other = tmp_path / "x.csv"
+    other.write_text("a")
+    with pytest.raises(SourceError, match="expected a folder"):
+        list_images(str(other))
+
+
+def test_each_bad_file_has_its_reason(tmp_path: Path) -> None:
+    expected = write_bad_files(tmp_path)
+    for name, reason in expected.items():
+        with pytest.raises(ImageError, match=reason):
+            read_image(str(tmp_path / name), MAX_PIXELS)
+    with pytest.raises(ImageError, match="cannot read file"):
+        read_image(str(tmp_path / "missing.jpg"), MAX_PIXELS)
+
+
+def test_decode_rgb_from_gray_and_rgba() -> None:
+    for mode in ("L", "RGBA", "P"):
+        buf = io.BytesIO()
+        Image.new(mode, (5, 4)).save(buf, format="PNG")
+        assert decode_image(buf.getvalue(), MAX_PIXELS).shape == (4, 5, 3)
+
+
+def test_square_images_keeps_good_rows_and_records_bad(tmp_path: Path) -> None:
+    expected = write_bad_files(tmp_path)
+    save_photo(tmp_path / "good.jpg", (64, 48), seed=5)
+    names = ["good.jpg", *expected]
+    batch = {
+        "image_id": np.arange(1, len(names) + 1),
+        "file_name": np.array(names, dtype=object),
+        "path": np.array([str(tmp_path / n) for n in names], dtype=object),
+    }
+    out = SquareImages(size=28, max_pixels=MAX_PIXELS)(batch)
+    assert out["image"].shape == (len(names), 28, 28, 3)
+    assert out["error"][0] == "" and (out["width"][0], out["height"][0]) == (64, 48)
+    assert out["image"][0].any()
+    for i, name in enumerate(names[1:], start=1):
+        assert out["error"][i].startswith(expected[name]), (name, out["error"][i])
+        assert not out["image"][i].any() and out["width"][i] == 0
+
+
+def test_resize_square_ignores_aspect() -> None:
+    image = np.zeros((30, 70, 3), dtype=np.uint8)
+    assert resize_square(image, 14).shape == (14, 14, 3)

@@ -1,0 +1,135 @@
+"""Pseudo-mask refinement on hand-made masks and synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from u2seg.ops import refine
+
+FRAME = 240
+SQUARE = (slice(70, 170), slice(80, 180))  # rows, cols of the bright square
+BACKENDS = ["guided"] + (["densecrf"] if refine.has_densecrf else [])
+
+
+def disk(size: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
+    """Bool (H, W) disk."""
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+def square_scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bright square on a dark noisy background (uint8 (H, W, 3)), its true mask and a
+    coarse mask: the square shifted by (5, -6) px and snapped to 8x8 patches."""
+    rng = np.random.default_rng(0)
+    image = np.full((FRAME, FRAME, 3), 40, dtype=np.int64)
+    image[SQUARE] = (200, 180, 160)
+    image = np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros((FRAME, FRAME), dtype=bool)
+    truth[SQUARE] = True
+    shifted = np.roll(truth, (5, -6), axis=(0, 1))
+    patches = shifted.reshape(FRAME // 8, 8, FRAME // 8, 8).mean(axis=(1, 3)) > 0.5
+    return image, truth, refine.upsample_mask(patches, (FRAME, FRAME))
+
+
+def test_upsample_mask_is_nearest_blocks() -> None:
+    patch = np.array([[True, False], [False, True]])
+    up = refine.upsample_mask(patch, (4, 6))
+    expected = np.kron(patch, np.ones((2, 3), dtype=bool))
+    assert up.dtype == bool and up.shape == (4, 6)
+    np.testing.assert_array_equal(up, expected)
+    grid = np.random.default_rng(1).random((60, 60)) > 0.5
+    frame = refine.upsample_mask(grid, (480, 480))
+    np.testing.assert_array_equal(frame[::8, ::8], grid)
+    np.testing.assert_array_equal(frame[7::8, 7::8], grid)
+
+
+def test_resize_mask_shapes_values_and_round_trip() -> None:
+    rect = np.zeros((100, 200), dtype=bool)
+    rect[20:60, 40:120] = True
+    half = refine.resize_mask(rect, (50, 100))
+    assert half.dtype == bool and half.shape == (50, 100)
+    expected = np.zeros((50, 100), dtype=bool)
+    expected[10:30, 20:60] = True
+    np.testing.assert_array_equal(half, expected)
+    np.testing.assert_array_equal(refine.resize_mask(rect, (100, 200)), rect)
+    shape = disk((480, 480), (200, 260), 120) | disk((480, 480), (330, 150), 60)
+    there = refine.resize_mask(shape, (375, 500))  # a photo's own H x W
+    back = refine.resize_mask(there, (480, 480))
+    assert there.shape == (375, 500)
+    assert refine.mask_iou(back, shape) > 0.97
+
+
+def test_fill_holes_fills_a_ring() -> None:
+    ring = disk((50, 50), (25, 25), 15) & ~disk((50, 50), (25, 25), 8)
+    filled = refine.fill_holes(ring)
+    np.testing.assert_array_equal(filled, disk((50, 50), (25, 25), 15))
+    open_ring = ring.copy()
+    open_ring[25, :25] = False  # a cut to the outside: nothing is enclosed any more
+    np.testing.assert_array_equal(refine.fill_holes(open_ring), open_ring)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crf_snaps_coarse_mask_to_the_square(backend: str) -> None:
+    image, truth, coarse = square_scene()
+    assert refine.mask_iou(coarse, truth) < 0.85
+    refined = refine.crf_refine(image, coarse, backend=backend)
+    assert refined.dtype == bool and refined.shape == truth.shape
+    assert refine.mask_iou(refined, truth) > 0.9
+    kept = refine.refine_mask(image, coarse, backend=backend)
+    assert kept is not None and refine.mask_iou(kept, truth) > 0.9
+
+
+def test_densecrf_backend_or_clear_error() -> None:
+    """Runs the dense CRF when the `crf` extra is installed; otherwise the error names it."""
+    image, truth, coarse = square_scene()
+    if not refine.has_densecrf:
+        with pytest.raises(ImportError, match=r"pip install 'u2seg\[crf\]'"):
+            refine.crf_refine(image, coarse, backend="densecrf")
+        assert refine.resolve_backend("auto") == "guided"
+        return
+    assert refine.resolve_backend("auto") == "densecrf"
+    image.flags.writeable = False  # arrays decoded by PIL are read-only
+    refined = refine.crf_refine(image, coarse, backend="densecrf")
+    assert refine.mask_iou(refined, truth) > 0.9
+
+
+def test_missing_densecrf_falls_back_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refine, "has_densecrf", False)
+    monkeypatch.setattr(refine, "dcrf", None)
+    assert refine.resolve_backend("auto") == "guided"
+    with pytest.raises(ImportError, match=r"u2seg\[crf\]"):
+        refine.resolve_backend("densecrf")
+    with pytest.raises(ValueError, match="backend"):
+        refine.resolve_backend("bilateral")
+
+
+def test_none_backend_and_input_checks() -> None:
+    image, _, coarse = square_scene()
+    np.testing.assert_array_equal(refine.crf_refine(image, coarse, backend="none"), coarse)
+    with pytest.raises(ValueError, match="does not match"):
+        refine.crf_refine(image, coarse[:-1], backend="none")
+    with pytest.raises(ValueError, match="uint8"):
+        refine.crf_refine(image.astype(np.float32), coarse, backend="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refine_drops_a_mask_with_no_edge_to_follow(backend: str) -> None:
+    """A small blob on a uniform image: the smoothness term erases it, IoU 0, dropped."""
+    image = np.full((FRAME, FRAME, 3), 120, dtype=np.uint8)
+    blob = np.zeros((FRAME, FRAME), dtype=bool)
+    blob[100:116, 100:116] = True
+    assert not refine.crf_refine(image, blob, backend=backend).any()
+    assert refine.refine_mask(image, blob, backend=backend) is None
+
+
+def test_refine_compares_the_hole_filled_mask_with_the_input() -> None:
+    """Upstream order: fill holes before the IoU test, so a thin ring (IoU with its filled
+    disk ~0.3) is dropped even with no CRF; the threshold is a parameter."""
+    image = np.zeros((100, 100, 3), dtype=np.uint8)
+    ring = disk((100, 100), (50, 50), 30) & ~disk((100, 100), (50, 50), 25)
+    assert refine.refine_mask(image, ring, backend="none") is None
+    kept = refine.refine_mask(image, ring, backend="none", min_iou=0.2)
+    assert kept is not None
+    np.testing.assert_array_equal(kept, disk((100, 100), (50, 50), 30))
+    assert refine.refine_mask(image, np.zeros((100, 100), dtype=bool), backend="none") is None

@@ -1,0 +1,119 @@
+"""The features stage end to end on a local Ray: bad files, resume, config refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import save_photo, write_bad_files
+from u2seg.artifacts import MANIFEST, ArtifactError, StageDir
+from u2seg.config import PipelineConfig, load_config
+from u2seg.models.vit import input_size
+from u2seg.stages.features import run
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _config(images: Path, out: Path, cache: Path, *extra: str) -> PipelineConfig:
+    return load_config(
+        overrides=[
+            f"data.source={images}",
+            "data.shard_size=3",
+            "data.max_pixels=1000000",
+            "backbone.name=dinov2_vits14",
+            "backbone.weights=packaged",
+            f"backbone.cache_dir={cache}",
+            "features.image_size=56",
+            "features.batch_size=2",
+            f"output={out}",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("images")
+    bad = write_bad_files(folder / "bad")
+    for i in range(6):
+        save_photo(folder / f"img{i}.jpg", (40 + 8 * i, 36), seed=i)
+    return folder, bad
+
+
+def _rows(stage: StageDir) -> dict[int, dict]:
+    rows = {}
+    for name in stage.shard_names():
+        for row in stage.read_table(name).to_pylist():
+            rows[row["image_id"]] = row
+    return rows
+
+
+def test_bad_files_are_recorded_and_nothing_else_lost(
+    local_ray: None, images: tuple[Path, dict[str, str]], tmp_path: Path, weights_cache: Path
+) -> None:
+    folder, bad = images
+    manifest = run(_config(folder, tmp_path / "run", weights_cache))
+    assert manifest["counts"]["images"] == 10
+    assert manifest["counts"]["ok"] == 6
+    assert manifest["counts"]["errors"] == 4
+    assert manifest["counts"]["shards"] == 4
+    reasons = {r["file_name"]: r["reason"] for r in manifest["errors"]["first"]}
+    assert set(reasons) == {f"bad/{name}" for name in bad}
+    for name, reason in bad.items():
+        assert reasons[f"bad/{name}"].startswith(reason)
+    rows = _rows(StageDir(str(tmp_path / "run"), "features"))
+    assert len(rows) == 10
+    good = [r for r in rows.values() if r["error"] is None]
+    assert len(good) == 6
+    for row in good:
+        cls = np.asarray(row["cls"])
+        assert cls.shape == (384,) and np.isfinite(cls).all() and np.abs(cls).sum() > 0
+        assert row["width"] >= 40 and row["height"] == 36
+    # Different images give different vectors.
+    assert not np.allclose(good[0]["patch_mean"], good[1]["patch_mean"])
+
+
+def test_resume_after_kill_writes_only_missing_shards(
+    local_ray: None, images: tuple[Path, dict[str, str]], tmp_path: Path, weights_cache: Path
+) -> None:
+    folder, _ = images
+    out = tmp_path / "run"
+    cfg = _config(folder, out, weights_cache)
+    run(cfg)
+    stage = StageDir(str(out), "features")
+    clean = _rows(stage)
+    # A job killed half way: no manifest, one shard missing, a temporary file left over.
+    (out / "features" / MANIFEST).unlink()
+    (out / "features" / "part-00002.parquet").unlink()
+    (out / "features" / ".tmp-dead-part-00002.parquet").write_bytes(b"partial")
+    mtime = (out / "features" / "part-00000.parquet").stat().st_mtime_ns
+    manifest = run(cfg)
+    assert manifest["counts"]["resumed_shards"] == 3
+    assert (out / "features" / "part-00000.parquet").stat().st_mtime_ns == mtime
+    resumed = _rows(stage)
+    assert resumed.keys() == clean.keys()
+    for image_id, row in clean.items():
+        assert resumed[image_id]["error"] == row["error"]
+        if row["cls"] is not None:
+            np.testing.assert_allclose(resumed[image_id]["cls"], row["cls"], rtol=1e-5, atol=1e-5)
+
+
+def test_other_config_is_refused(
+    images: tuple[Path, dict[str, str]], tmp_path: Path, weights_cache: Path
+) -> None:
+    folder, _ = images
+    out = tmp_path / "run"
+    StageDir(str(out), "features").start({}, {"data": {}, "backbone": {}, "features": {}})
+    with pytest.raises(ArtifactError, match="another config"):
+        run(_config(folder, out, weights_cache, "features.image_size=112"))
+
+
+def test_input_size_rounds_down_to_patch_grid() -> None:
+    assert input_size(480, "dinov2_vits14") == 476
+    assert input_size(480, "dino_vitb8") == 480
+    with pytest.raises(ValueError, match="smaller than a patch"):
+        input_size(10, "dinov2_vits14")
+    with pytest.raises(ValueError, match="dino_vitb8"):
+        input_size(480, "vit_huge")

@@ -1,0 +1,114 @@
+"""The maskcut stage end to end on the real demo photos: COCO output, quality, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from tests.helpers import demo_config, write_bad_files
+from u2seg.config import MaskCutConfig
+from u2seg.data.coco import rle_to_mask
+from u2seg.data.demo import write_demo_dataset
+from u2seg.ops.coco_eval import best_iou
+from u2seg.stages.maskcut import check_options, cut_options, refine_masks, run
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The VOC photo and the quokka with their ground truth, plus two broken files."""
+    demo = write_demo_dataset(tmp_path_factory.mktemp("demo"))
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("voc.jpg", "quokka.jpg"):
+        shutil.copyfile(demo.root / name, folder / name)
+    bad = write_bad_files(folder / "bad")
+    for name in ("big.png", "empty.jpg"):
+        (folder / "bad" / name).unlink()
+    gt = json.loads(demo.instances_json.read_text())
+    return folder, {"gt": gt, "bad": bad}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
+    local_ray: None, photos: tuple[Path, dict], tmp_path: Path, weights_cache: Path
+) -> None:
+    folder, info = photos
+    out = tmp_path / "run"
+    manifest = run(demo_config(folder, out, weights_cache))
+    assert manifest["counts"]["images"] == 4
+    assert manifest["counts"]["errors"] == 2
+    assert {e["file_name"] for e in manifest["errors"]["first"]} == {
+        "bad/text.png",
+        "bad/truncated.jpg",
+    }
+    path = out / "maskcut" / "instances.json"
+    coco = COCO(str(path))
+    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "fg", "supercategory": "fg"}]
+    images = {im["file_name"]: im for im in coco.dataset["images"]}
+    assert set(images) == {"quokka.jpg", "voc.jpg"}
+    assert (images["quokka.jpg"]["width"], images["quokka.jpg"]["height"]) == (960, 643)
+    assert (images["voc.jpg"]["width"], images["voc.jpg"]["height"]) == (500, 375)
+    anns = coco.dataset["annotations"]
+    assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))
+    # Scores rank each image's masks in discovery order: 1, 1/2, 1/3, ...
+    for image_id in coco.imgs:
+        scores = [a["score"] for a in anns if a["image_id"] == image_id]
+        assert scores == [1 / (1 + k) for k in range(len(scores))]
+    for ann in anns:
+        assert isinstance(ann["segmentation"]["counts"], str)
+        image = coco.imgs[ann["image_id"]]
+        mask = coco.annToMask(ann)
+        assert mask.shape == (image["height"], image["width"])
+        assert mask.sum() == ann["area"] > 0
+    # The quokka: the best pseudo mask covers its polygon.
+    gt_quokka = next(a for a in info["gt"]["annotations"] if a["image_id"] == 3)
+    quokka_id = images["quokka.jpg"]["id"]
+    masks = [coco.annToMask(a).astype(bool) for a in anns if a["image_id"] == quokka_id]
+    assert best_iou(rle_to_mask(gt_quokka["segmentation"]), masks) > 0.8
+
+    # Killed half way: manifest, merged JSON and one shard gone; the re-run redoes only it.
+    clean = path.read_bytes()
+    for name in ("manifest.json", "instances.json", "part-00001.parquet"):
+        (out / "maskcut" / name).unlink()
+    manifest = run(demo_config(folder, out, weights_cache))
+    assert manifest["counts"]["resumed_shards"] == 1
+    assert path.read_bytes() == clean
+
+
+def test_every_maskcut_option_comes_from_thedemo_config() -> None:
+    cfg = MaskCutConfig(center=True, tau_quantile=0.3, drop_covered=True, max_ncut=0.7)
+    options = cut_options(cfg)
+    assert options == {
+        "center": True,
+        "tau_quantile": 0.3,
+        "foreground": "corners",
+        "max_ncut": 0.7,
+        "mask_rejected": False,
+        "drop_covered": True,
+    }
+
+
+def test_options_are_checked_before_work() -> None:
+    with pytest.raises(ValueError, match="maskcut.feature"):
+        check_options(MaskCutConfig(feature="values"))
+    with pytest.raises(ValueError, match="n_masks"):
+        check_options(MaskCutConfig(n_masks=0))
+    with pytest.raises(ValueError, match="backend"):
+        check_options(MaskCutConfig(crf="magic"))
+
+
+def test_refine_masks_returns_original_size() -> None:
+    image = np.zeros((56, 56, 3), dtype=np.uint8)
+    image[14:42, 14:42] = 255
+    patch = np.zeros((4, 4), dtype=bool)
+    patch[1:3, 1:3] = True
+    empty = np.zeros((4, 4), dtype=bool)
+    out = refine_masks(image, [patch, empty], (30, 60), MaskCutConfig(crf="none"))
+    assert len(out) == 1
+    assert out[0].shape == (30, 60) and out[0].dtype == bool
+    assert out[0][15, 30] and not out[0][0, 0]

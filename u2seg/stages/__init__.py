@@ -1,0 +1,1 @@
+"""One module per `u2seg` command, each exposing `run(cfg) -> manifest`."""

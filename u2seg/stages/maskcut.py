@@ -1,0 +1,172 @@
+"""Stage `maskcut`: class-agnostic pseudo masks, images -> ViT -> MaskCut -> refine -> COCO.
+
+Resize, ViT forward, the normalized cuts and the refinement are fused in one Ray Data actor
+pool, so patch features never leave the actor (3600 x 768 floats would be ~11 MB per image).
+Each shard row holds one image (and its path) and its annotations (COCO RLE, JSON text); once
+every shard is written, `instances.json` is streamed from the shards in listing order, with
+annotation ids 1..M in that order, so a resumed run writes the same file as a clean one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from u2seg.artifacts import StageDir
+from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
+from u2seg.data.coco import mask_to_annotation
+from u2seg.models.vit import normalise
+from u2seg.ops.maskcut import discovery_score, maskcut_batch
+from u2seg.ops.refine import refine_mask, resize_mask, resolve_backend, upsample_mask
+from u2seg.stages._image_loop import BackboneActor, ImageStage, base_columns, run_image_stage
+
+STAGE = "maskcut"
+INSTANCES = "instances.json"
+CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
+FEATURES = ("keys", "tokens")
+# Per-annotation fields kept in the shards; ids are given when instances.json is merged.
+_KEPT = ("segmentation", "bbox", "area", "iscrowd", "category_id", "score")
+
+
+def check_options(cfg: MaskCutConfig) -> None:
+    """Fail before any work on options that the actors would reject."""
+    if cfg.feature not in FEATURES:
+        raise ValueError(f"maskcut.feature={cfg.feature!r} is not one of {', '.join(FEATURES)}")
+    if cfg.n_masks < 1:
+        raise ValueError(f"maskcut.n_masks={cfg.n_masks} must be >= 1")
+    resolve_backend(cfg.crf)
+
+
+def cut_options(cfg: MaskCutConfig) -> dict[str, Any]:
+    """The keyword options of `maskcut_batch`, every one taken from `cfg` (a missing one is
+    an AttributeError, not a silently published default)."""
+    params = inspect.signature(maskcut_batch).parameters.values()
+    return {p.name: getattr(cfg, p.name) for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def refine_masks(
+    image: np.ndarray, masks: list[np.ndarray], size: tuple[int, int], cfg: MaskCutConfig
+) -> list[np.ndarray]:
+    """Patch masks (h, w) of one square frame `image` (S, S, 3) -> refined bool masks of the
+    original `size` (H, W); masks the refinement drops or empties are left out."""
+    out = []
+    for mask in masks:
+        frame = upsample_mask(mask, image.shape[:2])
+        refined = refine_mask(image, frame, backend=cfg.crf, min_iou=cfg.min_refine_iou)
+        if refined is None:
+            continue
+        full = resize_mask(refined, size)
+        if full.any():
+            out.append(full)
+    return out
+
+
+class MaskCutWorker(BackboneActor):
+    """Ray Data actor: square images -> MaskCut pseudo masks as COCO annotations per image."""
+
+    def __init__(
+        self, backbone: dict[str, Any], options: dict[str, Any], threads: int | None = None
+    ) -> None:
+        super().__init__(backbone, threads)
+        self.cfg = MaskCutConfig(**options)
+
+    def cut(self, images: np.ndarray) -> list[list[np.ndarray]]:
+        """uint8 (B, S, S, 3) -> per image, its patch masks (h, w) in discovery order."""
+        cfg = self.cfg
+        with torch.inference_mode():
+            out = self.model(normalise(images, self.device), want_keys=cfg.feature == "keys")
+        grid = out.keys if cfg.feature == "keys" else out.patch_tokens
+        assert grid is not None
+        return maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.flatnonzero(batch["error"] == "")
+        annotations = np.full(len(batch["error"]), "[]", dtype=object)
+        if len(ok):
+            for i, masks in zip(ok, self.cut(batch["image"][ok]), strict=True):
+                size = (int(batch["height"][i]), int(batch["width"][i]))
+                full = refine_masks(batch["image"][i], masks, size, self.cfg)
+                anns = [
+                    mask_to_annotation(m, 0, 0, score=discovery_score(k))
+                    for k, m in enumerate(full)
+                ]
+                annotations[i] = json.dumps([{k: a[k] for k in _KEPT} for a in anns])
+        result = {k: v for k, v in batch.items() if k != "image"}
+        result["annotations"] = annotations
+        return result
+
+
+def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+    """The driver-side table of one result batch."""
+    annotations = [str(a) for a in batch["annotations"]]
+    return pa.table(
+        {
+            **base_columns(batch),
+            "path": pa.array(batch["path"].astype(str)),
+            "num_masks": pa.array([len(json.loads(a)) for a in annotations], pa.int32()),
+            "annotations": pa.array(annotations, pa.string()),
+        }
+    )
+
+
+def _good_rows(stage: StageDir) -> Iterator[dict[str, Any]]:
+    """Rows of images that were read, shard by shard, in listing order."""
+    for name in stage.shard_names():
+        table = stage.read_table(name)
+        yield from table.filter(pc.is_null(table.column("error"))).to_pylist()
+
+
+def _annotations(stage: StageDir) -> Iterator[dict[str, Any]]:
+    next_id = 1
+    for row in _good_rows(stage):
+        for ann in json.loads(row["annotations"]):
+            yield {"id": next_id, "image_id": row["image_id"], **ann}
+            next_id += 1
+
+
+def write_instances(stage: StageDir) -> tuple[int, int]:
+    """Stream `instances.json` (COCO instances, one category "fg") from the shards, holding
+    one shard at a time; returns (images, annotations)."""
+    images = (
+        {
+            "id": r["image_id"],
+            "file_name": r["file_name"],
+            "width": r["width"],
+            "height": r["height"],
+        }
+        for r in _good_rows(stage)
+    )
+    fixed = {
+        "info": {"description": "u2seg MaskCut pseudo masks"},
+        "licenses": [],
+        "categories": CATEGORIES,
+    }
+    counts = stage.write_json_arrays(
+        INSTANCES, fixed, {"images": images, "annotations": _annotations(stage)}
+    )
+    return counts["images"], counts["annotations"]
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Pseudo masks for every image of `cfg.data`; returns the stage manifest."""
+    check_options(cfg.maskcut)
+    spec = ImageStage(
+        name=STAGE,
+        depends_on=("data", "backbone", "maskcut"),
+        actor=MaskCutWorker,
+        actor_kwargs={"options": to_dict(cfg.maskcut)},
+        actors=cfg.maskcut,
+        image_size=cfg.maskcut.image_size,
+        to_rows=to_shard_rows,
+    )
+    stage, result = run_image_stage(cfg, spec)
+    _, n_annotations = write_instances(stage)
+    counts = {**result["counts"], "masks": n_annotations}
+    return stage.finish(counts, result["errors"], {"timing": result["timing"], "file": INSTANCES})

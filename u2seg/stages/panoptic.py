@@ -1,0 +1,225 @@
+"""Stage `panoptic`: merge pseudo things and pseudo stuff into COCO panoptic pseudo labels.
+
+For each image with at least one pseudo instance (METHOD.md stage 5): its MaskCut masks with
+their k-means classes (things 1..K) are painted by descending box area, the stuff map of the
+`semantic` stage fills the rest (stuff K+1..K+S, a class mostly under instances skipped).
+One Ray task per shard writes the PNGs and returns the shard's rows; the driver keeps the
+shards (resume) and streams the JSON files at the end. Outputs under `panoptic/`:
+
+- `panoptic/<name>.png` (RGB-encoded segment ids) + `panoptic.json` (COCO panoptic);
+- `semantic/<name>.png` (things 0, stuff 1..S, void 255);
+- `instances.json` (COCO instances, category_id = pseudo class 1..K, RLE) for training.
+
+A detectron2 user registers them with `register_coco_panoptic_separated` (see
+u2seg.data.coco for the call and the metadata it needs).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from u2seg.artifacts import StageDir, png_bytes, read_parquet
+from u2seg.config import PipelineConfig, to_dict
+from u2seg.data.coco import (
+    id_to_rgb,
+    instances_from_panoptic,
+    panoptic_annotation,
+    panoptic_categories,
+    panoptic_file_name,
+    rle_to_mask,
+)
+from u2seg.ops.panoptic import merge_panoptic, semantic_map
+from u2seg.runtime import ray_session
+from u2seg.stages.embed import shard_plan
+from u2seg.stages.semantic import decode_labels
+
+STAGE = "panoptic"
+PANOPTIC_JSON = "panoptic.json"
+INSTANCES_JSON = "instances.json"
+_ROW_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("png", pa.string()),  # null: no pseudo instance survived, image left out
+        ("segments_info", pa.string()),
+        ("annotations", pa.string()),
+    ]
+)
+
+
+def _write_file(url: str, data: bytes) -> None:
+    """Write `url` under a temporary name, then rename (atomic on local disks)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "wb") as fh:
+        fh.write(data)
+    fs.mv(tmp, path)
+
+
+def merge_image(
+    row: dict[str, Any], classes: dict[int, int], first_id: int, cfg: dict[str, Any]
+) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """One image: its maskcut row and stuff PNG -> (row of the shard, panoptic RGB (H, W, 3),
+    semantic uint8 (H, W)); the pictures are None when no instance is left."""
+    anns = json.loads(row["annotations"])
+    masks, labels = [], []
+    for k, ann in enumerate(anns):
+        category = classes.get(first_id + k)
+        if category is not None:  # a mask whose embedding failed has no class
+            masks.append(rle_to_mask(ann["segmentation"]))
+            labels.append(category)
+    stuff = decode_labels(row["labels_png"])
+    result = merge_panoptic(
+        masks, labels, stuff, cfg["k"], cfg["s"], stuff_overlap=cfg["stuff_overlap"]
+    )
+    out = {k: row[k] for k in ("image_id", "file_name", "width", "height")}
+    if not any(s["isthing"] for s in result.segments_info):
+        return {**out, "png": None, "segments_info": "[]", "annotations": "[]"}, None, None
+    instances = instances_from_panoptic(result, row["image_id"], 0)
+    out["png"] = panoptic_file_name(row["file_name"])
+    out["segments_info"] = json.dumps(result.segments_info)
+    out["annotations"] = json.dumps(instances)
+    return out, id_to_rgb(result.segments), semantic_map(result)
+
+
+def merge_shard(
+    maskcut_file: str,
+    semantic_file: str,
+    classes: dict[int, int],
+    first_id: int,
+    out_dir: str,
+    cfg: dict[str, Any],
+) -> pa.Table:
+    """Merge every image of one shard, writing its PNGs under `out_dir`; the shard's rows."""
+    cut = read_parquet(
+        maskcut_file,
+        ["image_id", "file_name", "width", "height", "error", "num_masks", "annotations"],
+    )
+    cut = cut.filter(pc.is_null(cut.column("error")))
+    stuff = read_parquet(semantic_file, ["image_id", "error", "labels_png"])
+    stuff = {r["image_id"]: r["labels_png"] for r in stuff.to_pylist() if r["error"] is None}
+    rows = []
+    for row in cut.to_pylist():
+        start, first_id = first_id, first_id + row["num_masks"]
+        if row["image_id"] not in stuff:
+            continue  # the semantic stage could not read it: recorded in its error table
+        merged, panoptic, semantic = merge_image(
+            {**row, "labels_png": stuff[row["image_id"]]}, classes, start, cfg
+        )
+        if panoptic is not None and semantic is not None:
+            _write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
+            _write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
+        rows.append(merged)
+    return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+
+
+def _kept_rows(stage: StageDir) -> Iterator[dict[str, Any]]:
+    for name in stage.shard_names():
+        table = stage.read_table(name)
+        yield from table.filter(pc.is_valid(table.column("png"))).to_pylist()
+
+
+def _images(stage: StageDir) -> Iterator[dict[str, Any]]:
+    for r in _kept_rows(stage):
+        yield {
+            "id": r["image_id"],
+            "file_name": r["file_name"],
+            "width": r["width"],
+            "height": r["height"],
+        }
+
+
+def _panoptic_annotations(stage: StageDir) -> Iterator[dict[str, Any]]:
+    for r in _kept_rows(stage):
+        yield panoptic_annotation(r["image_id"], r["png"], json.loads(r["segments_info"]))
+
+
+def _instance_annotations(stage: StageDir) -> Iterator[dict[str, Any]]:
+    next_id = 1
+    for r in _kept_rows(stage):
+        for ann in json.loads(r["annotations"]):
+            yield {**ann, "id": next_id}
+            next_id += 1
+
+
+def write_outputs(stage: StageDir, k: int, s: int) -> dict[str, int]:
+    """Stream `panoptic.json` and `instances.json` from the shards."""
+    categories = panoptic_categories(k, s)
+    info = {"description": "u2seg panoptic pseudo labels"}
+    panoptic = stage.write_json_arrays(
+        PANOPTIC_JSON,
+        {"info": info, "licenses": [], "categories": categories},
+        {"images": _images(stage), "annotations": _panoptic_annotations(stage)},
+    )
+    things = [c for c in categories if c["isthing"]]
+    instances = stage.write_json_arrays(
+        INSTANCES_JSON,
+        {"info": info, "licenses": [], "categories": things},
+        {"images": _images(stage), "annotations": _instance_annotations(stage)},
+    )
+    return {"images": panoptic["images"], "instances": instances["annotations"]}
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Panoptic pseudo labels from the maskcut, cluster and semantic stages."""
+    import ray
+
+    maskcut, semantic, cluster = (
+        StageDir(cfg.output_dir, n) for n in ("maskcut", "semantic", "cluster")
+    )
+    for needed in (maskcut, semantic, cluster):
+        needed.manifest()  # an error naming the stage when it has not completed
+    if maskcut.shard_names() != semantic.shard_names():
+        raise ValueError(
+            "panoptic: maskcut and semantic shards differ: run both with the same data.*"
+        )
+    stage = StageDir(cfg.output_dir, STAGE)
+    depends = ("data", "backbone", "maskcut", "embed", "cluster", "semantic", "panoptic")
+    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in depends})
+    plan = shard_plan(maskcut)
+    assigned = cluster.read_table("assignments.parquet", columns=["annotation_id", "category_id"])
+    ids, categories = (
+        assigned.column("annotation_id").to_numpy(),
+        assigned.column("category_id").to_numpy(),
+    )
+    done = stage.complete_shards()
+    merge_cfg = {
+        "k": cfg.cluster.k,
+        "s": cfg.semantic.num_classes,
+        "stuff_overlap": cfg.panoptic.stuff_overlap,
+    }
+    out_dir = stage.fs.unstrip_protocol(stage.path)
+    todo = [r for r in plan.to_pylist() if r["shard"] not in done]
+    if todo:
+        with ray_session(cfg.ray):
+            task = ray.remote(num_cpus=cfg.data.read_num_cpus)(merge_shard)
+            pending = {}
+            for r in todo:
+                inside = (ids >= r["first_id"]) & (ids < r["first_id"] + r["masks"])
+                classes = dict(zip(ids[inside].tolist(), categories[inside].tolist(), strict=True))
+                semantic_file = semantic.fs.unstrip_protocol(
+                    semantic.file(stage.shard_name(r["shard"]))
+                )
+                ref = task.remote(
+                    r["file"], semantic_file, classes, r["first_id"], out_dir, merge_cfg
+                )
+                pending[ref] = r["shard"]
+            while pending:
+                ready, _ = ray.wait(list(pending))
+                shard = pending.pop(ready[0])
+                stage.write_table(stage.shard_name(shard), ray.get(ready[0]))
+    counts = write_outputs(stage, cfg.cluster.k, cfg.semantic.num_classes)
+    rows = sum(stage.read_table(n, ["image_id"]).num_rows for n in stage.shard_names())
+    counts = {**counts, "dropped_images": rows - counts["images"], "resumed_shards": len(done)}
+    empty = pa.table({"image_id": pa.array([], pa.int64())})
+    return stage.finish(counts, empty, {"files": [PANOPTIC_JSON, INSTANCES_JSON]})

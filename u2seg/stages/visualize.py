@@ -1,0 +1,123 @@
+"""Pictures: masks drawn over their images, contact sheets, the gallery of pseudo classes.
+
+`u2seg visualize --stage S` writes `<output>/visualize/S/`: for maskcut (its instances) and
+panoptic (its segments, things first) one overlay PNG per image and `sheet.png`, a grid of
+them; for cluster `gallery.png`, one row of mask crops per pseudo class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from u2seg.artifacts import StageDir
+from u2seg.config import PipelineConfig
+from u2seg.data.coco import rgb_to_id, rle_to_mask
+from u2seg.data.images import ImageError, list_images, read_image
+from u2seg.ops.figures import contact_sheet, overlay
+
+STAGES = ("maskcut", "cluster", "panoptic")
+
+
+def _masks_by_image(dataset: dict[str, Any]) -> dict[int, list[np.ndarray]]:
+    masks: dict[int, list[np.ndarray]] = {im["id"]: [] for im in dataset["images"]}
+    for ann in dataset["annotations"]:
+        masks[ann["image_id"]].append(rle_to_mask(ann["segmentation"]))
+    return masks
+
+
+def _load_json(url: str, stage: str) -> Any:
+    try:
+        with fsspec.open(url, "rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} not found: run `u2seg {stage}` first") from None
+
+
+def _image_paths(cfg: PipelineConfig) -> dict[int, str]:
+    refs = list_images(cfg.data.source, cfg.data.root).to_pylist()
+    return {r["image_id"]: r["path"] for r in refs}
+
+
+def _read(paths: dict[int, str], image_id: int, max_pixels: int) -> np.ndarray | None:
+    try:
+        return read_image(paths[image_id], max_pixels=max_pixels)
+    except (ImageError, KeyError):
+        return None
+
+
+def _panoptic_masks(cfg: PipelineConfig, dataset: dict[str, Any]) -> dict[int, list[np.ndarray]]:
+    """Per image, one bool mask per segment (things first, then stuff) of panoptic.json."""
+    masks: dict[int, list[np.ndarray]] = {}
+    for ann in dataset["annotations"]:
+        png = np.asarray(Image.open(f"{cfg.output_dir}/panoptic/panoptic/{ann['file_name']}"))
+        ids = rgb_to_id(png)
+        order = sorted(ann["segments_info"], key=lambda s: not s["isthing"])
+        masks[ann["image_id"]] = [ids == s["id"] for s in order]
+    return masks
+
+
+def cluster_gallery(cfg: PipelineConfig, per_cluster: int = 8, clusters: int = 12) -> np.ndarray:
+    """uint8 grid: one row per pseudo class (the largest half of `clusters`, then random
+    ones), `per_cluster` mask crops each (box crops, outside-mask pixels grey)."""
+    from u2seg.stages.embed import instance_crop
+
+    instances = _load_json(f"{cfg.output_dir}/maskcut/instances.json", "maskcut")
+    table = StageDir(cfg.output_dir, "cluster").read_table("assignments.parquet").to_pylist()
+    members: dict[int, list[int]] = {}
+    for row in table:
+        members.setdefault(row["category_id"], []).append(row["annotation_id"])
+    by_size = sorted(members, key=lambda c: -len(members[c]))
+    rng = np.random.default_rng(0)
+    rest = by_size[clusters // 2 :]
+    picked = by_size[: clusters // 2] + sorted(
+        rng.permutation(rest)[: clusters - clusters // 2].tolist()
+    )
+    anns = {a["id"]: a for a in instances["annotations"]}
+    paths = _image_paths(cfg)
+    cell = 96
+    grid = np.full((len(picked) * cell, per_cluster * cell, 3), 255, dtype=np.uint8)
+    for r, category in enumerate(picked):
+        for c, ann_id in enumerate(members[category][:per_cluster]):
+            ann = anns[ann_id]
+            image = _read(paths, ann["image_id"], cfg.data.max_pixels)
+            if image is not None:
+                crop = instance_crop(image, rle_to_mask(ann["segmentation"]), cell - 4, "mean")
+                grid[r * cell + 2 : (r + 1) * cell - 2, c * cell + 2 : (c + 1) * cell - 2] = crop
+    return grid
+
+
+def run(cfg: PipelineConfig, stage: str = "maskcut", limit: int = 50) -> Path:
+    """Pictures of `stage`: overlays of its masks on the first `limit` images (maskcut,
+    panoptic) or the gallery of pseudo classes (cluster); returns the folder written."""
+    if stage not in STAGES:
+        raise ValueError(f"visualize: stage {stage!r} is not one of {', '.join(STAGES)}")
+    out = Path(cfg.output_dir) / "visualize" / stage
+    out.mkdir(parents=True, exist_ok=True)
+    if stage == "cluster":
+        Image.fromarray(cluster_gallery(cfg)).save(out / "gallery.png")
+        return out
+    if stage == "maskcut":
+        dataset = _load_json(f"{cfg.output_dir}/maskcut/instances.json", stage)
+        masks = _masks_by_image(dataset)
+    else:
+        dataset = _load_json(f"{cfg.output_dir}/panoptic/panoptic.json", stage)
+        masks = _panoptic_masks(cfg, dataset)
+    paths = _image_paths(cfg)
+    drawn = []
+    for image_id, image_masks in tqdm(list(masks.items())[:limit], desc="visualize"):
+        image = _read(paths, image_id, cfg.data.max_pixels)
+        if image is None:
+            continue
+        picture = overlay(image, image_masks)
+        Image.fromarray(picture).save(out / f"{image_id:08d}_{Path(paths[image_id]).stem}.png")
+        drawn.append(picture)
+    if drawn:
+        Image.fromarray(contact_sheet(drawn)).save(out / "sheet.png")
+    return out
