@@ -14,6 +14,7 @@ from typing import Any
 
 from u2seg.artifacts import ArtifactError
 from u2seg.config import ConfigError, PipelineConfig, load_config
+from u2seg.runtime import quiet_ray_stderr
 
 StageFn = Callable[[PipelineConfig], dict[str, Any]]
 
@@ -228,31 +229,34 @@ def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            cfg = _demo(args.config, args.overrides)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(json.dumps(dataclasses.asdict(cfg), indent=2))
-            return 0
-        if args.command == "visualize":
-            from u2seg.stages import visualize
-
-            print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
-            return 0
-        names = {"run": list(_PIPELINE), "demo": [*_PIPELINE, "evaluate"]}.get(
-            args.command, [args.command]
-        )
-        _run_stages(cfg, names)
-        if args.command == "demo":
-            from u2seg.stages import visualize
-
-            for stage in visualize.STAGES:
-                print(f"[visualize] wrote {visualize.run(cfg, stage)}/")
+        with quiet_ray_stderr():
+            _command(args)
     except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"u2seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "demo":
+        cfg = _demo(args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return
+    from u2seg.stages import visualize
+
+    if args.command == "visualize":
+        print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
+        return
+    names = {"run": list(_PIPELINE), "demo": [*_PIPELINE, "evaluate"]}.get(
+        args.command, [args.command]
+    )
+    _run_stages(cfg, names)
+    if args.command == "demo":
+        for stage in visualize.STAGES:
+            print(f"[visualize] wrote {visualize.run(cfg, stage)}/")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,34 @@
-"""Where work runs: the compute device and the Ray session."""
+"""Where work runs: the compute device, the Ray session and its actor pools, and a quiet
+terminal (torch and Ray are imported on use, so the `u2seg` command starts fast)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from u2seg.config import RayConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` -> CUDA when present, else CPU; anything else is passed to torch."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _drop_token_banner(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
 
 
 @contextmanager
@@ -37,6 +48,12 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         else:
             # Without this Ray replaces 127.0.0.1 with the machine's external address.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # Ray turns token auth on for a new local cluster and says so on every start; the
+            # cluster is this process's own, on 127.0.0.1, so the banner is dropped (token
+            # auth stays on).
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+                _drop_token_banner
+            )
             ray.init(
                 num_cpus=cfg.num_cpus,
                 _node_ip_address="127.0.0.1",
@@ -48,8 +65,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     if not cfg.progress_bars:
-        # The stage draws its own progress bar; Ray Data's per-dataset INFO lines are noise.
+        # The stage draws its own progress bar; Ray Data's per-dataset INFO lines, and its
+        # warning that its own bars are off, are noise.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Results reach the driver in input order, so it holds at most a shard or two.
     ctx.execution_options.preserve_order = True
     try:
@@ -80,3 +99,80 @@ def actor_pool(size: int, max_size: int | None, name: str) -> Any:
             f"{name}.max_concurrency={max_size} is below {name}.concurrency={size}"
         )
     return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size)
+
+
+# Ray's native (C++) log lines, "[2026-01-01 12:00:00,000 E 123 123] file.cc:42: ...".
+_NATIVE_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z] \d+ \d+\] ")
+_PARTIAL_PREFIX = re.compile(rb"\[[\d\- :,A-Z]*\]?$")
+# Native lines known to be harmless here, dropped from the terminal (Ray's session logs
+# keep them). Ray Data always puts an actor pool's constructor arguments in the object
+# store and keeps them alive while the pool runs, so this error line on every actor
+# start is spurious (ray-project/ray#53727).
+RAY_NOISE = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments "
+               rb"in the object store and max_restarts > 0"),
+)  # fmt: skip
+
+
+def drop_noise(buffer: bytes) -> tuple[bytes, bytes]:
+    """Split stderr bytes into (what to write now, what to hold until more arrives): native
+    log lines matching `RAY_NOISE` are removed; everything else passes unchanged, a native
+    line only once its newline has arrived."""
+    out = bytearray()
+    pos = 0
+    while (match := _NATIVE_LINE.search(buffer, pos)) is not None:
+        end = buffer.find(b"\n", match.start())
+        out += buffer[pos : match.start()]
+        if end < 0:
+            return bytes(out), buffer[match.start() :]
+        line = buffer[match.start() : end + 1]
+        if not any(p.search(line) for p in RAY_NOISE):
+            out += line
+        pos = end + 1
+    tail = buffer[pos:]
+    partial = _PARTIAL_PREFIX.search(tail[-64:])
+    if partial is not None:  # maybe the first bytes of a native line: wait for the rest
+        cut = len(tail) - len(tail[-64:]) + partial.start()
+        return bytes(out + tail[:cut]), tail[cut:]
+    return bytes(out + tail), b""
+
+
+def _forward(read_fd: int, out_fd: int) -> None:
+    """Copy the pipe to `out_fd` through `drop_noise` until every writer has closed it."""
+    held = b""
+    while chunk := os.read(read_fd, 1 << 16):
+        now, held = drop_noise(held + chunk)
+        while now:
+            now = now[os.write(out_fd, now) :]
+    while held:
+        held = held[os.write(out_fd, held) :]
+    os.close(read_fd)
+    os.close(out_fd)
+
+
+@contextmanager
+def quiet_ray_stderr() -> Iterator[None]:
+    """Drop the `RAY_NOISE` lines from this process's stderr (file descriptor 2, where Ray's
+    native code writes) while the block runs; everything else, progress bars included,
+    passes through as it comes. For the `u2seg` command, not for library use."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    forwarder = threading.Thread(target=_forward, args=(read_fd, saved), daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        restored = os.dup(saved)
+        os.dup2(restored, 2)  # closes this process's write end of the pipe
+        os.close(restored)
+        # Processes started inside the block may still hold the pipe: the forwarder then
+        # keeps copying; otherwise it has drained the pipe and ends.
+        forwarder.join(timeout=2.0)
