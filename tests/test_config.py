@@ -67,3 +67,32 @@ def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name
     assert to_dict(cfg)["backbone"]["name"] == cfg.backbone.name
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.shard_size=-1", r"data\.shard_size=-1: must be >= 1"),
+        ("data.shard_size=0", r"data\.shard_size=0: must be >= 1"),
+        ("maskcut.batch_size=0", r"maskcut\.batch_size=0: must be >= 1"),
+        ("features.concurrency=0", r"features\.concurrency=0"),
+        ("embed.image_size=-5", r"embed\.image_size=-5"),
+        ("cluster.k=0", r"cluster\.k=0"),
+        ("semantic.num_classes=300", r"semantic\.num_classes=300: must be in \[1, 254\]"),
+        ("semantic.stego_batch_size=1", r"semantic\.stego_batch_size=1: must be >= 2"),
+        ("panoptic.stuff_overlap=1.5", r"panoptic\.stuff_overlap=1\.5"),
+        ("evaluate.chunk_size=0", r"evaluate\.chunk_size=0"),
+        ("evaluate.min_iou=-0.1", r"evaluate\.min_iou=-0\.1"),
+        ("data.read_num_cpus=0", r"data\.read_num_cpus=0\.0: must be > 0"),
+    ],
+)
+def test_sizes_counts_and_fractions_out_of_range_are_refused_by_name(
+    override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "demo.yaml", [override])
+
+
+def test_optional_limits_accept_none_and_values_inside() -> None:
+    cfg = load_config(None, ["maskcut.max_concurrency=4", "maskcut.tau_quantile=0.5"])
+    assert cfg.maskcut.max_concurrency == 4 and cfg.features.max_concurrency is None

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from u2seg.config import ConfigError, load_config
 from u2seg.runtime import actor_pool, drop_noise, quiet_ray_stderr
 
 NOISE = (
@@ -49,11 +50,9 @@ def test_stderr_of_the_process_is_filtered(capfd: pytest.CaptureFixture[str]) ->
 
 
 def test_actor_pools_fixed_or_growing() -> None:
-    fixed = actor_pool(3, None, "maskcut")
+    fixed = actor_pool(3, None)
     assert (fixed.min_size, fixed.max_size) == (3, 3)
-    growing = actor_pool(1, 8, "maskcut")
+    growing = actor_pool(1, 8)
     assert (growing.min_size, growing.max_size) == (1, 8)
-    with pytest.raises(ValueError, match="max_concurrency=2 is below maskcut.concurrency=4"):
-        actor_pool(4, 2, "maskcut")
-    with pytest.raises(ValueError, match="features.concurrency must be >= 1"):
-        actor_pool(0, None, "features")
+    with pytest.raises(ConfigError, match="maskcut.max_concurrency=2: below maskcut.concurrency=4"):
+        load_config(None, ["maskcut.concurrency=4", "maskcut.max_concurrency=2"])

@@ -21,6 +21,24 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 
+def _limited(default: Any, lo: float | None, hi: float | None, open_lo: bool = False) -> Any:
+    """A dataclass field whose value (when not None) must lie in [lo, hi] (lo excluded when
+    `open_lo`); checked by `load_config`, which names the key."""
+    return field(default=default, metadata={"range": (lo, hi, open_lo)})
+
+
+def at_least(lo: float, default: Any) -> Any:
+    return _limited(default, lo, None)
+
+
+def above(lo: float, default: Any) -> Any:
+    return _limited(default, lo, None, open_lo=True)
+
+
+def between(lo: float, hi: float, default: Any) -> Any:
+    return _limited(default, lo, hi)
+
+
 @dataclass(frozen=True)
 class RayConfig:
     """Where the Ray work runs.
@@ -30,7 +48,7 @@ class RayConfig:
     """
 
     address: str | None = None
-    num_cpus: int | None = None
+    num_cpus: int | None = at_least(1, None)
     progress_bars: bool = False
 
 
@@ -46,9 +64,9 @@ class DataConfig:
 
     source: str = ""
     root: str | None = None
-    max_pixels: int = 50_000_000
-    shard_size: int = 256
-    read_num_cpus: float = 0.5
+    max_pixels: int = at_least(1, 50_000_000)
+    shard_size: int = at_least(1, 256)
+    read_num_cpus: float = above(0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -79,12 +97,12 @@ class ActorConfig:
     starve the read tasks.
     """
 
-    batch_size: int = 8
-    concurrency: int = 1
-    max_concurrency: int | None = None
-    num_cpus: float = 0.5
-    num_gpus: float | None = None
-    torch_threads: int | None = None
+    batch_size: int = at_least(1, 8)
+    concurrency: int = at_least(1, 1)
+    max_concurrency: int | None = at_least(1, None)
+    num_cpus: float = at_least(0, 0.5)
+    num_gpus: float | None = at_least(0, None)
+    torch_threads: int | None = at_least(1, None)
 
 
 @dataclass(frozen=True)
@@ -95,7 +113,7 @@ class FeaturesConfig(ActorConfig):
     rounded down to a multiple of the patch size.
     """
 
-    image_size: int = 480
+    image_size: int = at_least(1, 480)
 
 
 @dataclass(frozen=True)
@@ -113,18 +131,18 @@ class MaskCutConfig(ActorConfig):
     below `min_refine_iou` is dropped.
     """
 
-    image_size: int = 480
+    image_size: int = at_least(1, 480)
     feature: str = "keys"
-    n_masks: int = 3
+    n_masks: int = at_least(1, 3)
     tau: float = 0.15
     center: bool = False
-    tau_quantile: float | None = None
+    tau_quantile: float | None = between(0, 1, None)
     foreground: str = "corners"
     max_ncut: float | None = None
     mask_rejected: bool = False
     drop_covered: bool = False
     crf: str = "auto"
-    min_refine_iou: float = 0.5
+    min_refine_iou: float = between(0, 1, 0.5)
 
 
 @dataclass(frozen=True)
@@ -137,7 +155,7 @@ class EmbedConfig(ActorConfig):
     and centre-cropped to a square (480 in the reference).
     """
 
-    image_size: int = 480
+    image_size: int = at_least(1, 480)
     crop: str = "mean"
 
 
@@ -151,13 +169,13 @@ class ClusterConfig:
     actors when the `gpu` extra is installed.
     """
 
-    k: int = 800
-    niter: int = 100
+    k: int = at_least(1, 800)
+    niter: int = at_least(0, 100)
     seed: int = 0
     mode: str = "auto"
-    max_local_vectors: int = 5_000_000
-    num_shards: int = 4
-    shard_num_cpus: float = 1.0
+    max_local_vectors: int = at_least(0, 5_000_000)
+    num_shards: int = at_least(1, 4)
+    shard_num_cpus: float = at_least(0, 1.0)
     gpu: bool = False
 
 
@@ -176,18 +194,18 @@ class SemanticConfig(ActorConfig):
     """
 
     method: str = "patch-kmeans"
-    num_classes: int = 27
-    image_size: int = 448
-    niter: int = 50
+    num_classes: int = between(1, 254, 27)  # semantic PNG values 1..S stay below void 255
+    image_size: int = at_least(1, 448)
+    niter: int = at_least(0, 50)
     seed: int = 0
-    sample_patches: int = 256
-    fit_images: int = 2000
+    sample_patches: int = at_least(1, 256)
+    fit_images: int = at_least(1, 2000)
     flip: bool = True
     crf: bool = False
-    stego_steps: int = 5000
-    stego_code_dim: int = 70
-    stego_batch_size: int = 16
-    train_workers: int = 0
+    stego_steps: int = at_least(1, 5000)
+    stego_code_dim: int = at_least(1, 70)
+    stego_batch_size: int = at_least(2, 16)  # the loss pairs each image with another
+    train_workers: int = at_least(0, 0)
 
 
 @dataclass(frozen=True)
@@ -198,7 +216,7 @@ class PanopticConfig:
     skipped in that image.
     """
 
-    stuff_overlap: float = 0.7
+    stuff_overlap: float = between(0, 1, 0.7)
 
 
 @dataclass(frozen=True)
@@ -229,16 +247,16 @@ class EvaluateConfig:
     gt_cityscapes: str = ""
     image_list: str = ""
     semantic_level: str = "category"
-    min_score: float = 0.6
-    min_iou: float = 0.7
-    max_dets: int = 100
+    min_score: float = between(0, 1, 0.6)
+    min_iou: float = between(0, 1, 0.7)
+    max_dets: int = at_least(1, 100)
     mapping_from: str = ""
-    chunk_size: int = 64
-    ray_min_images: int = 2000
-    concurrency: int = 2
-    max_concurrency: int | None = None
-    num_cpus: float = 0.5
-    overlays: int = 6
+    chunk_size: int = at_least(1, 64)
+    ray_min_images: int = at_least(0, 2000)
+    concurrency: int = at_least(1, 2)
+    max_concurrency: int | None = at_least(1, None)
+    num_cpus: float = at_least(0, 0.5)
+    overlays: int = at_least(0, 6)
 
 
 @dataclass(frozen=True)
@@ -289,7 +307,31 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise _explain(exc, f"override '{item}'") from None
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, PipelineConfig)
+    check_ranges(cfg)
     return cfg
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Every field declared with a range (sizes, counts, batch sizes, fractions) holds a
+    value inside it; a ConfigError names the key otherwise."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        if value is None or "range" not in f.metadata:
+            continue
+        lo, hi, open_lo = f.metadata["range"]
+        if (lo is not None and (value <= lo if open_lo else value < lo)) or (
+            hi is not None and value > hi
+        ):
+            want = f"> {lo}" if open_lo else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"bad value {key}={value!r}: must be {want}")
+    most = getattr(cfg, "max_concurrency", None)
+    if most is not None and most < cfg.concurrency:
+        raise ConfigError(
+            f"bad value {prefix}max_concurrency={most}: below {prefix}concurrency={cfg.concurrency}"
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -84,20 +84,14 @@ def cluster_has_gpus() -> bool:
     return bool(ray.cluster_resources().get("GPU", 0) > 0)
 
 
-def actor_pool(size: int, max_size: int | None, name: str) -> Any:
+def actor_pool(size: int, max_size: int | None) -> Any:
     """The `compute=` of a Ray Data actor pool: `size` actors, or, with `max_size`, a pool
     that starts at `size` and grows to `max_size` as the cluster adds resources (and lets
-    idle actors go). `name`: the config section, for the error."""
+    idle actors go). The config checks both (`max_concurrency >= concurrency >= 1`)."""
     import ray.data
 
-    if size < 1:
-        raise ValueError(f"{name}.concurrency must be >= 1, got {size}")
     if max_size is None or max_size == size:
         return ray.data.ActorPoolStrategy(size=size)
-    if max_size < size:
-        raise ValueError(
-            f"{name}.max_concurrency={max_size} is below {name}.concurrency={size}"
-        )
     return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size)
 
 

@@ -143,7 +143,7 @@ def backbone_pool(
             **actor_kwargs,
         },
         batch_size=actors.batch_size,
-        compute=actor_pool(actors.concurrency, actors.max_concurrency, name),
+        compute=actor_pool(actors.concurrency, actors.max_concurrency),
         num_cpus=actors.num_cpus,
         num_gpus=num_gpus,
     )

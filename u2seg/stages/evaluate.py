@@ -123,7 +123,7 @@ def run_pass(
             ChunkScorer,
             fn_constructor_kwargs={"job": pickle.dumps(light), "maps": pickle.dumps(maps)},
             batch_size=1,
-            compute=actor_pool(concurrency, max_concurrency, "evaluate"),
+            compute=actor_pool(concurrency, max_concurrency),
             num_cpus=num_cpus,
         )
         for row in ds.iter_rows():
