@@ -5,39 +5,63 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from u2seg.artifacts import MANIFEST, ArtifactError, ShardWriter, StageDir
+from u2seg.artifacts import MANIFEST, ArtifactError, ShardWriter, StageDir, inputs_digest
 
 ERRORS = pa.schema([("image_id", pa.int64()), ("reason", pa.string())])
 
 
 def _rows(shard: int, ids: list[int]) -> pa.Table:
-    return pa.table({"image_id": ids, "shard": [shard] * len(ids)})
+    return pa.table({"image_id": ids, "shard": [shard] * len(ids), "order": ids})
 
 
-def test_start_refuses_another_config(tmp_path: Path) -> None:
+def test_start_refuses_another_config_once_a_shard_exists(tmp_path: Path) -> None:
     stage = StageDir(str(tmp_path), "features")
     stage.start({"all": 1}, {"backbone": {"name": "a"}, "size": (1, 2)})
-    # The same dependencies (a tuple and a list are equal) reopen the directory.
+    # Nothing complete yet (a failed first start): another config is taken.
     again = StageDir(str(tmp_path), "features")
+    again.start({"all": 2}, {"backbone": {"name": "c"}, "size": [1, 2]})
+    assert again.read_json("config.json")["depends_on"]["backbone"] == {"name": "c"}
     again.start({"all": 2}, {"backbone": {"name": "a"}, "size": [1, 2]})
+    again.write_table("part-00000.parquet", _rows(0, [1]))
+    # The same dependencies (a tuple and a list are equal) reopen the directory.
+    again.start({"all": 3}, {"backbone": {"name": "a"}, "size": (1, 2)})
     with pytest.raises(ArtifactError, match=r"backbone\.name: 'a' -> 'b'"):
         again.start({}, {"backbone": {"name": "b"}, "size": [1, 2]})
 
 
-def test_shard_writer_writes_each_shard_when_whole(tmp_path: Path) -> None:
+def test_shard_writer_writes_each_shard_when_whole_in_plan_order(tmp_path: Path) -> None:
     stage = StageDir(str(tmp_path), "s")
     stage.start({}, {})
-    writer = ShardWriter(stage, {0: 3, 1: 2})
-    assert writer.add(pa.concat_tables([_rows(0, [1, 2])])) == 0
+    writer = ShardWriter(stage, {0: 3, 1: 2}, {0: "d0", 1: "d1"})
+    assert writer.add(pa.concat_tables([_rows(0, [3, 1])])) == 0
     assert stage.complete_shards() == set()
-    # One batch that finishes shard 0 and starts shard 1.
-    assert writer.add(pa.concat_tables([_rows(0, [3]), _rows(1, [4])])) == 1
+    # One batch that finishes shard 0 and starts shard 1 (results arrive in any order).
+    assert writer.add(pa.concat_tables([_rows(1, [5]), _rows(0, [2])])) == 1
     assert stage.complete_shards() == {0}
     assert writer.incomplete == [1]
-    assert writer.add(_rows(1, [5])) == 1
+    assert writer.add(_rows(1, [4])) == 1
     assert writer.incomplete == []
     assert stage.read_table("part-00000.parquet").column("image_id").to_pylist() == [1, 2, 3]
-    assert "shard" not in stage.read_table("part-00001.parquet").column_names
+    assert stage.read_table("part-00001.parquet").column_names == ["image_id"]
+    assert (stage.shard_inputs(0), stage.shard_inputs(1)) == ("d0", "d1")
+
+
+def test_only_shards_of_unchanged_inputs_are_reused(tmp_path: Path) -> None:
+    stage = StageDir(str(tmp_path), "s")
+    stage.start({}, {})
+    listing = [[1, "a.jpg"], [2, "b.jpg"], [3, "c.jpg"], [4, "d.jpg"], [5, "e.jpg"]]
+    old = {k: inputs_digest(listing[2 * k : 2 * k + 2]) for k in range(3)}
+    for k in range(3):
+        stage.write_table(StageDir.shard_name(k), _rows(k, [k]), old[k])
+    stage.write_table(StageDir.shard_name(3), _rows(3, [9]))  # no digest: never reused
+    # "aaa.jpg" added first: every shard now holds other images; the listing still has 3.
+    grown = [[0, "aaa.jpg"], *listing]
+    new = {k: inputs_digest(grown[2 * k : 2 * k + 2]) for k in range(3)}
+    assert stage.reusable_shards(new) == set()
+    # The same listing again: shards 0-2 reused, shard 3 (outside the plan) deleted.
+    assert stage.reusable_shards(old) == {0, 1, 2}
+    assert stage.complete_shards() == {0, 1, 2}
+    assert inputs_digest([[1, "a.jpg"]]) != inputs_digest([[1, "b.jpg"]])
 
 
 def test_temporary_files_are_not_shards_and_manifest_marks_done(tmp_path: Path) -> None:

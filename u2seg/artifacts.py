@@ -10,6 +10,7 @@ Paths may be local or fsspec URLs (s3://bucket/runs/x).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -31,6 +32,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 ERRORS = "errors.parquet"
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+INPUTS_KEY = b"u2seg.inputs"
 
 
 class ArtifactError(RuntimeError):
@@ -114,7 +116,13 @@ class StageDir:
             fh.write(b"}")
         return counts
 
-    def write_table(self, name: str, table: pa.Table) -> None:
+    def write_table(self, name: str, table: pa.Table, inputs: str | None = None) -> None:
+        """A Parquet file; `inputs`, for a shard: the digest of the inputs it was made from
+        (`inputs_digest`), kept in the file's metadata for `shard_inputs`."""
+        if inputs is not None:
+            table = table.replace_schema_metadata(
+                {**(table.schema.metadata or {}), INPUTS_KEY: inputs.encode()}
+            )
         sink = io.BytesIO()
         pq.write_table(table, sink)
         self.write_bytes(name, sink.getvalue())
@@ -144,10 +152,13 @@ class StageDir:
         """Create the directory, or reopen it if it was made with the same `depends_on`.
 
         `depends_on`: the config sections that change this stage's output. A different
-        value there is refused rather than mixed into the existing shards.
+        value there is refused rather than mixed into the existing shards (a directory with
+        no complete shard yet takes the new config).
         """
         depends_on = _normalise(depends_on)
-        if self.exists(CONFIG):
+        # A directory without a complete shard holds nothing to protect: a failed or killed
+        # first start (a typo in the config, say) does not block the corrected run.
+        if self.exists(CONFIG) and self.complete_shards():
             stored = self.read_json(CONFIG)
             diffs = _differences(stored.get("depends_on"), depends_on)
             if diffs:
@@ -176,6 +187,30 @@ class StageDir:
             return set()
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
         return {int(m.group(1)) for n in names if (m := _SHARD_RE.match(n))}
+
+    def shard_inputs(self, index: int) -> str | None:
+        """The inputs digest a shard was written with (None for a shard without one)."""
+        with self.fs.open(self.file(self.shard_name(index)), "rb") as fh:
+            metadata = pq.read_schema(fh).metadata or {}
+        value = metadata.get(INPUTS_KEY)
+        return value.decode() if value is not None else None
+
+    def reusable_shards(self, digests: dict[int, str]) -> set[int]:
+        """The complete shards made from the inputs the plan now gives them (`digests`:
+        shard index -> `inputs_digest` of its inputs). Complete shards outside the plan
+        (the listing shrank) are deleted, so no reader picks them up."""
+        reusable = set()
+        for index in sorted(self.complete_shards()):
+            if index not in digests:
+                self.fs.rm(self.file(self.shard_name(index)))
+            elif self.shard_inputs(index) == digests[index]:
+                reusable.add(index)
+        return reusable
+
+    def remove_shards(self) -> None:
+        """Delete every shard (a stage whose inputs all failed keeps nothing)."""
+        for name in self.shard_names():
+            self.fs.rm(self.file(name))
 
     def shard_names(self) -> list[str]:
         return [self.shard_name(i) for i in sorted(self.complete_shards())]
@@ -242,13 +277,17 @@ def _first(table: pa.Table, n: int) -> list[dict[str, Any]]:
 class ShardWriter:
     """Collects result rows by shard and writes each shard once all its rows have arrived.
 
-    `expected`: rows per shard index. Rows must carry a `shard` column; it is dropped on
-    write. With Ray Data's ordered execution, only one or two shards are pending at a time.
+    `expected`: rows per shard index. Rows carry a `shard` column and an `order` column
+    (their position in the plan); a shard's rows are written sorted by `order`, so the file
+    does not depend on the order results arrived in, and both columns are dropped.
+    `digests`: shard index -> `inputs_digest` of its inputs, stored in the file. Only the
+    shards with rows in flight are held.
     """
 
-    def __init__(self, stage: StageDir, expected: dict[int, int]) -> None:
+    def __init__(self, stage: StageDir, expected: dict[int, int], digests: dict[int, str]) -> None:
         self.stage = stage
         self.expected = dict(expected)
+        self.digests = digests
         self.pending: dict[int, list[pa.Table]] = {}
         self.received: dict[int, int] = {}
 
@@ -257,12 +296,15 @@ class ShardWriter:
         shards = table.column("shard").to_numpy()
         written = 0
         for shard in sorted(set(shards.tolist())):
-            part = table.filter(pa.array(shards == shard)).drop_columns(["shard"])
+            part = table.filter(pa.array(shards == shard))
             self.pending.setdefault(shard, []).append(part)
             self.received[shard] = self.received.get(shard, 0) + part.num_rows
             if self.received[shard] == self.expected[shard]:
+                rows = pa.concat_tables(self.pending.pop(shard)).sort_by("order")
                 self.stage.write_table(
-                    StageDir.shard_name(shard), pa.concat_tables(self.pending.pop(shard))
+                    StageDir.shard_name(shard),
+                    rows.drop_columns(["shard", "order"]),
+                    self.digests[shard],
                 )
                 written += 1
         return written
@@ -270,3 +312,12 @@ class ShardWriter:
     @property
     def incomplete(self) -> list[int]:
         return sorted(s for s, n in self.expected.items() if self.received.get(s, 0) != n)
+
+
+def inputs_digest(rows: Iterable[Iterable[Any]]) -> str:
+    """A digest of what a shard is made from: its input rows (e.g. image id and file name)
+    in order. A shard is reused on resume only if its digest is unchanged."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(list(row), separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()[:32]

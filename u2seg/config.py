@@ -59,7 +59,9 @@ class DataConfig:
     `source`: a folder (searched recursively), a COCO instances JSON (its image list), or a
     text file with one path per line; local paths or fsspec URLs (s3://, gs://, ...).
     `root`: where `file_name`s of a COCO JSON or relative lines of a list resolve; defaults
-    to the folder of the JSON / list. `max_pixels` rejects decompression bombs.
+    to the folder of the JSON / list. `max_pixels` rejects decompression bombs. A stage
+    stops with the reason once its first `fail_after` images have all failed, and fails
+    when every image does (nothing is kept: the corrected re-run starts afresh).
     """
 
     source: str = ""
@@ -67,6 +69,7 @@ class DataConfig:
     max_pixels: int = at_least(1, 50_000_000)
     shard_size: int = at_least(1, 256)
     read_num_cpus: float = above(0, 0.5)
+    fail_after: int = at_least(1, 100)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from tests.helpers import save_photo, write_bad_files
 from u2seg.artifacts import MANIFEST, ArtifactError, StageDir
+from u2seg.cli import main
 from u2seg.config import PipelineConfig, load_config
 from u2seg.models.vit import input_size
+from u2seg.stages._image_loop import StageFailed
 from u2seg.stages.features import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -105,9 +108,35 @@ def test_other_config_is_refused(
 ) -> None:
     folder, _ = images
     out = tmp_path / "run"
-    StageDir(str(out), "features").start({}, {"data": {}, "backbone": {}, "features": {}})
+    stage = StageDir(str(out), "features")
+    stage.start({}, {"data": {}, "backbone": {}, "features": {}})
+    stage.write_table(stage.shard_name(0), pa.table({"image_id": [1]}))
     with pytest.raises(ArtifactError, match="another config"):
         run(_config(folder, out, weights_cache, "features.image_size=112"))
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ("data.source={missing}", "not found|does not exist|no such"),
+        ("features.image_size=5", "smaller than a patch"),
+        ("backbone.name=resnet50", "resnet50"),
+    ],
+)
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(
+    local_ray: None,
+    images: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    weights_cache: Path,
+    mistake: str,
+    message: str,
+) -> None:
+    folder, _ = images
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(_config(folder, out, weights_cache, mistake.format(missing=tmp_path / "nope")))
+    assert not (out / "features" / "config.json").exists()
+    assert run(_config(folder, out, weights_cache))["counts"]["images"] == 10
 
 
 def test_input_size_rounds_down_to_patch_grid() -> None:
@@ -117,3 +146,33 @@ def test_input_size_rounds_down_to_patch_grid() -> None:
         input_size(10, "dinov2_vits14")
     with pytest.raises(ValueError, match="dino_vitb8"):
         input_size(480, "vit_huge")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ((), r"all 10 images failed, 7 x too many pixels \(e\.g\. too many pixels: 2000x2000"),
+        (("data.fail_after=2",), r"the first \d+ inputs all failed, \d+ x too many pixels"),
+    ],
+)
+def test_a_stage_whose_images_all_fail_stops_and_keeps_nothing(
+    local_ray: None,
+    images: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    weights_cache: Path,
+    extra: tuple[str, ...],
+    message: str,
+) -> None:
+    folder, _ = images
+    out = tmp_path / "run"
+    with pytest.raises(StageFailed, match=message):
+        run(_config(folder, out, weights_cache, "data.max_pixels=1", *extra))
+    assert not list((out / "features").glob("part-*.parquet"))
+    assert not (out / "features" / MANIFEST).exists()
+    # The command says why and exits non-zero.
+    overrides = [f"data.source={folder}", "data.max_pixels=1", f"output={out}"]
+    assert main(["features", "backbone.weights=packaged", "backbone.name=dinov2_vits14",
+                 f"backbone.cache_dir={weights_cache}", "features.image_size=56",
+                 *overrides]) == 2  # fmt: skip
+    # The corrected run is not refused as "another config".
+    assert run(_config(folder, out, weights_cache))["counts"]["ok"] == 6

@@ -9,6 +9,7 @@ missing; failed images travel as rows with an `error` and end in the stage's err
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from u2seg.artifacts import ShardWriter, StageDir
+from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, to_dict
 from u2seg.data.images import SquareImages, list_images, ref_blocks
 from u2seg.models.vit import ViTBackbone, input_size, load_backbone
@@ -42,13 +43,31 @@ class BackboneActor:
 
 
 def plan_shards(refs: pa.Table, shard_size: int) -> pa.Table:
-    """Add a `shard` column: consecutive runs of `shard_size` images in listing order."""
-    shard = np.arange(refs.num_rows, dtype=np.int64) // shard_size
-    return refs.append_column("shard", pa.array(shard))
+    """Add `order` (position in the listing) and `shard` columns: consecutive runs of
+    `shard_size` images in listing order."""
+    order = np.arange(refs.num_rows, dtype=np.int64)
+    refs = refs.append_column("order", pa.array(order))
+    return refs.append_column("shard", pa.array(order // shard_size))
+
+
+def shard_digests(plan: pa.Table) -> dict[int, str]:
+    """Shard index -> digest of its images (ids and file names, in order): a shard on disk
+    is reused only while the listing still gives it the same images."""
+    shards = plan.column("shard").to_numpy()
+    ids = plan.column("image_id").to_pylist()
+    names = plan.column("file_name").to_pylist()
+    bounds = np.flatnonzero(np.diff(shards)) + 1
+    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(shards)]])
+    return {
+        int(shards[a]): inputs_digest(zip(ids[a:b], names[a:b], strict=True))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+        if b > a
+    }
 
 
 def base_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
-    """The columns every per-image shard starts with (and `shard`, dropped on write)."""
+    """The columns every per-image shard starts with (and `shard`, `order`, dropped on
+    write)."""
     errors = batch["error"].astype(str)
     return {
         "image_id": pa.array(batch["image_id"], pa.int64()),
@@ -57,6 +76,7 @@ def base_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
         "height": pa.array(batch["height"], pa.int32()),
         "error": pa.array([e or None for e in errors], pa.string()),
         "shard": pa.array(batch["shard"], pa.int64()),
+        "order": pa.array(batch["order"], pa.int64()),
     }
 
 
@@ -79,15 +99,26 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
     Returns the stage directory (not yet finished: the caller writes its extra outputs and
     then the manifest) and the counts, errors and timing for the manifest.
     """
-    stage = StageDir(cfg.output_dir, spec.name)
-    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in spec.depends_on})
+    # Inputs are checked before anything is written, so a mistake leaves nothing behind.
     size = input_size(spec.image_size, cfg.backbone.name)
     refs = plan_shards(list_images(cfg.data.source, cfg.data.root), cfg.data.shard_size)
+    stage = StageDir(cfg.output_dir, spec.name)
+    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in spec.depends_on})
     shards = refs.column("shard").to_numpy()
-    done = stage.complete_shards()
+    digests = shard_digests(refs)
+    done = stage.reusable_shards(digests)
     todo = refs.filter(pa.array(~np.isin(shards, list(done))))
-    timing = _process(cfg, spec, stage, todo, size) if todo.num_rows else {}
-    errors = stage.error_rows(["image_id", "file_name"])
+    try:
+        timing = _process(cfg, spec, stage, todo, size, digests) if todo.num_rows else {}
+        errors = stage.error_rows(["image_id", "file_name"])
+        if errors.num_rows == refs.num_rows:
+            raise StageFailed(
+                f"{spec.name}: all {refs.num_rows} images failed, "
+                f"{failure_summary(errors.column('reason').to_pylist())}"
+            )
+    except StageFailed:
+        stage.remove_shards()  # nothing usable: the corrected re-run starts afresh
+        raise
     counts = {
         "images": refs.num_rows,
         "ok": refs.num_rows - errors.num_rows,
@@ -99,14 +130,20 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
 
 
 def _process(
-    cfg: PipelineConfig, spec: ImageStage, stage: StageDir, todo: pa.Table, size: int
+    cfg: PipelineConfig,
+    spec: ImageStage,
+    stage: StageDir,
+    todo: pa.Table,
+    size: int,
+    digests: dict[int, str],
 ) -> dict[str, float]:
     """The Ray Data pipeline over `todo`; returns its wall time and images/s (actor start-up
     and model loading included)."""
     import ray.data
 
     shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
-    writer = ShardWriter(stage, {int(k): int(v) for k, v in zip(shards, sizes, strict=True)})
+    expected = {int(k): int(v) for k, v in zip(shards, sizes, strict=True)}
+    writer = ShardWriter(stage, expected, digests)
     with ray_session(cfg.ray):
         workers = spec.actors.max_concurrency or spec.actors.concurrency
         refs: ray.data.Dataset = ray.data.from_arrow(
@@ -118,7 +155,7 @@ def _process(
             num_cpus=cfg.data.read_num_cpus,
         )
         ds = backbone_pool(ds, cfg, spec.actors, spec.actor, spec.actor_kwargs, spec.name)
-        seconds = drain(ds, writer, spec.to_rows, todo.num_rows, spec.name)
+        seconds = drain(ds, writer, spec.to_rows, todo.num_rows, spec.name, cfg.data.fail_after)
     return {"seconds": seconds, "images_per_s": todo.num_rows / seconds}
 
 
@@ -149,14 +186,44 @@ def backbone_pool(
     )
 
 
-def drain(ds: Any, writer: ShardWriter, to_rows: RowsFn, total: int, desc: str) -> float:
+class StageFailed(ValueError):
+    """A stage whose inputs all fail: nothing is kept, the reason is named."""
+
+
+def failure_summary(reasons: list[str]) -> str:
+    """'N x reason' for the most common reason of failed rows."""
+    reason, count = Counter(r.split(": ")[0] for r in reasons).most_common(1)[0]
+    example = next(r for r in reasons if r.startswith(reason))
+    return f"{count} x {reason} (e.g. {example})"
+
+
+def drain(
+    ds: Any, writer: ShardWriter, to_rows: RowsFn, total: int, desc: str, fail_after: int
+) -> float:
     """Pull every result batch of `ds` into `writer` with a progress bar over `total` rows;
-    returns the seconds it took. An error if a shard did not receive all its rows."""
+    returns the seconds it took. An error if a shard did not receive all its rows, and a
+    `StageFailed` as soon as the first `fail_after` rows have all failed (a wrong source or
+    setting: the remaining rows would fail the same way)."""
+    # Results are taken as they complete, not in input order: with order kept, Ray Data
+    # holds back the batches of an actor pool with a fused read step until the end, so a
+    # killed stage would have written nothing. Shards are sorted on write (ShardWriter).
+    ds.context.execution_options.preserve_order = False
     start = time.perf_counter()
     with tqdm(total=total, desc=desc, unit="row") as bar:
+        ok, reasons = 0, []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            writer.add(to_rows(batch))
-            bar.update(len(batch["image_id"]))
+            rows = to_rows(batch)
+            writer.add(rows)
+            bar.update(rows.num_rows)
+            errors = rows.column("error").to_pylist()
+            ok += sum(e is None for e in errors)
+            if not ok:
+                reasons += [e for e in errors if e is not None]
+                if len(reasons) >= fail_after:
+                    raise StageFailed(
+                        f"{desc}: the first {len(reasons)} inputs all failed, "
+                        f"{failure_summary(reasons)}; stopped (data.fail_after={fail_after})"
+                    )
     if writer.incomplete:
         raise RuntimeError(f"{desc}: shards {writer.incomplete[:10]} did not complete")
     return time.perf_counter() - start

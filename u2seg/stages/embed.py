@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from u2seg.artifacts import ShardWriter, StageDir, read_parquet
+from u2seg.artifacts import ShardWriter, StageDir, inputs_digest, read_parquet
 from u2seg.config import PipelineConfig, to_dict
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.images import ImageError, read_image
@@ -155,13 +155,15 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
             "error": pa.array([e or None for e in errors], pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid)),
             "shard": pa.array(batch["shard"], pa.int64()),
+            "order": pa.array(batch["annotation_id"], pa.int64()),
         }
     )
 
 
 def shard_plan(maskcut: StageDir) -> pa.Table:
-    """Per maskcut shard: its index, file, masks and the annotation id of its first mask
-    (ids run 1..M over the shards in order, as in `maskcut/instances.json`)."""
+    """Per maskcut shard: its index, file, masks, the annotation id of its first mask (ids
+    run 1..M over the shards in order, as in `maskcut/instances.json`) and the digest of
+    these inputs, which a mirrored shard of a later stage is reused under."""
     names = maskcut.shard_names()
     masks = []
     for name in names:
@@ -169,12 +171,19 @@ def shard_plan(maskcut: StageDir) -> pa.Table:
         ok = table.filter(pc.is_null(table.column("error")))
         masks.append(int(pc.sum(ok.column("num_masks")).as_py() or 0))
     first = 1 + np.concatenate([[0], np.cumsum(masks)[:-1]]).astype(np.int64)
+    shards = [int(n[5:10]) for n in names]
     return pa.table(
         {
-            "shard": [int(n[5:10]) for n in names],
+            "shard": shards,
             "file": [maskcut.fs.unstrip_protocol(maskcut.file(n)) for n in names],
             "masks": masks,
             "first_id": first,
+            # What a shard of a later stage is made from: this maskcut shard (its images)
+            # and the annotation ids its masks get.
+            "inputs": [
+                inputs_digest([[maskcut.shard_inputs(k), int(m), int(f)]])
+                for k, m, f in zip(shards, masks, first.tolist(), strict=True)
+            ],
         }
     )
 
@@ -189,13 +198,17 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     depends = ("data", "backbone", "maskcut", "embed")
     stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in depends})
     plan = shard_plan(maskcut)
-    done = stage.complete_shards()
+    digests = dict(
+        zip(plan.column("shard").to_pylist(), plan.column("inputs").to_pylist(), strict=True)
+    )
+    done = stage.reusable_shards(digests)
     todo = plan.filter(pa.array(~np.isin(plan.column("shard").to_numpy(), list(done))))
-    empty = to_shard_rows(_no_rows(BACKBONES[cfg.backbone.name].embed_dim)).drop_columns("shard")
+    empty = to_shard_rows(_no_rows(BACKBONES[cfg.backbone.name].embed_dim))
+    empty = empty.drop_columns(["shard", "order"])
     for row in todo.filter(pc.equal(todo.column("masks"), 0)).to_pylist():
-        stage.write_table(stage.shard_name(row["shard"]), empty)
+        stage.write_table(stage.shard_name(row["shard"]), empty, row["inputs"])
     todo = todo.filter(pc.greater(todo.column("masks"), 0))
-    timing = _embed(cfg, stage, todo) if todo.num_rows else {}
+    timing = _embed(cfg, stage, todo, digests) if todo.num_rows else {}
     errors = stage.error_rows(["image_id", "annotation_id"])
     masks = int(pc.sum(plan.column("masks")).as_py() or 0)
     counts = {
@@ -220,14 +233,16 @@ def _no_rows(dim: int) -> dict[str, np.ndarray]:
     }
 
 
-def _embed(cfg: PipelineConfig, stage: StageDir, todo: pa.Table) -> dict[str, float]:
+def _embed(
+    cfg: PipelineConfig, stage: StageDir, todo: pa.Table, digests: dict[int, str]
+) -> dict[str, float]:
     import ray.data
 
     size = input_size(cfg.embed.image_size, cfg.backbone.name)
     shards_masks = zip(
         todo.column("shard").to_pylist(), todo.column("masks").to_pylist(), strict=True
     )
-    writer = ShardWriter(stage, dict(shards_masks))
+    writer = ShardWriter(stage, dict(shards_masks), digests)
     with ray_session(cfg.ray):
         one_per_block = [todo.slice(i, 1) for i in range(todo.num_rows)]
         shards: ray.data.Dataset = ray.data.from_arrow(one_per_block)
@@ -239,5 +254,5 @@ def _embed(cfg: PipelineConfig, stage: StageDir, todo: pa.Table) -> dict[str, fl
         )
         ds = backbone_pool(crops, cfg, cfg.embed, CropEmbedder, {}, "embed")
         total = int(pc.sum(todo.column("masks")).as_py() or 0)
-        seconds = drain(ds, writer, to_shard_rows, total, STAGE)
+        seconds = drain(ds, writer, to_shard_rows, total, STAGE, cfg.data.fail_after)
     return {"seconds": seconds, "masks_per_s": total / seconds}

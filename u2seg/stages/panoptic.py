@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from u2seg.artifacts import StageDir, png_bytes, read_parquet
+from u2seg.artifacts import StageDir, inputs_digest, png_bytes, read_parquet
 from u2seg.config import PipelineConfig, to_dict
 from u2seg.data.coco import (
     id_to_rgb,
@@ -192,7 +192,20 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         assigned.column("annotation_id").to_numpy(),
         assigned.column("category_id").to_numpy(),
     )
-    done = stage.complete_shards()
+    # A shard is made from its maskcut shard, its semantic shard and its masks' classes.
+    classes_of = {}
+    for r in plan.to_pylist():
+        inside = (ids >= r["first_id"]) & (ids < r["first_id"] + r["masks"])
+        classes_of[r["shard"]] = dict(
+            zip(ids[inside].tolist(), categories[inside].tolist(), strict=True)
+        )
+    digests = {
+        r["shard"]: inputs_digest(
+            [[r["inputs"], semantic.shard_inputs(r["shard"])], *classes_of[r["shard"]].items()]
+        )
+        for r in plan.to_pylist()
+    }
+    done = stage.reusable_shards(digests)
     merge_cfg = {
         "k": cfg.cluster.k,
         "s": cfg.semantic.num_classes,
@@ -205,8 +218,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             task = ray.remote(num_cpus=cfg.data.read_num_cpus)(merge_shard)
             pending = {}
             for r in todo:
-                inside = (ids >= r["first_id"]) & (ids < r["first_id"] + r["masks"])
-                classes = dict(zip(ids[inside].tolist(), categories[inside].tolist(), strict=True))
+                classes = classes_of[r["shard"]]
                 semantic_file = semantic.fs.unstrip_protocol(
                     semantic.file(stage.shard_name(r["shard"]))
                 )
@@ -217,7 +229,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             while pending:
                 ready, _ = ray.wait(list(pending))
                 shard = pending.pop(ready[0])
-                stage.write_table(stage.shard_name(shard), ray.get(ready[0]))
+                stage.write_table(stage.shard_name(shard), ray.get(ready[0]), digests[shard])
     counts = write_outputs(stage, cfg.cluster.k, cfg.semantic.num_classes)
     rows = sum(stage.read_table(n, ["image_id"]).num_rows for n in stage.shard_names())
     counts = {**counts, "dropped_images": rows - counts["images"], "resumed_shards": len(done)}
