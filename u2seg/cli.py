@@ -14,7 +14,7 @@ from typing import Any
 
 from u2seg.artifacts import ArtifactError
 from u2seg.config import ConfigError, PipelineConfig, load_config
-from u2seg.runtime import quiet_ray_stderr
+from u2seg.runtime import local_ray_address, quiet_ray_stderr
 
 StageFn = Callable[[PipelineConfig], dict[str, Any]]
 
@@ -245,6 +245,7 @@ def _command(args: argparse.Namespace) -> None:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
+    local_ray_address(cfg.ray)
     from u2seg.stages import visualize
 
     if args.command == "visualize":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -27,8 +28,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Watches the driver that started a local Ray and, once the driver is gone (killed, say),
+# kills the processes it had started. Ray's raylet and GCS die with the driver, but the
+# agents the raylet starts (dashboard agent, runtime-env agent) outlive a SIGKILLed one.
+_WATCHDOG = """
+import os, sys, time
+import psutil
+driver, me, seen = psutil.Process(int(sys.argv[1])), os.getpid(), {}
+while True:
+    try:
+        if driver.status() == psutil.STATUS_ZOMBIE:
+            break
+        seen.update((p.pid, p) for p in driver.children(recursive=True) if p.pid != me)
+    except psutil.NoSuchProcess:
+        break
+    time.sleep(0.5)
+for process in seen.values():
+    try:
+        if process.is_running():
+            process.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _start_watchdog() -> subprocess.Popen[bytes]:
+    """A process that kills this driver's Ray processes if the driver dies without
+    shutting Ray down (stopped when the session ends normally)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _drop_token_banner(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
+def local_ray_address(cfg: RayConfig) -> str | None:
+    """The Ray to join (`cfg.address` or RAY_ADDRESS), or None for a local one. For a local
+    Ray, makes it bind to 127.0.0.1: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray uses
+    the machine's external address, and Ray reads it once, when first imported, so the
+    command calls this before any stage imports Ray."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return address
 
 
 @contextmanager
@@ -37,17 +84,16 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
 
     A local Ray binds to 127.0.0.1 and is shut down on exit; a joined one is left running.
     """
+    address = local_ray_address(cfg)
     import ray
     import ray.data
 
     started = False
+    watchdog: subprocess.Popen[bytes] | None = None
     if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:
-            # Without this Ray replaces 127.0.0.1 with the machine's external address.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             # Ray turns token auth on for a new local cluster and says so on every start; the
             # cluster is this process's own, on 127.0.0.1, so the banner is dropped (token
             # auth stays on).
@@ -61,6 +107,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
                 log_to_driver=False,
                 configure_logging=False,
             )
+            watchdog = _start_watchdog()
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
@@ -69,13 +116,17 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         # warning that its own bars are off, are noise.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    # Results reach the driver in input order, so it holds at most a shard or two.
+    # Results in input order: the evaluation merges its chunks in that order. The per-image
+    # stages take theirs as they complete instead (`_image_loop.drain`).
     ctx.execution_options.preserve_order = True
     try:
         yield
     finally:
         if started:
             ray.shutdown()
+        if watchdog is not None:
+            watchdog.terminate()
+            watchdog.wait()
 
 
 def cluster_has_gpus() -> bool:

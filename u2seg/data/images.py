@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -184,15 +183,3 @@ class SquareImages:
             "image": pixels,
             "error": errors,
         }
-
-
-def ref_blocks(refs: pa.Table, batch_size: int, workers: int) -> Iterator[pa.Table]:
-    """Slices of the reference table, one Ray Data block each.
-
-    About four blocks per worker keep every worker busy to the end; blocks are whole batches
-    (no ragged batch per block) and at most 1024 rows (a million images is ~1000 blocks).
-    """
-    per_worker = -(-refs.num_rows // (4 * max(1, workers)))
-    rows_per_block = min(1024, max(batch_size, -(-per_worker // batch_size) * batch_size))
-    for start in range(0, refs.num_rows, rows_per_block):
-        yield refs.slice(start, rows_per_block)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, to_dict
-from u2seg.data.images import SquareImages, list_images, ref_blocks
+from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import ViTBackbone, input_size, load_backbone
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
 
@@ -145,13 +145,16 @@ def _process(
     expected = {int(k): int(v) for k, v in zip(shards, sizes, strict=True)}
     writer = ShardWriter(stage, expected, digests)
     with ray_session(cfg.ray):
-        workers = spec.actors.max_concurrency or spec.actors.concurrency
+        # One batch per block and per read task: a task's results reach the driver when the
+        # task ends, so batch-sized tasks stream results (and shards) as images complete;
+        # larger blocks would hold everything back until a worker's whole share is done.
+        batch = spec.actors.batch_size
         refs: ray.data.Dataset = ray.data.from_arrow(
-            list(ref_blocks(todo, spec.actors.batch_size, workers))
+            [todo.slice(i, batch) for i in range(0, todo.num_rows, batch)]
         )
         ds = refs.map_batches(
             SquareImages(size, cfg.data.max_pixels),
-            batch_size=8,
+            batch_size=batch,
             num_cpus=cfg.data.read_num_cpus,
         )
         ds = backbone_pool(ds, cfg, spec.actors, spec.actor, spec.actor_kwargs, spec.name)
@@ -204,9 +207,8 @@ def drain(
     returns the seconds it took. An error if a shard did not receive all its rows, and a
     `StageFailed` as soon as the first `fail_after` rows have all failed (a wrong source or
     setting: the remaining rows would fail the same way)."""
-    # Results are taken as they complete, not in input order: with order kept, Ray Data
-    # holds back the batches of an actor pool with a fused read step until the end, so a
-    # killed stage would have written nothing. Shards are sorted on write (ShardWriter).
+    # Results are taken as they complete, not in input order, so one slow batch does not
+    # hold back the shards behind it; shards are sorted on write (ShardWriter).
     ds.context.execution_options.preserve_order = False
     start = time.perf_counter()
     with tqdm(total=total, desc=desc, unit="row") as bar:
