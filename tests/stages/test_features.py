@@ -176,3 +176,33 @@ def test_a_stage_whose_images_all_fail_stops_and_keeps_nothing(
                  *overrides]) == 2  # fmt: skip
     # The corrected run is not refused as "another config".
     assert run(_config(folder, out, weights_cache))["counts"]["ok"] == 6
+
+
+def test_resume_redoes_the_shards_whose_images_changed(
+    local_ray: None, tmp_path: Path, weights_cache: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        save_photo(folder / f"img{i}.jpg", (48, 40), seed=i)
+    out = tmp_path / "run"
+    assert run(_config(folder, out, weights_cache, "data.shard_size=2"))["counts"]["shards"] == 2
+    stage = StageDir(str(out), "features")
+    before = {p.name: p.read_bytes() for p in (out / "features").glob("part-*.parquet")}
+    # A new photo sorts first: every shard of the listing now holds other images.
+    save_photo(folder / "aaa.jpg", (48, 40), seed=9)
+    manifest = run(_config(folder, out, weights_cache, "data.shard_size=2"))
+    assert manifest["counts"]["resumed_shards"] == 0
+    names = [r["file_name"] for n in stage.shard_names() for r in stage.read_table(n).to_pylist()]
+    assert names == ["aaa.jpg", "img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
+    # Removing it again gives back the first listing: the rewritten shards match the first.
+    (folder / "aaa.jpg").unlink()
+    manifest = run(_config(folder, out, weights_cache, "data.shard_size=2"))
+    assert manifest["counts"]["shards"] == 2
+    after = {p.name: p.read_bytes() for p in (out / "features").glob("part-*.parquet")}
+    assert after.keys() == before.keys()  # the third shard of the longer listing is gone
+    # Unchanged listing, nothing to redo.
+    assert (
+        run(_config(folder, out, weights_cache, "data.shard_size=2"))["counts"]["resumed_shards"]
+        == 2
+    )
