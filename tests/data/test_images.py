@@ -137,3 +137,43 @@ def test_square_images_keeps_good_rows_and_records_bad(tmp_path: Path) -> None:
 def test_resize_square_ignores_aspect() -> None:
     image = np.zeros((30, 70, 3), dtype=np.uint8)
     assert resize_square(image, 14).shape == (14, 14, 3)
+
+
+def test_text_list_strips_before_honouring_comments(folder: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        "   # an indented comment\n"
+        f"  {folder / 'a.jpg'}  # a note after the path\n"
+        "\n"
+        f"{folder / 'sub' / 'b.png'}\t\n"
+    )
+    refs = list_images(str(listing)).to_pylist()
+    assert [r["path"] for r in refs] == [str(folder / "a.jpg"), str(folder / "sub" / "b.png")]
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], r"image ids \[1\]"),
+        ([{"file_name": "a.jpg"}], r"images\[0\] needs an 'id'"),
+        ({"1": {"id": 1, "file_name": "a.jpg"}}, "'images' must be a list, got dict"),
+    ],
+)
+def test_coco_image_lists_that_cannot_be_used_are_named(
+    tmp_path: Path, images: object, message: str
+) -> None:
+    source = tmp_path / "instances.json"
+    source.write_text(json.dumps({"images": images}))
+    with pytest.raises(SourceError, match=message):
+        list_images(str(source))
+
+
+def test_16_bit_grey_png_is_scaled_to_8_bits(tmp_path: Path) -> None:
+    ramp = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0..64491
+    path = tmp_path / "depth.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    rgb = read_image(str(path), 10_000_000)
+    assert rgb.dtype == np.uint8 and rgb.shape == (48, 64, 3)
+    np.testing.assert_array_equal(rgb[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert (rgb[..., 0] == rgb[..., 2]).all() and rgb.std() > 50  # not a white frame

@@ -256,3 +256,12 @@ def test_a_used_category_0_is_refused_by_name(tmp_path: Path) -> None:
     gt_json.write_text(json.dumps(data))
     with pytest.raises(GroundTruthError, match="category 0 \\('_background_'\\) is used"):
         load_coco(str(gt_json))
+
+
+def test_ground_truth_with_repeated_image_ids_is_refused(tmp_path: Path) -> None:
+    gt_json = _labelme_export(tmp_path / "export")
+    data = json.loads(gt_json.read_text())
+    data["images"][1]["id"] = data["images"][0]["id"]  # two photos, one id
+    gt_json.write_text(json.dumps(data))
+    with pytest.raises(GroundTruthError, match=r"image ids \[0\] are used by more than one"):
+        load_coco(str(gt_json))

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -336,9 +337,17 @@ def parse_categories(
 
 
 def _images_of(data: dict[str, Any], url: str) -> list[dict[str, Any]]:
+    """The `images` of a COCO JSON; each needs an id and a file name, ids are unique
+    (pycocotools would merge the annotations of photos sharing one)."""
     images = data.get("images")
     if not isinstance(images, list) or not images:
         raise GroundTruthError(f"{url} lists no images")
+    for k, im in enumerate(images):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise GroundTruthError(f"{url}: images[{k}] needs an 'id' and a 'file_name'")
+    repeated = sorted(i for i, n in Counter(int(im["id"]) for im in images).items() if n > 1)
+    if repeated:
+        raise GroundTruthError(f"{url}: image ids {repeated[:10]} are used by more than one image")
     return images
 
 

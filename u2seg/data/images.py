@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
+from collections import Counter
 
 import fsspec
 import numpy as np
@@ -26,6 +28,8 @@ REF_SCHEMA = pa.schema(
     [("image_id", pa.int64()), ("file_name", pa.string()), ("path", pa.string())]
 )
 
+# A comment after a path: "photo.jpg  # note" (a "#" inside a name is kept).
+_COMMENT = re.compile(r"\s+#")
 
 class SourceError(ValueError):
     """The image source itself (folder, JSON, list) cannot be read."""
@@ -70,14 +74,32 @@ def _list_coco(source: str, root: str) -> pa.Table:
             images = json.load(fh)["images"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SourceError(f"{source} is not a COCO JSON with an 'images' list: {exc}") from None
+    if not isinstance(images, list):
+        raise SourceError(f"{source}: 'images' must be a list, got {type(images).__name__}")
     if not images:
         raise SourceError(f"{source} lists no images")
-    return _refs([int(im["id"]) for im in images], [str(im["file_name"]) for im in images], root)
+    ids, names = [], []
+    for k, im in enumerate(images):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise SourceError(f"{source}: images[{k}] needs an 'id' and a 'file_name': {im!r}")
+        ids.append(int(im["id"]))
+        names.append(str(im["file_name"]))
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        # pycocotools would merge the masks of the photos sharing an id.
+        raise SourceError(f"{source}: image ids {repeated[:10]} are used by more than one image")
+    return _refs(ids, names, root)
 
 
 def _list_text(source: str, root: str) -> pa.Table:
+    """One path per line; blank lines and `#` comments (whole-line or after whitespace)
+    are skipped, surrounding whitespace is not part of a path."""
+    names = []
     with fsspec.open(source, "rt") as fh:
-        names = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        for line in fh:
+            name = _COMMENT.split(line.strip(), maxsplit=1)[0].strip()
+            if name and not name.startswith("#"):
+                names.append(name)
     if not names:
         raise SourceError(f"{source} lists no images")
     return _refs(list(range(1, len(names) + 1)), names, root)
@@ -129,9 +151,24 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
         try:
             image.load()
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            upright = ImageOps.exif_transpose(image)
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"truncated or corrupt image: {exc}") from None
+    if upright.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey
+        return _grey_to_rgb8(np.asarray(upright), upright.mode)
+    if upright.mode == "F":
+        raise ImageError("32-bit float image: not a photo (convert it to 8 or 16 bits)")
+    return np.asarray(upright.convert("RGB"))
+
+
+def _grey_to_rgb8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 (H, W, 3) of a high-bit-depth grey image: the 16-bit range scaled to 8 bits
+    (Pillow's own conversion clips it, so a 16-bit photo would come out white)."""
+    values = pixels.astype(np.int64)
+    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+        raise ImageError(f"{mode} image with values outside 0..65535: not a photo")
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def read_image(path: str, max_pixels: int) -> np.ndarray:
