@@ -96,3 +96,21 @@ def test_sizes_counts_and_fractions_out_of_range_are_refused_by_name(
 def test_optional_limits_accept_none_and_values_inside() -> None:
     cfg = load_config(None, ["maskcut.max_concurrency=4", "maskcut.tau_quantile=0.5"])
     assert cfg.maskcut.max_concurrency == 4 and cfg.features.max_concurrency is None
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("data:\n  source: [x\n", [], r"not valid YAML \(line 3\): did not find expected"),
+        ("maskcut: [1, 2]\n", [], r"bad key 'maskcut': expected a section of keys, got \[1, 2\]"),
+        ("", ["evaluate.predictions=maskcut"], r"'evaluate\.predictions': expected a list: write"),
+        ("", ["maskcut=3"], r"bad key 'maskcut': expected a section of keys, got 3"),
+    ],
+)
+def test_malformed_config_gets_one_line_naming_the_key(
+    tmp_path: Path, text: str, overrides: list[str], message: str
+) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text or "name: x\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)

@@ -8,11 +8,13 @@ defaults are the paper-scale values; `configs/demo.yaml` shrinks them for a 2-co
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -285,9 +287,15 @@ class PipelineConfig:
 
 
 def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ConfigError(f"{origin}: bad key '{key}': {first_line}")
+    key = getattr(exc, "full_key", None)
+    section = re.search(r"is not a subclass of (\w+)Config", first_line)
+    if not key and section:  # a value where a whole section belongs
+        key = section.group(1).lower()
+        first_line = f"expected a section of keys, got {first_line.split(': ')[-1]}"
+    if "is not a ListConfig" in first_line:
+        first_line = "expected a list: write [a, b] (for one item: [a])"
+    return ConfigError(f"{origin}: bad key '{key or '?'}': {first_line}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -301,6 +309,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise _explain(exc, str(path)) from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"{path}: not valid YAML{line}: {problem}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

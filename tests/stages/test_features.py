@@ -119,8 +119,10 @@ def test_other_config_is_refused(
     ("mistake", "message"),
     [
         ("data.source={missing}", "not found|does not exist|no such"),
-        ("features.image_size=5", "smaller than a patch"),
+        ("features.image_size=5", "features.image_size=5 is smaller than a patch"),
         ("backbone.name=resnet50", "resnet50"),
+        ("backbone.weights={missing}.pth", "does not exist"),
+        ("features.batch_size=0", "features.batch_size=0: must be >= 1"),
     ],
 )
 def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(

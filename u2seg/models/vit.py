@@ -97,7 +97,7 @@ _NESTING_KEYS = ("teacher", "model", "state_dict", "student")
 _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(FileNotFoundError):
     """Raised when no weights can be obtained for the requested backbone."""
 
 
@@ -582,32 +582,42 @@ def load_backbone(
         WeightsUnavailableError: the requested weights cannot be obtained;
             the message lists the alternatives.
     """
-    _timm_name(name)  # validate the name before any expensive work
+    path = check_weights(name, weights)
     if weights == "hub":
         model = _hub_model(name)
-    elif weights == "packaged":
-        if name != PACKAGED_BACKBONE:
-            raise ValueError(
-                f"weights='packaged' is only available for {PACKAGED_BACKBONE!r}, not {name!r}; "
-                "use weights='hub' or weights='/path/to/checkpoint.pth'"
-            )
+    elif path is None:  # packaged
         model = _create_model(name, meta=True)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
         _load_state(model, _packaged_state_dict(cache), f"{_PACKAGE} ({packaged_onnx_path()})")
     else:
-        path = _checkpoint_path(weights)
-        if path is None:
-            raise ValueError(
-                f"weights={weights!r} is neither 'packaged', 'hub' nor a checkpoint path "
-                f"({', '.join(_CHECKPOINT_SUFFIXES)})"
-            )
-        if not path.is_file():
-            raise WeightsUnavailableError(
-                f"checkpoint {str(path)!r} does not exist.\n{_options_message(name)}"
-            )
         model = _create_model(name, meta=True)
         _load_state(model, _checkpoint_state_dict(path, model), str(path))
     return ViTBackbone(name, model).to(device)
+
+
+def check_weights(name: str, weights: str) -> Path | None:
+    """The cheap checks of `load_backbone`, without loading anything (a stage runs them in
+    the driver before its workers start): a known name, packaged weights only for the
+    packaged backbone, an existing checkpoint file. Returns the checkpoint path, if any."""
+    _timm_name(name)
+    if weights in ("hub", "packaged"):
+        if weights == "packaged" and name != PACKAGED_BACKBONE:
+            raise ValueError(
+                f"weights='packaged' is only available for {PACKAGED_BACKBONE!r}, not {name!r}; "
+                "use weights='hub' or weights='/path/to/checkpoint.pth'"
+            )
+        return None
+    path = _checkpoint_path(weights)
+    if path is None:
+        raise ValueError(
+            f"weights={weights!r} is neither 'packaged', 'hub' nor a checkpoint path "
+            f"({', '.join(_CHECKPOINT_SUFFIXES)})"
+        )
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"checkpoint {str(path)!r} does not exist.\n{_options_message(name)}"
+        )
+    return path
 
 
 def normalise(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -621,12 +631,13 @@ def normalise(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return (x / 255.0 - mean) / std
 
 
-def input_size(image_size: int, backbone: str) -> int:
-    """The square side actually used: `image_size` rounded down to the backbone's patch."""
+def input_size(image_size: int, backbone: str, key: str = "image_size") -> int:
+    """The square side actually used: `image_size` rounded down to the backbone's patch.
+    `key`: the config key it came from, for the error."""
     if backbone not in BACKBONES:
         raise ValueError(f"backbone.name={backbone!r} is not one of {', '.join(BACKBONES)}")
     patch = BACKBONES[backbone].patch_size
     size = (image_size // patch) * patch
     if size <= 0:
-        raise ValueError(f"image_size={image_size} is smaller than a patch ({patch} px)")
+        raise ValueError(f"{key}={image_size} is smaller than a patch ({patch} px of {backbone})")
     return size

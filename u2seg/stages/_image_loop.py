@@ -22,7 +22,7 @@ from tqdm import tqdm
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, to_dict
 from u2seg.data.images import SquareImages, list_images
-from u2seg.models.vit import ViTBackbone, input_size, load_backbone
+from u2seg.models.vit import ViTBackbone, check_weights, input_size, load_backbone
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
 
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
@@ -100,7 +100,8 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
     then the manifest) and the counts, errors and timing for the manifest.
     """
     # Inputs are checked before anything is written, so a mistake leaves nothing behind.
-    size = input_size(spec.image_size, cfg.backbone.name)
+    size = input_size(spec.image_size, cfg.backbone.name, f"{spec.name}.image_size")
+    check_weights(cfg.backbone.name, cfg.backbone.weights)
     refs = plan_shards(list_images(cfg.data.source, cfg.data.root), cfg.data.shard_size)
     stage = StageDir(cfg.output_dir, spec.name)
     stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in spec.depends_on})

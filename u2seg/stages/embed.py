@@ -21,7 +21,7 @@ from u2seg.artifacts import ShardWriter, StageDir, inputs_digest, read_parquet
 from u2seg.config import PipelineConfig, to_dict
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.images import ImageError, read_image
-from u2seg.models.vit import BACKBONES, IMAGENET_MEAN, input_size, normalise
+from u2seg.models.vit import BACKBONES, IMAGENET_MEAN, check_weights, input_size, normalise
 from u2seg.runtime import ray_session
 from u2seg.stages._image_loop import BackboneActor, backbone_pool, drain
 
@@ -194,6 +194,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         raise ValueError(f"embed.crop={cfg.embed.crop!r} is not one of {', '.join(CROP_RULES)}")
     maskcut = StageDir(cfg.output_dir, "maskcut")
     maskcut.manifest()  # an error naming the stage when maskcut has not completed
+    input_size(cfg.embed.image_size, cfg.backbone.name, "embed.image_size")
+    check_weights(cfg.backbone.name, cfg.backbone.weights)
     stage = StageDir(cfg.output_dir, STAGE)
     depends = ("data", "backbone", "maskcut", "embed")
     stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in depends})
@@ -238,7 +240,7 @@ def _embed(
 ) -> dict[str, float]:
     import ray.data
 
-    size = input_size(cfg.embed.image_size, cfg.backbone.name)
+    size = input_size(cfg.embed.image_size, cfg.backbone.name, "embed.image_size")
     shards_masks = zip(
         todo.column("shard").to_pylist(), todo.column("masks").to_pylist(), strict=True
     )

@@ -161,7 +161,7 @@ def _fit_images(cfg: PipelineConfig, actor: type[BackboneActor], kwargs: dict[st
     refs = plan_shards(list_images(cfg.data.source, cfg.data.root), cfg.data.shard_size)
     stride = max(1, -(-refs.num_rows // sc.fit_images))
     subset = refs.take(pa.array(np.arange(0, refs.num_rows, stride)))
-    size = input_size(sc.image_size, cfg.backbone.name)
+    size = input_size(sc.image_size, cfg.backbone.name, "semantic.image_size")
     blocks = [subset.slice(i, sc.batch_size) for i in range(0, subset.num_rows, sc.batch_size)]
     ds: Any = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
