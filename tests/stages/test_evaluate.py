@@ -18,6 +18,7 @@ from u2seg.cli import main
 from u2seg.config import PipelineConfig, load_config
 from u2seg.data import coco as coco_format
 from u2seg.data.groundtruth import GroundTruthError, load_coco
+from u2seg.data.predictions import PredictionError, load_predictions
 from u2seg.stages import evaluate
 
 
@@ -265,3 +266,51 @@ def test_ground_truth_with_repeated_image_ids_is_refused(tmp_path: Path) -> None
     gt_json.write_text(json.dumps(data))
     with pytest.raises(GroundTruthError, match=r"image ids \[0\] are used by more than one"):
         load_coco(str(gt_json))
+
+
+@pytest.mark.parametrize("form", ["polygons", "boxes"])
+def test_polygon_and_box_only_predictions_are_scored(tmp_path: Path, form: str) -> None:
+    gt_json = _labelme_export(tmp_path / "export")
+    gt = json.loads(gt_json.read_text())
+    detections = []
+    for a in gt["annotations"]:
+        det = {"id": a["id"] + 1, "image_id": a["image_id"], "category_id": 5 + a["category_id"],
+               "bbox": a["bbox"], "score": 0.9}  # fmt: skip
+        if form == "polygons":
+            det["segmentation"] = a["segmentation"]
+        detections.append(det)
+    pred_dir = tmp_path / "detector"
+    pred_dir.mkdir()
+    (pred_dir / "instances.json").write_text(json.dumps({
+        "images": gt["images"], "annotations": detections,
+        "categories": [{"id": 6, "name": "c6"}, {"id": 7, "name": "c7"}],
+    }))  # fmt: skip
+    cfg = load_config(None, [
+        f"output={tmp_path / 'run'}", f"evaluate.predictions=[{pred_dir}]",
+        "evaluate.gt_format=coco", f"evaluate.gt_instances={gt_json}",
+    ])  # fmt: skip
+    with pytest.warns(UserWarning, match="_background_"):
+        evaluate.run(cfg)
+    metrics = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())
+    scores = metrics["predictions"]["detector"]
+    assert scores["instance"]["bbox"]["AP"] == pytest.approx(100.0)
+    assert scores["class_agnostic"]["bbox"]["AP"] == pytest.approx(100.0)
+    if form == "polygons":
+        assert scores["instance"]["segm"]["AP"] == pytest.approx(100.0)
+    else:  # box-only detections: box AP alone, the mask columns of the report say "-"
+        assert "segm" not in scores["instance"] and "segm" not in scores["class_agnostic"]
+        report = (tmp_path / "run" / "evaluate" / "report.md").read_text()
+        assert "| detector | 100.0 | 100.0 | 100.0 | - | - | - |" in report
+
+
+def test_detections_with_and_without_masks_in_one_set_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    masked = coco_format.mask_to_annotation(np.ones((4, 4), dtype=bool), 1, 1, 1, score=0.5)
+    boxed = {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.4}
+    (folder / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
+        "annotations": [masked, boxed], "categories": [{"id": 1, "name": "fg"}],
+    }))  # fmt: skip
+    with pytest.raises(PredictionError, match="1 of 2 detections have no 'segmentation'"):
+        load_predictions("mixed", str(folder))

@@ -70,6 +70,7 @@ class Predictions:
     categories: tuple[Category, ...]
     images: dict[str, PredImage]
     has_instances: bool = True
+    has_masks: bool = True  # False: box-only detections, scored by box AP alone
 
     @property
     def class_agnostic(self) -> bool:
@@ -137,6 +138,24 @@ def _instances(url: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], An
     return categories, scored, images
 
 
+def _has_masks(url: str, by_image: dict[int, list[Any]]) -> bool:
+    """Whether the detections carry masks: all of them (True) or none (box-only, False);
+    some with and some without cannot be scored as one set."""
+    anns = [a for image in by_image.values() for a in image]
+    without = [a for a in anns if "segmentation" not in a]
+    if without and len(without) < len(anns):
+        raise PredictionError(
+            f"{url}: {len(without)} of {len(anns)} detections have no 'segmentation' "
+            f"(e.g. id {without[0].get('id')}): give every detection a mask, or none"
+        )
+    missing_box = next((a for a in without if "bbox" not in a), None)
+    if missing_box is not None:
+        raise PredictionError(
+            f"{url}: detection {missing_box.get('id')} has neither 'segmentation' nor 'bbox'"
+        )
+    return not without
+
+
 def _image(im: dict[str, Any], **extra: Any) -> PredImage:
     return PredImage(
         image_key(im["file_name"]), int(im["id"]), str(im["file_name"]),
@@ -175,8 +194,10 @@ def load_predictions(name: str, path: str) -> Predictions:
                 "semantic stage)"
             )
         categories, by_image, raw = _instances(instances_file)
+        masks = _has_masks(instances_file, by_image)
         listed = [_image(im, annotations=tuple(by_image.get(int(im["id"]), []))) for im in raw]
-        return Predictions(name, path, "instances", categories, _by_key(listed, instances_file))
+        images = _by_key(listed, instances_file)
+        return Predictions(name, path, "instances", categories, images, has_masks=masks)
     try:
         categories, entries = read_panoptic(panoptic_file, "predicted panoptic JSON", False)
     except GroundTruthError as exc:

@@ -120,12 +120,14 @@ def instance_record(
     width: int,
     ground_truth: Sequence[dict[str, Any]],
     detections: Sequence[dict[str, Any]],
+    masks: bool = True,
 ) -> InstanceRecord:
     """The `InstanceRecord` of one (height, width) image: its COCO GT annotations and
     detections (RLE or polygon `segmentation`; `bbox`, GT `area` and detection masks are
-    derived when absent, as pycocotools does)."""
+    derived when absent, as pycocotools does). `masks` False: box-only detections (no
+    `segmentation`), the box IoU alone."""
     gt_rles = [_rle(a["segmentation"], height, width) for a in ground_truth]
-    det_rles = [_rle(d["segmentation"], height, width) for d in detections]
+    det_rles = [_rle(d["segmentation"], height, width) if masks else None for d in detections]
     gts = [
         {"category_id": int(a["category_id"]), "iscrowd": int(a.get("iscrowd", 0)),
          "area": float(a["area"]) if "area" in a else float(mask_utils.area(rle)),
@@ -139,10 +141,9 @@ def instance_record(
         dets.append({"category_id": int(d["category_id"]), "score": float(d.get("score", 1.0)),
                      "bbox": box, "area": area})  # fmt: skip
     crowd = [g["iscrowd"] for g in gts]
-    iou = {
-        "segm": mask_utils.iou(det_rles, gt_rles, crowd),
-        "bbox": mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], crowd),
-    }
+    iou = {"bbox": mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], crowd)}
+    if masks:
+        iou["segm"] = mask_utils.iou(det_rles, gt_rles, crowd)
     shape = (len(dets), len(gts))
     arrays = {k: np.asarray(v, dtype=np.float64).reshape(shape) for k, v in iou.items()}
     return InstanceRecord(int(image_id), gts, dets, arrays)
@@ -209,7 +210,8 @@ def evaluate_records(
     with _quiet():
         gt.createIndex()
         dt.createIndex()
-        for iou_type in IOU_TYPES:
+        # Box-only detections have no mask IoU: their set is scored by box AP alone.
+        for iou_type in (t for t in IOU_TYPES if all(t in r.iou for r in records)):
             evaluator = _RecordEval(gt, dt, {r.image_id: r.iou[iou_type] for r in records})
             evaluator.params = _params("bbox", [r.image_id for r in records], cat_ids, max_dets)
             evaluator.evaluate()

@@ -41,7 +41,8 @@ def tables(results: dict[str, dict[str, Any]]) -> list[str]:
     ap = ["AP^box", "AP50", "AP75", "AP^mask", "AP50", "AP75"]
 
     def aps(entry: dict[str, Any]) -> list[Any]:
-        return [entry[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
+        # Box-only predictions have no mask AP: "-".
+        return [entry.get(t, {}).get(k) for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")]
 
     agnostic = [[n, *aps(m["class_agnostic"])] for n, m in results.items() if "class_agnostic" in m]
     aware = [

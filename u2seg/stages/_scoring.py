@@ -47,7 +47,6 @@ from u2seg.data.groundtruth import (
 )
 from u2seg.data.predictions import PredictionError, Predictions, PredImage, semantic_labels
 from u2seg.ops.coco_eval import (
-    IOU_TYPES,
     EvalImages,
     InstanceRecord,
     evaluate_records,
@@ -253,8 +252,9 @@ class _Image:
             return found
         height, width = self.shape()
         for det in self.pred_image.annotations:
-            size = list(det.get("segmentation", {}).get("size", [height, width]))
-            if size != [height, width]:
+            rle = det.get("segmentation")  # polygons (a list) carry no size of their own
+            size = list(rle.get("size", [height, width])) if isinstance(rle, dict) else []
+            if size and size != [height, width]:
                 raise EvaluationError(
                     f"{self.job.pred.path}: masks of {self.pred_image.file_name} are "
                     f"{size[1]}x{size[0]} but its ground truth {self.name} is {width}x{height}"
@@ -324,8 +324,9 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
             stats.confusion.update(lut[classes], gt_sem, IGNORE)
         if job.instances:
             record = instance_record(
-                image.gt_image.image_id, *image.shape(), image.gt_instances(), image.detections()
-            )
+                image.gt_image.image_id, *image.shape(), image.gt_instances(),
+                image.detections(), masks=job.pred.has_masks,
+            )  # fmt: skip
             stats.records.append(record)
             if job.class_aware:
                 solid = [g for g in record.gts if not g["iscrowd"]]
@@ -467,14 +468,14 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
     """metrics.json's entry for one prediction set."""
     out: dict[str, Any] = {}
     if first.agnostic:
-        out["class_agnostic"] = {t: first.agnostic[t].summary() for t in IOU_TYPES}
+        out["class_agnostic"] = {t: result.summary() for t, result in first.agnostic.items()}
     names = {c.id: c.name for c in job.gt.categories}
     if second.instance:
         thing_preds = [c.id for c in job.pred.categories if c.isthing]
         # Only the classes some cluster maps to: the others score 0 by construction.
         matched = set(maps.instance.values())
         out["instance"] = {}
-        for t in IOU_TYPES:
+        for t in second.instance:
             summary = second.instance[t].summary()
             per_category = summary.pop("per_category", {})
             summary["per_class"] = {names[c]: v for c, v in per_category.items() if c in matched}
