@@ -68,6 +68,7 @@ For example::
 from __future__ import annotations
 
 import colorsys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
@@ -164,6 +165,18 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
 def panoptic_file_name(image_file_name: str) -> str:
     """PNG name of an image's panoptic and semantic labels: same path, extension ".png"."""
     return PurePosixPath(image_file_name).with_suffix(".png").as_posix()
+
+
+def panoptic_file_names(image_file_names: Sequence[str]) -> dict[str, str]:
+    """Image file name -> its label PNG name, unique over the set: `panoptic_file_name`
+    (what detectron2 pairs photos with), except for images whose stem another image of the
+    set shares (x.jpg and x.png), which keep their extension (x.jpg.png, x.png.png)."""
+    plain = [panoptic_file_name(n) for n in image_file_names]
+    shared = {p for p, count in Counter(plain).items() if count > 1}
+    return {
+        name: f"{name}.png" if png in shared else png
+        for name, png in zip(image_file_names, plain, strict=True)
+    }
 
 
 def panoptic_annotation(

@@ -32,7 +32,7 @@ from u2seg.data.coco import (
     instances_from_panoptic,
     panoptic_annotation,
     panoptic_categories,
-    panoptic_file_name,
+    panoptic_file_names,
     rle_to_mask,
 )
 from u2seg.ops.panoptic import merge_panoptic, semantic_map
@@ -70,7 +70,8 @@ def merge_image(
     row: dict[str, Any], classes: dict[int, int], first_id: int, cfg: dict[str, Any]
 ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
     """One image: its maskcut row and stuff PNG -> (row of the shard, panoptic RGB (H, W, 3),
-    semantic uint8 (H, W)); the pictures are None when no instance is left."""
+    semantic uint8 (H, W)); the pictures are None when no instance is left. `row["png"]`:
+    the name of its label PNGs (`panoptic_file_names`)."""
     anns = json.loads(row["annotations"])
     masks, labels = [], []
     for k, ann in enumerate(anns):
@@ -86,7 +87,7 @@ def merge_image(
     if not any(s["isthing"] for s in result.segments_info):
         return {**out, "png": None, "segments_info": "[]", "annotations": "[]"}, None, None
     instances = instances_from_panoptic(result, row["image_id"], 0)
-    out["png"] = panoptic_file_name(row["file_name"])
+    out["png"] = row["png"]
     out["segments_info"] = json.dumps(result.segments_info)
     out["annotations"] = json.dumps(instances)
     return out, id_to_rgb(result.segments), semantic_map(result)
@@ -99,8 +100,10 @@ def merge_shard(
     first_id: int,
     out_dir: str,
     cfg: dict[str, Any],
+    pngs: dict[str, str],
 ) -> pa.Table:
-    """Merge every image of one shard, writing its PNGs under `out_dir`; the shard's rows."""
+    """Merge every image of one shard, writing its PNGs under `out_dir`; the shard's rows.
+    `pngs`: image file name -> label PNG name."""
     cut = read_parquet(
         maskcut_file,
         ["image_id", "file_name", "width", "height", "error", "num_masks", "annotations"],
@@ -114,8 +117,9 @@ def merge_shard(
         if row["image_id"] not in stuff:
             continue  # the semantic stage could not read it: recorded in its error table
         merged, panoptic, semantic = merge_image(
-            {**row, "labels_png": stuff[row["image_id"]]}, classes, start, cfg
-        )
+            {**row, "labels_png": stuff[row["image_id"]], "png": pngs[row["file_name"]]},
+            classes, start, cfg,
+        )  # fmt: skip
         if panoptic is not None and semantic is not None:
             _write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
             _write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
@@ -199,9 +203,21 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         classes_of[r["shard"]] = dict(
             zip(ids[inside].tolist(), categories[inside].tolist(), strict=True)
         )
+    # Label PNGs are named by the photo's stem, unless two photos share one.
+    names = {
+        r["shard"]: maskcut.read_table(maskcut.shard_name(r["shard"]), ["file_name"])
+        .column("file_name")
+        .to_pylist()
+        for r in plan.to_pylist()
+    }
+    pngs = panoptic_file_names([n for shard in names.values() for n in shard])
     digests = {
         r["shard"]: inputs_digest(
-            [[r["inputs"], semantic.shard_inputs(r["shard"])], *classes_of[r["shard"]].items()]
+            [
+                [r["inputs"], semantic.shard_inputs(r["shard"])],
+                *classes_of[r["shard"]].items(),
+                *((n, pngs[n]) for n in names[r["shard"]]),
+            ]
         )
         for r in plan.to_pylist()
     }
@@ -222,8 +238,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                 semantic_file = semantic.fs.unstrip_protocol(
                     semantic.file(stage.shard_name(r["shard"]))
                 )
+                shard_pngs = {n: pngs[n] for n in names[r["shard"]]}
                 ref = task.remote(
-                    r["file"], semantic_file, classes, r["first_id"], out_dir, merge_cfg
+                    r["file"], semantic_file, classes, r["first_id"], out_dir, merge_cfg, shard_pngs
                 )
                 pending[ref] = r["shard"]
             while pending:
