@@ -177,3 +177,15 @@ def test_16_bit_grey_png_is_scaled_to_8_bits(tmp_path: Path) -> None:
     assert rgb.dtype == np.uint8 and rgb.shape == (48, 64, 3)
     np.testing.assert_array_equal(rgb[..., 0], np.round(ramp / 257).astype(np.uint8))
     assert (rgb[..., 0] == rgb[..., 2]).all() and rgb.std() > 50  # not a white frame
+
+
+def test_absolute_file_names_of_a_coco_source_stay_absolute(folder: Path, tmp_path: Path) -> None:
+    source = tmp_path / "instances.json"
+    photo = str(folder / "a.jpg")
+    source.write_text(json.dumps({"images": [{"id": 7, "file_name": photo},
+                                             {"id": 8, "file_name": "sub/b.png"}]}))  # fmt: skip
+    refs = list_images(str(source), str(folder)).to_pylist()
+    assert [(r["file_name"], r["path"]) for r in refs] == [
+        (photo, photo),
+        ("sub/b.png", f"{folder}/sub/b.png"),
+    ]
