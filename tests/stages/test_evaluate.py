@@ -314,3 +314,20 @@ def test_detections_with_and_without_masks_in_one_set_are_refused(tmp_path: Path
     }))  # fmt: skip
     with pytest.raises(PredictionError, match="1 of 2 detections have no 'segmentation'"):
         load_predictions("mixed", str(folder))
+
+
+def test_ground_truth_images_without_a_size_are_named(tmp_path: Path) -> None:
+    gt_json = _labelme_export(tmp_path / "export")
+    data = json.loads(gt_json.read_text())
+    for image in data["images"]:
+        del image["width"], image["height"]
+    gt_json.write_text(json.dumps(data))
+    cfg = load_config(None, [
+        f"output={tmp_path / 'run'}", f"evaluate.predictions=[{tmp_path / 'export'}]",
+        "evaluate.gt_format=coco", f"evaluate.gt_instances={gt_json}",
+    ])  # fmt: skip
+    (tmp_path / "export" / "instances.json").write_text(gt_json.read_text())  # as predictions
+    with pytest.warns(UserWarning), pytest.raises(
+        GroundTruthError, match="image 2011_000003.jpg \\(id 0\\) has no width and height"
+    ):
+        evaluate.run(cfg)

@@ -224,7 +224,17 @@ class _Image:
             return im.height, im.width
         if self.job.gt.has_panoptic:
             return self.gt_panoptic()[0].shape
-        return self.gt_semantic().shape
+        if self.job.gt.has_semantic:
+            return self.gt_semantic().shape
+        # Instances only: an RLE mask knows its size, polygons do not.
+        for ann in im.annotations:
+            size = ann.get("segmentation")
+            if isinstance(size, dict) and "size" in size:
+                return int(size["size"][0]), int(size["size"][1])
+        raise GroundTruthError(
+            f"{self.job.gt.source}: image {im.file_name} (id {im.image_id}) has no width and "
+            "height, which its masks need"
+        )
 
     def gt_semantic(self) -> np.ndarray:
         if self.job.gt.has_panoptic:
