@@ -124,6 +124,7 @@ def test_other_config_is_refused(
         ("backbone.weights={missing}.pth", "does not exist"),
         ("features.batch_size=0", "features.batch_size=0: must be >= 1"),
     ],
+    ids=["source", "image-size", "backbone", "weights", "batch-size"],
 )
 def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(
     local_ray: None,
@@ -156,6 +157,7 @@ def test_input_size_rounds_down_to_patch_grid() -> None:
         ((), r"all 10 images failed, 7 x too many pixels \(e\.g\. too many pixels: 2000x2000"),
         (("data.fail_after=2",), r"the first \d+ inputs all failed, \d+ x too many pixels"),
     ],
+    ids=["every-image", "leading-images"],
 )
 def test_a_stage_whose_images_all_fail_stops_and_keeps_nothing(
     local_ray: None,
