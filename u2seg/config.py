@@ -237,6 +237,9 @@ class EvaluateConfig:
     file that restricts the set (e.g. STEGO's curated COCO-Stuff list). `semantic_level`:
     "category" or "supercategory" (COCO panoptic -> the 27 COCO-Stuff classes).
     Instance map: votes of predictions with score >= `min_score` and box IoU > `min_iou`.
+    `miou_rule`: "defined" (STEGO's and mmseg's: every class whose IoU is defined, so a
+    cluster mapped to a class absent from the set scores it 0) or "present" (only the
+    classes in the ground truth).
     `mapping_from`: an earlier `evaluate/` directory whose maps are applied instead of
     fitting them here. Work: chunks of `chunk_size` images, on Ray Data (`concurrency`
     actors of `num_cpus`, up to `max_concurrency` if set) from `ray_min_images` images on.
@@ -255,6 +258,7 @@ class EvaluateConfig:
     min_score: float = between(0, 1, 0.6)
     min_iou: float = between(0, 1, 0.7)
     max_dets: int = at_least(1, 100)
+    miou_rule: str = "defined"
     mapping_from: str = ""
     chunk_size: int = at_least(1, 64)
     ray_min_images: int = at_least(0, 2000)

@@ -390,3 +390,22 @@ def test_pq_matches_torchmetrics_without_crowd() -> None:
     pq, sq, rq = (100 * float(v) for v in metric.compute())
     assert 0 < ours["PQ"] < 100  # the case exercises TP, FP and FN alike
     assert (ours["PQ"], ours["SQ"], ours["RQ"]) == pytest.approx((pq, sq, rq))
+
+
+def test_miou_averages_every_class_a_prediction_can_claim() -> None:
+    # 3 clusters x 3 classes; class 2 is absent from the ground truth, but cluster 2 (mapped
+    # to it by Hungarian) holds 10 pixels of class 0.
+    counts = np.array([[50, 0, 0], [0, 40, 0], [10, 0, 0]])
+    mapping = hungarian_match(counts)
+    assert mapping == {0: 0, 1: 1, 2: 2}
+    stego = semantic_scores(counts, mapping)  # STEGO / mmseg: class 2 counts, IoU 0
+    assert stego["mIoU"] == pytest.approx(100 * (50 / 60 + 1 + 0) / 3)  # 61.11
+    assert stego["mIoU"] == pytest.approx(61.11, abs=0.01)
+    present = semantic_scores(counts, mapping, rule="present")
+    assert present["mIoU"] == pytest.approx(91.67, abs=0.01)
+    assert stego["per_class_iou"][2] == 0.0
+    # A class neither in the ground truth nor claimed stays undefined (NaN) and unaveraged.
+    unclaimed = semantic_scores(np.array([[50, 0, 0], [0, 40, 0]]), {0: 0, 1: 1})
+    assert np.isnan(unclaimed["per_class_iou"][2]) and unclaimed["mIoU"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="mIoU rule"):
+        semantic_scores(counts, mapping, rule="everything")

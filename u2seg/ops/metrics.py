@@ -191,16 +191,24 @@ def apply_mapping(pred: np.ndarray, mapping: ClassMapping, unmatched: int = 255)
     return table[pred.astype(np.int64)]
 
 
+MIOU_RULES = ("defined", "present")
+
+
 def semantic_scores(
-    confusion: ConfusionMatrix | np.ndarray, mapping: ClassMapping
+    confusion: ConfusionMatrix | np.ndarray, mapping: ClassMapping, rule: str = "defined"
 ) -> dict[str, float | list[float]]:
     """mIoU, pixel accuracy and per-class IoU (all in %) of mapped clusters.
 
     `confusion`: (num_clusters, num_classes) counts, `mapping`: cluster -> class. Pixels
-    of unmatched clusters count as wrong (a FN of their GT class). mIoU averages over
-    the GT classes present in the ground truth; `per_class_iou` has one entry per class,
-    NaN for classes absent from the ground truth.
+    of unmatched clusters count as wrong (a FN of their GT class). `rule`: which classes
+    mIoU averages. "defined" (STEGO's and mmseg's): every class whose IoU is defined, i.e.
+    present in the ground truth or claimed by a mapped cluster, so a cluster mapped to a
+    class absent from the evaluated images scores that class 0; "present": only the
+    classes present in the ground truth. `per_class_iou` has one entry per class, NaN
+    where the IoU is undefined (neither in the ground truth nor predicted).
     """
+    if rule not in MIOU_RULES:
+        raise ValueError(f"mIoU rule {rule!r} is not one of {', '.join(MIOU_RULES)}")
     counts = _counts(confusion)
     num_clusters, num_classes = counts.shape
     table_map = normalise_mapping(mapping)
@@ -217,12 +225,13 @@ def semantic_scores(
     gt_total = counts.sum(axis=0).astype(np.float64)
     pred_total = mapped.sum(axis=1).astype(np.float64)
     union = gt_total + pred_total - tp
-    present = gt_total > 0
+    defined = union > 0
     iou = np.full(num_classes, np.nan)
-    iou[present] = tp[present] / union[present]
+    iou[defined] = tp[defined] / union[defined]
+    averaged = defined if rule == "defined" else gt_total > 0
     total = float(counts.sum())
     return {
-        "mIoU": 100.0 * float(iou[present].mean()) if present.any() else float("nan"),
+        "mIoU": 100.0 * float(iou[averaged].mean()) if averaged.any() else float("nan"),
         "pixel_accuracy": 100.0 * float(tp.sum()) / total if total else float("nan"),
         "per_class_iou": [100.0 * float(x) for x in iou],
     }

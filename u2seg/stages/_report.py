@@ -85,6 +85,12 @@ def protocol(cfg: PipelineConfig) -> dict[str, Any]:
             f"{e.min_iou} with their best ground-truth box; unmatched classes dropped"
         ),
         "semantic_maps": "Hungarian one-to-one (maximising matched pixels) and majority",
+        "miou": (
+            "mean over every class whose IoU is defined (in the ground truth or claimed by a "
+            "mapped cluster), as STEGO and mmseg"
+            if e.miou_rule == "defined"
+            else "mean over the classes present in the ground truth"
+        ),
         "panoptic": (
             "things mapped by the instance map, stuff clusters by a Hungarian match to "
             "ground-truth stuff classes; segments of unmatched clusters are void; a match "

@@ -79,6 +79,7 @@ class Settings:
     min_score: float = 0.6
     min_iou: float = 0.7
     max_dets: int = 100
+    miou_rule: str = "defined"
 
 
 @dataclass
@@ -497,7 +498,7 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
         out["semantic"] = {}
         for name in ("hungarian", "majority"):
             rows = _rows_map(job, getattr(maps, f"semantic_{name}"))
-            scores = semantic_scores(counts, rows)
+            scores = semantic_scores(counts, rows, job.settings.miou_rule)
             out["semantic"][name] = {**scores, "matched_clusters": len(rows)}
         out["semantic"]["classes"] = list(job.gt.semantic_classes)
     if job.panoptic:

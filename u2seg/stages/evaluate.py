@@ -48,6 +48,7 @@ from u2seg.data.predictions import (
     semantic_labels,
 )
 from u2seg.ops.figures import blend, color_segments, confusion_figure, iou_bars, side_by_side
+from u2seg.ops.metrics import MIOU_RULES
 from u2seg.runtime import actor_pool, ray_session
 from u2seg.stages._report import json_ready, protocol, report, tables
 from u2seg.stages._scoring import (
@@ -355,6 +356,8 @@ def _photos(cfg: PipelineConfig) -> dict[str, str]:
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Score every prediction set of `evaluate.predictions`; metrics, report, maps."""
     e = cfg.evaluate
+    if e.miou_rule not in MIOU_RULES:
+        raise ValueError(f"evaluate.miou_rule={e.miou_rule!r} is not one of {MIOU_RULES}")
     gt = load_ground_truth(e)
     if not gt.images:
         raise ValueError(f"evaluate: the ground truth {gt.source} holds no image to score")
@@ -364,7 +367,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     stage = StageDir(cfg.output_dir, STAGE)
     # Scores are recomputed on every run: the config of the last one is the one that holds.
     stage.write_json(CONFIG, {"stage": STAGE, "resolved": to_dict(cfg)})
-    settings = Settings(e.min_score, e.min_iou, e.max_dets)
+    settings = Settings(e.min_score, e.min_iou, e.max_dets, e.miou_rule)
     on_ray = len(gt.images) >= e.ray_min_images
     photos = _photos(cfg)
     results: dict[str, dict[str, Any]] = {}
