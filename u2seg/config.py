@@ -239,7 +239,9 @@ class EvaluateConfig:
     Instance map: votes of predictions with score >= `min_score` and box IoU > `min_iou`.
     `miou_rule`: "defined" (STEGO's and mmseg's: every class whose IoU is defined, so a
     cluster mapped to a class absent from the set scores it 0) or "present" (only the
-    classes in the ground truth).
+    classes in the ground truth). `vote_rule`: "every" (U2Seg's: a prediction votes for
+    every GT box, crowd included, with box IoU > `min_iou`) or "best" (its best non-crowd
+    box only).
     `mapping_from`: an earlier `evaluate/` directory whose maps are applied instead of
     fitting them here. Work: chunks of `chunk_size` images, on Ray Data (`concurrency`
     actors of `num_cpus`, up to `max_concurrency` if set) from `ray_min_images` images on.
@@ -259,6 +261,7 @@ class EvaluateConfig:
     min_iou: float = between(0, 1, 0.7)
     max_dets: int = at_least(1, 100)
     miou_rule: str = "defined"
+    vote_rule: str = "every"
     mapping_from: str = ""
     chunk_size: int = at_least(1, 64)
     ray_min_images: int = at_least(0, 2000)

@@ -12,8 +12,8 @@ from u2seg.ops.metrics import (
     ConfusionMatrix,
     PQStats,
     apply_mapping,
-    best_gt_matches,
     box_iou,
+    gt_matches,
     hungarian_match,
     majority_match,
     majority_vote_mapping,
@@ -206,16 +206,35 @@ def test_votes_from_boxes_end_to_end() -> None:
     )
     pred_classes = np.array([30, 31, 32, 33, 34])
     pred_scores = np.array([0.9, 0.9, 0.9, 0.59, 0.9])
-    matches = list(best_gt_matches(gt_boxes, gt_classes, pred_boxes, pred_classes, pred_scores))
+    preds = (pred_boxes, pred_classes, pred_scores)
+    matches = list(gt_matches(gt_boxes, gt_classes, *preds, rule="best"))
     assert [m[:2] for m in matches] == [(30, 1), (31, 1), (32, 2), (33, 2), (34, 1)]
     assert matches[1][3] == pytest.approx(0.7)
     # 31 (IoU 0.7), 33 (score 0.59) and 34 (no overlap) are dropped.
     assert majority_vote_mapping(matches) == {30: 1, 32: 2}
-    assert list(best_gt_matches(np.zeros((0, 4)), [], pred_boxes, pred_classes, pred_scores)) == []
+    assert list(gt_matches(np.zeros((0, 4)), [], *preds, rule="best")) == []
     with pytest.raises(ValueError, match=r"\(2,\)"):
-        list(best_gt_matches(gt_boxes, [1], pred_boxes, pred_classes, pred_scores))
+        list(gt_matches(gt_boxes, [1], *preds, rule="best"))
     with pytest.raises(ValueError, match=r"\(5,\)"):
-        list(best_gt_matches(gt_boxes, gt_classes, pred_boxes, pred_classes, pred_scores[:2]))
+        list(gt_matches(gt_boxes, gt_classes, pred_boxes, pred_classes, pred_scores[:2]))
+
+
+def test_u2segs_vote_counts_every_overlapping_box_crowd_included() -> None:
+    # Cluster 7 has two predictions: one overlaps a person box (IoU 0.95) and a crowd box
+    # of class 2 (IoU 0.99), the other only a second crowd box of class 2 (IoU 1.0).
+    gt_boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 9.6], [40, 40, 10, 10]])
+    gt_classes = np.array([1, 2, 2])
+    crowd = np.array([False, True, True])
+    preds = (np.array([[0, 0, 10, 9.5], [40, 40, 10, 10]]), np.array([7, 7]), np.full(2, 0.9))
+    # U2Seg's do_hangarain_mapping: every box with IoU > 0.7 votes, crowd included: 2 -> 1.
+    every = list(gt_matches(gt_boxes, gt_classes, *preds, rule="every", min_iou=0.7))
+    assert sorted(m[:2] for m in every) == [(7, 1), (7, 2), (7, 2)]
+    assert majority_vote_mapping(every) == {7: 2}
+    # The best non-crowd box only: one vote for person, the second prediction none.
+    best = list(gt_matches(gt_boxes[~crowd], gt_classes[~crowd], *preds, rule="best"))
+    assert majority_vote_mapping(best) == {7: 1}
+    with pytest.raises(ValueError, match="vote rule"):
+        list(gt_matches(gt_boxes, gt_classes, *preds, rule="all"))
 
 
 # ------------------------------------------------------------------------- panoptic

@@ -258,20 +258,29 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def best_gt_matches(
+VOTE_RULES = ("every", "best")
+
+
+def gt_matches(
     gt_boxes: np.ndarray,
     gt_classes: np.ndarray,
     pred_boxes: np.ndarray,
     pred_classes: np.ndarray,
     pred_scores: np.ndarray,
+    rule: str = "every",
+    min_iou: float = 0.7,
 ) -> Iterator[tuple[int, int, float, float]]:
-    """Votes of one image: (pred_class, gt_class, score, box_iou) per prediction.
+    """Votes of one image: (pred_class, gt_class, score, box_iou) tuples.
 
     `gt_boxes` (M, 4) xywh with `gt_classes` (M,); `pred_boxes` (N, 4) xywh with
-    `pred_classes` and `pred_scores` (N,). Each prediction is paired with the GT box it
-    overlaps most (first one on ties); no tuple when the image has no GT box. Thresholds
-    are applied later by `majority_vote_mapping`, so they stay parameters there.
+    `pred_classes` and `pred_scores` (N,). `rule` "every" (U2Seg's `do_hangarain_mapping`):
+    a prediction votes for every GT box it overlaps with box IoU > `min_iou`, so pass all
+    GT boxes, crowd ones included; "best": each prediction is paired with the GT box it
+    overlaps most (first one on ties), whatever the IoU (pass the non-crowd boxes). The
+    score threshold, and for "best" the IoU one, are applied by `majority_vote_mapping`.
     """
+    if rule not in VOTE_RULES:
+        raise ValueError(f"vote rule {rule!r} is not one of {', '.join(VOTE_RULES)}")
     gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
     pred_boxes = np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4)
     gt_classes, pred_classes = np.asarray(gt_classes), np.asarray(pred_classes)
@@ -289,6 +298,10 @@ def best_gt_matches(
     if len(gt_boxes) == 0:
         return
     ious = box_iou(pred_boxes, gt_boxes)
+    if rule == "every":
+        for i, j in zip(*np.nonzero(ious > min_iou), strict=True):
+            yield int(pred_classes[i]), int(gt_classes[j]), float(pred_scores[i]), float(ious[i, j])
+        return
     best = ious.argmax(axis=1)
     for i, j in enumerate(best):
         yield int(pred_classes[i]), int(gt_classes[j]), float(pred_scores[i]), float(ious[i, j])
@@ -302,7 +315,7 @@ def majority_vote_mapping(
     """Predicted class -> GT class by majority vote (U2Seg's instance protocol).
 
     `matches`: (pred_class, gt_class, score, box_iou) per prediction, its best GT box
-    (see `best_gt_matches`). A match votes when score >= `min_score` and box IoU is
+    (see `gt_matches`). A match votes when score >= `min_score` and box IoU is
     strictly > `min_iou`. Classes without a vote are left out (dropped from AP); ties
     go to the lowest GT class id so the map is deterministic.
     """

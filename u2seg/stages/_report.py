@@ -81,8 +81,14 @@ def protocol(cfg: PipelineConfig) -> dict[str, Any]:
     return {
         "maps": f"applied from {e.mapping_from}" if e.mapping_from else "fit on this set",
         "instance_map": (
-            f"majority vote of predictions with score >= {e.min_score} and box IoU > "
-            f"{e.min_iou} with their best ground-truth box; unmatched classes dropped"
+            f"majority vote of predictions with score >= {e.min_score} for "
+            + (
+                f"every ground-truth box (crowd included) with box IoU > {e.min_iou}, as "
+                "U2Seg's do_hangarain_mapping"
+                if e.vote_rule == "every"
+                else f"their best non-crowd ground-truth box when box IoU > {e.min_iou}"
+            )
+            + "; unmatched classes dropped"
         ),
         "semantic_maps": "Hungarian one-to-one (maximising matched pixels) and majority",
         "miou": (

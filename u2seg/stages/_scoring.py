@@ -56,7 +56,7 @@ from u2seg.ops.metrics import (
     ConfusionMatrix,
     PQStats,
     SegmentOverlaps,
-    best_gt_matches,
+    gt_matches,
     hungarian_match,
     majority_match,
     majority_vote_mapping,
@@ -80,6 +80,7 @@ class Settings:
     min_iou: float = 0.7
     max_dets: int = 100
     miou_rule: str = "defined"
+    vote_rule: str = "every"
 
 
 @dataclass
@@ -340,13 +341,17 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
             )  # fmt: skip
             stats.records.append(record)
             if job.class_aware:
-                solid = [g for g in record.gts if not g["iscrowd"]]
-                stats.votes += best_gt_matches(
-                    _boxes(solid),
-                    np.asarray([g["category_id"] for g in solid], dtype=np.int64),
+                rule = job.settings.vote_rule
+                # U2Seg's rule counts crowd boxes too; the best-box rule skips them.
+                voters = [g for g in record.gts if rule == "every" or not g["iscrowd"]]
+                stats.votes += gt_matches(
+                    _boxes(voters),
+                    np.asarray([g["category_id"] for g in voters], dtype=np.int64),
                     _boxes(record.dets),
                     np.asarray([d["category_id"] for d in record.dets], dtype=np.int64),
                     np.asarray([d["score"] for d in record.dets], dtype=np.float64),
+                    rule,
+                    job.settings.min_iou,
                 )
     if stats.records:
         stats.agnostic = evaluate_records(stats.records, [1], job.settings.max_dets, collapse=True)

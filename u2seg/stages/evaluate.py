@@ -48,7 +48,7 @@ from u2seg.data.predictions import (
     semantic_labels,
 )
 from u2seg.ops.figures import blend, color_segments, confusion_figure, iou_bars, side_by_side
-from u2seg.ops.metrics import MIOU_RULES
+from u2seg.ops.metrics import MIOU_RULES, VOTE_RULES
 from u2seg.runtime import actor_pool, ray_session
 from u2seg.stages._report import json_ready, protocol, report, tables
 from u2seg.stages._scoring import (
@@ -358,6 +358,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     e = cfg.evaluate
     if e.miou_rule not in MIOU_RULES:
         raise ValueError(f"evaluate.miou_rule={e.miou_rule!r} is not one of {MIOU_RULES}")
+    if e.vote_rule not in VOTE_RULES:
+        raise ValueError(f"evaluate.vote_rule={e.vote_rule!r} is not one of {VOTE_RULES}")
     gt = load_ground_truth(e)
     if not gt.images:
         raise ValueError(f"evaluate: the ground truth {gt.source} holds no image to score")
@@ -367,7 +369,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     stage = StageDir(cfg.output_dir, STAGE)
     # Scores are recomputed on every run: the config of the last one is the one that holds.
     stage.write_json(CONFIG, {"stage": STAGE, "resolved": to_dict(cfg)})
-    settings = Settings(e.min_score, e.min_iou, e.max_dets, e.miou_rule)
+    settings = Settings(e.min_score, e.min_iou, e.max_dets, e.miou_rule, e.vote_rule)
     on_ray = len(gt.images) >= e.ray_min_images
     photos = _photos(cfg)
     results: dict[str, dict[str, Any]] = {}
