@@ -264,11 +264,12 @@ def class_agnostic_ap(
     """AP, AP50, AP75, APs/m/l (in %) of `predictions` with all categories collapsed.
 
     `ground_truth`: a COCO instances dataset (dict). `predictions`: COCO result dicts
-    (image_id, segmentation and/or bbox, score). `image_ids`: images to score; default the
-    images with at least one ground-truth annotation. maxDets 100.
+    (image_id, segmentation and/or bbox, score). `image_ids`: images to score; default
+    every image of the ground truth, as pycocotools and the evaluate stage score them (a
+    detection on an image without annotations is a false positive). maxDets 100.
     """
     if image_ids is None:
-        image_ids = sorted({a["image_id"] for a in ground_truth["annotations"]})
+        image_ids = sorted(int(im["id"]) for im in ground_truth["images"])
     sizes = {im["id"]: (im["height"], im["width"]) for im in ground_truth["images"]}
     images = [(int(i), *sizes[i]) for i in image_ids]
     gts: dict[int, list[dict[str, Any]]] = {i: [] for i in image_ids}
