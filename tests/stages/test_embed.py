@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import DEMO_CONFIG as DEMO
 from u2seg.artifacts import ArtifactError
@@ -49,3 +50,19 @@ def test_embed_needs_maskcut(tmp_path: Path) -> None:
     cfg = load_config(DEMO, [f"output={tmp_path}", "data.source=/x"])
     with pytest.raises(ArtifactError, match="u2seg maskcut"):
         embed.run(cfg)
+
+
+def test_a_thin_mask_is_cropped_before_it_is_resized() -> None:
+    image = np.zeros((8, 1200, 3), dtype=np.uint8)
+    image[4, 100:1100] = (250, 10, 10)
+    mask = np.zeros((8, 1200), dtype=bool)
+    mask[4, 100:1100] = True  # 1 x 1000 px: resizing the whole box to short side 480 first
+    # would make a 480 x 480000 image (~690 MB) for one crop.
+    crop = embed.instance_crop(image, mask, 480, "box")
+    assert crop.shape == (480, 480, 3)
+    assert (crop == (250, 10, 10)).all()  # the centre pixel of the line, scaled up
+    # The kept region is the box's centre square, as "resize then centre-crop" keeps.
+    image = np.random.default_rng(0).integers(0, 255, (30, 90, 3), dtype=np.uint8)
+    box = np.ones((30, 90), dtype=bool)
+    expected = Image.fromarray(np.ascontiguousarray(image[:, 30:60])).resize((15, 15), 3)
+    np.testing.assert_array_equal(embed.instance_crop(image, box, 15, "box"), np.asarray(expected))

@@ -35,8 +35,10 @@ def instance_crop(image: np.ndarray, mask: np.ndarray, size: int, rule: str = "m
     """The crop of one instance, uint8 (size, size, 3), from uint8 (H, W, 3) and bool (H, W).
 
     The mask's bounding box is cut out; with rule "mean" ("white") the pixels outside the
-    mask become the ImageNet mean colour (white); "box" keeps them. The crop is resized to
-    short side `size` (bicubic) and centre-cropped to a square.
+    mask become the ImageNet mean colour (white); "box" keeps them. The crop is the centre
+    square of the box (side: its short side), resized to `size` x `size` (bicubic): the
+    region of "resize to short side `size`, then centre-crop", without resizing the whole
+    box first (a 1 x 1000 px mask would take gigabytes at short side 480).
     """
     if rule not in CROP_RULES:
         raise ValueError(f"embed.crop={rule!r} is not one of {', '.join(CROP_RULES)}")
@@ -48,11 +50,10 @@ def instance_crop(image: np.ndarray, mask: np.ndarray, size: int, rule: str = "m
     if rule != "box":
         crop[~mask[box]] = MEAN_RGB if rule == "mean" else (255, 255, 255)
     h, w = crop.shape[:2]
-    scale = size / min(h, w)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    resized = Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(crop[top : top + side, left : left + side])
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BICUBIC))
 
 
 class ShardMasks:
