@@ -21,6 +21,7 @@ from u2seg.ops.maskcut import (
     maskcut,
     maskcut_batch,
     maskcut_rounds,
+    nonfinite_images,
     seed_component,
 )
 
@@ -309,7 +310,7 @@ def test_center_and_quantile_cut_features_that_are_all_alike() -> None:
     feats = grid_features(ONE_OBJECT, noise=0.1, common=3.0)
     assert float(cosine_similarity(feats).min()) > 0.6  # like DINOv2 keys
     published = maskcut(feats, n_masks=1, tau=0.15)
-    assert iou(published[0], ONE_OBJECT == 1) < 0.5  # A is all ones: an arbitrary cut
+    assert published == []  # A is all ones: lambda_2 = 1, no structure, no (random) mask
     robust = maskcut(feats, n_masks=1, center=True, tau_quantile=0.5)
     assert iou(robust[0], ONE_OBJECT == 1) > 0.95
 
@@ -364,3 +365,24 @@ def test_drop_covered_batched_equals_unbatched() -> None:
         alone = maskcut(image, 4, 0.15, **options)
         assert len(masks) == len(alone)
         assert all(np.array_equal(a, b) for a, b in zip(masks, alone, strict=True))
+
+
+@pytest.mark.parametrize("grid", ["constant", "zeros"])
+def test_a_grid_without_structure_gives_no_mask(grid: str) -> None:
+    # Every cosine is equal: the affinity is all ones (or all eps), lambda_2 = 1 and every
+    # vector is a Fiedler vector; the published loop still accepts round 0's random blob.
+    features = np.ones((12, 12, 8)) if grid == "constant" else np.zeros((12, 12, 8))
+    rounds = maskcut_rounds(features, n_masks=3)
+    assert [r.status for r in rounds] == ["stopped: no structure"]
+    assert rounds[0].eigenvalue == pytest.approx(1.0, abs=1e-4)
+    assert maskcut(features, n_masks=3) == []
+
+
+def test_non_finite_features_are_refused_not_masked_out() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 8, 8, 16))
+    features[1, 3, 4, 0] = np.nan
+    assert nonfinite_images(features) == [1]
+    with pytest.raises(ValueError, match=r"features of images \[1\] hold NaN"):
+        maskcut_batch(features, n_masks=2)
+    assert len(maskcut_batch(features[:1], n_masks=2)) == 1

@@ -78,6 +78,9 @@ FIEDLER_TOL = 1e-6
 #: Published rejection rules: IoU with the previous mask, and area as a fraction of the grid.
 MAX_IOU = 0.5
 MIN_AREA = 0.01
+# lambda_2 this close to 1: the graph has no structure (constant features, or an affinity
+# of all ones), every vector is a Fiedler vector and the "cut" would be a random blob.
+NO_STRUCTURE_TOL = 1e-4
 
 Foreground = Literal["corners", "border"]
 ArrayLike = NDArray[np.floating] | torch.Tensor
@@ -102,7 +105,9 @@ class MaskCutRound:
         mask: bool (h, w), the mask this round adds (component minus earlier masks), or None
             when the round added nothing.
         status: "accepted", "empty" (accepted but nothing left after removing earlier masks),
-            "rejected: iou", "rejected: area" or "stopped: ncut" (the last round run).
+            "rejected: iou", "rejected: area", "stopped: ncut" or "stopped: no structure"
+            (lambda_2 = 1 within `NO_STRUCTURE_TOL`, first round included; the last round
+            run).
     """
 
     eigenvalue: float
@@ -557,6 +562,12 @@ def _step(
     valid = ~state.covered if opts.drop_covered else None
     side, seed = bipartition(state.vector, opts.foreground, valid)
     component = seed_component(side, seed)
+    if state.eigenvalue >= 1.0 - NO_STRUCTURE_TOL:
+        state.rounds.append(
+            MaskCutRound(state.eigenvalue, component, None, "stopped: no structure")
+        )
+        state.stopped = True
+        return
     if opts.max_ncut is not None and state.eigenvalue > opts.max_ncut:
         state.rounds.append(MaskCutRound(state.eigenvalue, component, None, "stopped: ncut"))
         state.stopped = True
@@ -579,11 +590,21 @@ def _step(
     state.rounds.append(MaskCutRound(state.eigenvalue, component, mask, status))
 
 
+def nonfinite_images(features: ArrayLike) -> list[int]:
+    """Indices of the images of a (B, h, w, d) batch whose features hold NaN or inf (a NaN
+    patch would otherwise drop out of the graph as if it were masked, without a word)."""
+    x = _as_tensor(features)
+    return torch.nonzero(~torch.isfinite(x).flatten(1).all(dim=1)).flatten().tolist()
+
+
 def _run(features: ArrayLike, n_masks: int, tau: float, opts: _Options) -> list[list[MaskCutRound]]:
     """The MaskCut loop over a (B, h, w, d) batch; rounds per image."""
     x = _as_tensor(features)
     if x.ndim != 4:
         raise ValueError(f"expected features (B, h, w, d), got {tuple(x.shape)}")
+    bad = nonfinite_images(x)
+    if bad:
+        raise ValueError(f"features of images {bad[:10]} hold NaN or infinite values")
     if n_masks < 0:
         raise ValueError(f"n_masks must be >= 0, got {n_masks}")
     batch, h, w = int(x.shape[0]), int(x.shape[1]), int(x.shape[2])

@@ -23,7 +23,7 @@ from u2seg.artifacts import StageDir
 from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
 from u2seg.data.coco import mask_to_annotation
 from u2seg.models.vit import normalise
-from u2seg.ops.maskcut import discovery_score, maskcut_batch
+from u2seg.ops.maskcut import discovery_score, maskcut_batch, nonfinite_images
 from u2seg.ops.refine import refine_mask, resize_mask, resolve_backend, upsample_mask
 from u2seg.stages._image_loop import BackboneActor, ImageStage, base_columns, run_image_stage
 
@@ -77,20 +77,28 @@ class MaskCutWorker(BackboneActor):
         super().__init__(backbone, threads)
         self.cfg = MaskCutConfig(**options)
 
-    def cut(self, images: np.ndarray) -> list[list[np.ndarray]]:
-        """uint8 (B, S, S, 3) -> per image, its patch masks (h, w) in discovery order."""
+    def cut(self, images: np.ndarray) -> list[list[np.ndarray] | None]:
+        """uint8 (B, S, S, 3) -> per image, its patch masks (h, w) in discovery order; None
+        for an image whose features are not finite."""
         cfg = self.cfg
         with torch.inference_mode():
             out = self.model(normalise(images, self.device), want_keys=cfg.feature == "keys")
         grid = out.keys if cfg.feature == "keys" else out.patch_tokens
         assert grid is not None
-        return maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
+        bad = set(nonfinite_images(grid))
+        good = [i for i in range(len(images)) if i not in bad]
+        found = iter(maskcut_batch(grid[good].float(), cfg.n_masks, cfg.tau, **cut_options(cfg)))
+        return [None if i in bad else next(found) for i in range(len(images))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.flatnonzero(batch["error"] == "")
-        annotations = np.full(len(batch["error"]), "[]", dtype=object)
+        errors = batch["error"].copy()
+        ok = np.flatnonzero(errors == "")
+        annotations = np.full(len(errors), "[]", dtype=object)
         if len(ok):
             for i, masks in zip(ok, self.cut(batch["image"][ok]), strict=True):
+                if masks is None:
+                    errors[i] = "non-finite backbone features (NaN or inf)"
+                    continue
                 size = (int(batch["height"][i]), int(batch["width"][i]))
                 full = refine_masks(batch["image"][i], masks, size, self.cfg)
                 anns = [
@@ -100,6 +108,7 @@ class MaskCutWorker(BackboneActor):
                 annotations[i] = json.dumps([{k: a[k] for k in _KEPT} for a in anns])
         result = {k: v for k, v in batch.items() if k != "image"}
         result["annotations"] = annotations
+        result["error"] = errors
         return result
 
 
