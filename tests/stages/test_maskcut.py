@@ -15,6 +15,7 @@ from u2seg.config import MaskCutConfig
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.demo import write_demo_dataset
 from u2seg.ops.coco_eval import best_iou
+from u2seg.ops.refine import resolve_backend
 from u2seg.stages.maskcut import check_options, cut_options, refine_masks, run
 
 
@@ -42,6 +43,8 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
     manifest = run(demo_config(folder, out, weights_cache))
     assert manifest["counts"]["images"] == 4
     assert manifest["counts"]["errors"] == 2
+    # The refinement that really ran ("auto": the dense CRF where the extra is installed).
+    assert manifest["refinement"] == {resolve_backend("auto"): 2}
     assert {e["file_name"] for e in manifest["errors"]["first"]} == {
         "bad/text.png",
         "bad/truncated.jpg",

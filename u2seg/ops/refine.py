@@ -7,7 +7,8 @@ COCO encoding of the result (step 8) is `u2seg.data.coco`.
 
 The dense CRF comes from the optional extra `crf` (package `pydensecrf2`, module `pydensecrf`).
 Without it, `backend="auto"` falls back to the guided filter, which is *not* the dense CRF:
-pseudo masks made that way differ from the published ones and the manifest should say so.
+pseudo masks made that way differ from the published ones, and the maskcut manifest says so
+(`refinement`: images per backend that ran).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -75,7 +77,9 @@ class MaskCutWorker(BackboneActor):
         self, backbone: dict[str, Any], options: dict[str, Any], threads: int | None = None
     ) -> None:
         super().__init__(backbone, threads)
-        self.cfg = MaskCutConfig(**options)
+        # The backend this worker really runs ("auto" depends on what it has installed):
+        # recorded in every row it writes.
+        self.cfg = replace(MaskCutConfig(**options), crf=resolve_backend(options["crf"]))
 
     def cut(self, images: np.ndarray) -> list[list[np.ndarray] | None]:
         """uint8 (B, S, S, 3) -> per image, its patch masks (h, w) in discovery order; None
@@ -109,6 +113,7 @@ class MaskCutWorker(BackboneActor):
         result = {k: v for k, v in batch.items() if k != "image"}
         result["annotations"] = annotations
         result["error"] = errors
+        result["refine"] = np.full(len(errors), self.cfg.crf, dtype=object)
         return result
 
 
@@ -121,6 +126,7 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
             "path": pa.array(batch["path"].astype(str)),
             "num_masks": pa.array([len(json.loads(a)) for a in annotations], pa.int32()),
             "annotations": pa.array(annotations, pa.string()),
+            "refine": pa.array(batch["refine"].astype(str)),
         }
     )
 
@@ -178,4 +184,15 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     stage, result = run_image_stage(cfg, spec)
     _, n_annotations = write_instances(stage)
     counts = {**result["counts"], "masks": n_annotations}
-    return stage.finish(counts, result["errors"], {"timing": result["timing"], "file": INSTANCES})
+    extra = {"timing": result["timing"], "file": INSTANCES, "refinement": _backends(stage)}
+    return stage.finish(counts, result["errors"], extra)
+
+
+def _backends(stage: StageDir) -> dict[str, int]:
+    """Images per refinement backend that really ran (with `crf: auto`, a worker without
+    the dense CRF falls back to the guided filter: the manifest says so)."""
+    used: Counter[str] = Counter()
+    for name in stage.shard_names():
+        table = stage.read_table(name, columns=["refine", "error"])
+        used.update(table.filter(pc.is_null(table.column("error"))).column("refine").to_pylist())
+    return dict(sorted(used.items()))
