@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from u2seg.artifacts import MANIFEST, ArtifactError, ShardWriter, StageDir, inputs_digest
+from u2seg.config import depends_on, load_config
 
 ERRORS = pa.schema([("image_id", pa.int64()), ("reason", pa.string())])
 
@@ -89,3 +90,17 @@ def test_fsspec_run_directory() -> None:
     stage.write_table(stage.shard_name(0), _rows(0, [1]))
     assert stage.complete_shards() == {0}
     assert stage.read_table("part-00000.parquet").num_rows == 1
+
+
+def test_execution_only_settings_do_not_block_a_resume(tmp_path: Path) -> None:
+    # A run written when the section still held an execution setting, then resumed with
+    # more actors: only what changes the output is compared.
+    stage = StageDir(str(tmp_path), "maskcut")
+    stage.start({}, {"maskcut": {"tau": 0.15, "concurrency": 2}, "data": {"fail_after": None}})
+    stage.write_table("part-00000.parquet", _rows(0, [1]))
+    cfg = load_config(None, ["maskcut.concurrency=8", "maskcut.max_concurrency=16"])
+    current = depends_on(cfg, ("maskcut",))
+    assert "concurrency" not in current["maskcut"] and current["maskcut"]["tau"] == 0.15
+    stage.start({}, {"maskcut": {"tau": 0.15}, "data": {}})
+    with pytest.raises(ArtifactError, match=r"maskcut\.tau: 0\.15 -> 0\.2"):
+        stage.start({}, {"maskcut": {"tau": 0.2}})

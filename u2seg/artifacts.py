@@ -54,6 +54,14 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
+def _only(stored: Any, current: Any) -> Any:
+    """`stored` restricted to the keys of `current`, at every level: keys a stage no longer
+    depends on (execution-only ones, say) are not compared."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return {k: _only(stored.get(k), v) for k, v in current.items() if k in stored}
+    return stored
+
+
 class StageDir:
     """The directory of one stage of one run."""
 
@@ -160,7 +168,7 @@ class StageDir:
         # first start (a typo in the config, say) does not block the corrected run.
         if self.exists(CONFIG) and self.complete_shards():
             stored = self.read_json(CONFIG)
-            diffs = _differences(stored.get("depends_on"), depends_on)
+            diffs = _differences(_only(stored.get("depends_on"), depends_on), depends_on)
             if diffs:
                 raise ArtifactError(
                     f"{self.path} was written with another config ({'; '.join(diffs[:5])}); "

@@ -360,3 +360,20 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, JSON-ready dict of a config dataclass (for manifests)."""
     return dataclasses.asdict(cfg)
+
+
+# Fields that say where and how fast a stage runs, not what it computes: a stage resumed
+# with other values (more actors once the cluster has grown, say) keeps its shards.
+EXECUTION_ONLY = frozenset(
+    {"batch_size", "concurrency", "max_concurrency", "num_cpus", "num_gpus", "torch_threads",
+     "read_num_cpus", "fail_after"}
+)  # fmt: skip
+
+
+def depends_on(cfg: PipelineConfig, sections: Sequence[str]) -> dict[str, Any]:
+    """The config sections a stage's output depends on, as compared on resume: each
+    section without its `EXECUTION_ONLY` fields."""
+    return {
+        name: {k: v for k, v in to_dict(getattr(cfg, name)).items() if k not in EXECUTION_ONLY}
+        for name in sections
+    }

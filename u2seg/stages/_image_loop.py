@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
-from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, to_dict
+from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import ViTBackbone, check_weights, input_size, load_backbone
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
@@ -104,7 +104,7 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
     check_weights(cfg.backbone.name, cfg.backbone.weights)
     refs = plan_shards(list_images(cfg.data.source, cfg.data.root), cfg.data.shard_size)
     stage = StageDir(cfg.output_dir, spec.name)
-    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in spec.depends_on})
+    stage.start(to_dict(cfg), depends_on(cfg, spec.depends_on))
     shards = refs.column("shard").to_numpy()
     digests = shard_digests(refs)
     done = stage.reusable_shards(digests)

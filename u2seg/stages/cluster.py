@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from u2seg.artifacts import MANIFEST, StageDir
-from u2seg.config import ClusterConfig, PipelineConfig, to_dict
+from u2seg.config import ClusterConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.vectors import vectors_from_arrow
 from u2seg.ops.kmeans import KMeansResult, as_vectors, kmeans_local
 from u2seg.runtime import ray_session
@@ -60,7 +60,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     embed.manifest()  # an error naming the stage when embed has not completed
     stage = StageDir(cfg.output_dir, STAGE)
     depends = ("data", "backbone", "maskcut", "embed", "cluster")
-    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in depends})
+    stage.start(to_dict(cfg), depends_on(cfg, depends))
     if stage.exists(MANIFEST):
         return stage.manifest()  # one k-means job: done or redone whole
     names = [n for n in embed.shard_names() if embed.read_table(n, ["annotation_id"]).num_rows]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest, read_parquet
-from u2seg.config import PipelineConfig, to_dict
+from u2seg.config import PipelineConfig, depends_on, to_dict
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.images import ImageError, read_image
 from u2seg.models.vit import BACKBONES, IMAGENET_MEAN, check_weights, input_size, normalise
@@ -199,7 +199,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     check_weights(cfg.backbone.name, cfg.backbone.weights)
     stage = StageDir(cfg.output_dir, STAGE)
     depends = ("data", "backbone", "maskcut", "embed")
-    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in depends})
+    stage.start(to_dict(cfg), depends_on(cfg, depends))
     plan = shard_plan(maskcut)
     digests = dict(
         zip(plan.column("shard").to_pylist(), plan.column("inputs").to_pylist(), strict=True)

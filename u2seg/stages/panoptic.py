@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from u2seg.artifacts import StageDir, inputs_digest, png_bytes, read_parquet
-from u2seg.config import PipelineConfig, to_dict
+from u2seg.config import PipelineConfig, depends_on, to_dict
 from u2seg.data.coco import (
     id_to_rgb,
     instances_from_panoptic,
@@ -189,7 +189,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         )
     stage = StageDir(cfg.output_dir, STAGE)
     depends = ("data", "backbone", "maskcut", "embed", "cluster", "semantic", "panoptic")
-    stage.start(to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in depends})
+    stage.start(to_dict(cfg), depends_on(cfg, depends))
     plan = shard_plan(maskcut)
     assigned = cluster.read_table("assignments.parquet", columns=["annotation_id", "category_id"])
     ids, categories = (

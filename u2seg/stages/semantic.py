@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from u2seg.artifacts import StageDir, png_bytes
-from u2seg.config import PipelineConfig, SemanticConfig, to_dict
+from u2seg.config import PipelineConfig, SemanticConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.models.stego import load_head
 from u2seg.models.vit import input_size, normalise
@@ -256,7 +256,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         raise ValueError(f"semantic.num_classes={cfg.semantic.num_classes} must be in 1..254")
     stage = StageDir(cfg.output_dir, STAGE)
     stage.start(
-        to_dict(cfg), {k: to_dict(getattr(cfg, k)) for k in ("data", "backbone", "semantic")}
+        to_dict(cfg), depends_on(cfg, ("data", "backbone", "semantic"))
     )
     if stage.exists(CENTROIDS):
         centroids = stage.read_array(CENTROIDS)
