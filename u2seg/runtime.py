@@ -215,9 +215,7 @@ def quiet_ray_stderr() -> Iterator[None]:
         yield
     finally:
         sys.stderr.flush()
-        restored = os.dup(saved)
-        os.dup2(restored, 2)  # closes this process's write end of the pipe
-        os.close(restored)
+        os.dup2(saved, 2)  # closes this process's write end of the pipe; `saved` stays open
         # Processes started inside the block may still hold the pipe: the forwarder then
         # keeps copying; otherwise it has drained the pipe and ends.
         forwarder.join(timeout=2.0)

@@ -164,13 +164,15 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
 def shard_plan(maskcut: StageDir) -> pa.Table:
     """Per maskcut shard: its index, file, masks, the annotation id of its first mask (ids
     run 1..M over the shards in order, as in `maskcut/instances.json`) and the digest of
-    these inputs, which a mirrored shard of a later stage is reused under."""
+    these inputs, which a mirrored shard of a later stage is reused under; `file_names`:
+    its images."""
     names = maskcut.shard_names()
-    masks = []
+    masks, file_names = [], []
     for name in names:
-        table = maskcut.read_table(name, columns=["error", "num_masks"])
+        table = maskcut.read_table(name, columns=["file_name", "error", "num_masks"])
         ok = table.filter(pc.is_null(table.column("error")))
         masks.append(int(pc.sum(ok.column("num_masks")).as_py() or 0))
+        file_names.append(table.column("file_name").to_pylist())
     first = 1 + np.concatenate([[0], np.cumsum(masks)[:-1]]).astype(np.int64)
     shards = [int(n[5:10]) for n in names]
     return pa.table(
@@ -179,6 +181,7 @@ def shard_plan(maskcut: StageDir) -> pa.Table:
             "file": [maskcut.fs.unstrip_protocol(maskcut.file(n)) for n in names],
             "masks": masks,
             "first_id": first,
+            "file_names": file_names,  # every image of the shard, read or not
             # What a shard of a later stage is made from: this maskcut shard (its images)
             # and the annotation ids its masks get.
             "inputs": [

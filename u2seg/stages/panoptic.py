@@ -204,12 +204,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             zip(ids[inside].tolist(), categories[inside].tolist(), strict=True)
         )
     # Label PNGs are named by the photo's stem, unless two photos share one.
-    names = {
-        r["shard"]: maskcut.read_table(maskcut.shard_name(r["shard"]), ["file_name"])
-        .column("file_name")
-        .to_pylist()
-        for r in plan.to_pylist()
-    }
+    names = {r["shard"]: r["file_names"] for r in plan.to_pylist()}
     pngs = panoptic_file_names([n for shard in names.values() for n in shard])
     digests = {
         r["shard"]: inputs_digest(
