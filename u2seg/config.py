@@ -236,6 +236,9 @@ class EvaluateConfig:
     PNGs) or "cityscapes" (`gt_cityscapes`, a gtFine split folder). `image_list`: a text
     file that restricts the set (e.g. STEGO's curated COCO-Stuff list). `semantic_level`:
     "category" or "supercategory" (COCO panoptic -> the 27 COCO-Stuff classes).
+    `panoptic_level`: "category" or "supercategory" (coco-panoptic only: PQ on the thing
+    categories and the stuff supercategories, COCO's 80 + 15, as U2Seg's panoptic ground
+    truth; the stuff segments of one supercategory in an image become one).
     Instance map: votes of predictions with score >= `min_score` and box IoU > `min_iou`.
     `miou_rule`: "defined" (STEGO's and mmseg's: every class whose IoU is defined, so a
     cluster mapped to a class absent from the set scores it 0) or "present" (only the
@@ -257,6 +260,7 @@ class EvaluateConfig:
     gt_cityscapes: str = ""
     image_list: str = ""
     semantic_level: str = "category"
+    panoptic_level: str = "category"
     min_score: float = between(0, 1, 0.6)
     min_iou: float = between(0, 1, 0.7)
     max_dets: int = at_least(1, 100)

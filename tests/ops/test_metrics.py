@@ -379,6 +379,7 @@ def _random_panoptic(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[
 def test_pq_matches_torchmetrics_without_crowd() -> None:
     import torch
     from torchmetrics import detection
+
     rng = np.random.default_rng(0)
     things, stuff = {1, 2}, {10, 11}
     metric = detection.PanopticQuality(things=things, stuffs=stuff, return_sq_and_rq=True)

@@ -20,6 +20,7 @@ from u2seg.ops import refine, stuff
 from u2seg.ops.stuff import (
     CorrespondenceLossConfig,
     assign_patches,
+    code_logits,
     correspondence_loss,
     crf_stuff_labels,
     densecrf_probabilities,
@@ -432,3 +433,18 @@ def test_stego_train_loop_runs_without_ray_for_two_steps(tmp_path: Path) -> None
     assert out["state_dict"]["linear.weight"].shape == (70, 24, 1, 1)
     with pytest.raises(ValueError, match="N >= 2"):
         train_loop_per_worker({"tokens": tokens[:1], "steps": 1, "device": "cpu"})
+
+
+def test_codes_are_upsampled_before_the_probe_as_stego() -> None:
+    # A 1 x 2 patch grid: a strong code along class 0, a weak one along class 1; class 2
+    # sits between them. Upsampled to 4 px (align_corners=False: sources 0, .25, .75, 1).
+    codes = torch.tensor([[[10.0, 0.0], [0.0, 1.0]]])
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    stego = code_logits(codes, centroids, (1, 4)).argmax(dim=0)
+    # Pixel 2 holds the code (2.5, .75): cosine .96 to class 0. Interpolated cosines
+    # (.25, .75, .71) would give class 1 there: the strong code's confidence is lost.
+    assert stego.tolist() == [[0, 0, 0, 1]]
+    scores = stuff_logits(codes[None], centroids)
+    assert upsample_labels(scores[0], (1, 4)).tolist() == [[0, 0, 1, 1]]
+    # At the grid's own size both orders agree.
+    torch.testing.assert_close(code_logits(codes, centroids, (1, 2)), scores[0])

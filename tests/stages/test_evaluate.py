@@ -102,8 +102,14 @@ def test_semantic_stage_is_scored_by_the_semantic_protocol(tmp_path: Path) -> No
         for s in info:
             lut[s["id"]] = (s["category_id"] + 1) % 4
         labels = lut[segments]
-        rows.append({**{k: entry[k] for k in ("file_name", "width", "height")},
-                     "image_id": entry["id"], "error": None, "labels_png": png_bytes(labels)})
+        rows.append(
+            {
+                **{k: entry[k] for k in ("file_name", "width", "height")},
+                "image_id": entry["id"],
+                "error": None,
+                "labels_png": png_bytes(labels),
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows), run / "semantic" / "part-00000.parquet")
     manifest = {"stage": "semantic", "counts": {"classes": 4}}
     (run / "semantic" / "manifest.json").write_text(json.dumps(manifest))
@@ -327,7 +333,10 @@ def test_ground_truth_images_without_a_size_are_named(tmp_path: Path) -> None:
         "evaluate.gt_format=coco", f"evaluate.gt_instances={gt_json}",
     ])  # fmt: skip
     (tmp_path / "export" / "instances.json").write_text(gt_json.read_text())  # as predictions
-    with pytest.warns(UserWarning), pytest.raises(
-        GroundTruthError, match="image 2011_000003.jpg \\(id 0\\) has no width and height"
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            GroundTruthError, match="image 2011_000003.jpg \\(id 0\\) has no width and height"
+        ),
     ):
         evaluate.run(cfg)

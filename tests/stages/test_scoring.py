@@ -24,19 +24,22 @@ from tests.evalcases import (
     write_ground_truth,
     write_prediction,
 )
+from u2seg.config import EvaluateConfig
 from u2seg.data.groundtruth import (
+    Category,
     GroundTruthError,
     load_cityscapes,
     load_coco,
     load_coco_panoptic,
     load_cocostuff27,
     restrict,
+    stuff_supercategories,
     write_coco_panoptic,
 )
 from u2seg.data.predictions import PredictionError, load_predictions
 from u2seg.ops.coco_eval import SUMMARY, evaluate_images
 from u2seg.stages._scoring import EvaluationError, Maps, Settings
-from u2seg.stages.evaluate import evaluate
+from u2seg.stages.evaluate import evaluate, load_ground_truth
 
 
 def _score(tmp: Path, gt_scenes, pred_scenes, maps: Maps | None = None, **kw):
@@ -364,3 +367,74 @@ def test_segment_ids_without_info_are_named(tmp_path: Path, side: str) -> None:
     folder = "gt" if side == "gt" else "pred"
     with pytest.raises(ValueError, match=rf"{folder}/panoptic/img001\.png: segment ids \[2\]"):
         evaluate(gt, pred, Settings())
+
+
+WALLS = [
+    {"id": 1, "name": "person", "isthing": 1, "supercategory": "person"},
+    {"id": 2, "name": "wall-brick", "isthing": 0, "supercategory": "wall"},
+    {"id": 3, "name": "wall-stone", "isthing": 0, "supercategory": "wall"},
+]
+ONE_WALL = [
+    {"id": 1, "name": "thing-1", "isthing": 1},
+    {"id": 2, "name": "stuff-0", "isthing": 0},
+]
+
+
+def _walls(tmp: Path, walls: list[list[int]], level: str) -> dict:
+    """Images of a person on walls (`walls`: the wall category of each half, top then
+    bottom, per image) scored against a perfect person and one wall cluster."""
+    gt_scenes, pred_scenes = [], []
+    for k, (top, bottom) in enumerate(walls, start=1):
+        segments = np.full((64, 64), 2, dtype=np.int64)
+        segments[:32] = 1
+        segments[20:44, 24:40] = 3  # the person
+        cats = {1: top, 2: bottom, 3: 1}
+        if top == bottom:
+            segments[segments == 2] = 1
+        info = [segment_info(segments, s, cats[s]) for s in (1, 2, 3) if (segments == s).any()]
+        entry = {"id": k, "file_name": f"wall{k}.jpg", "height": 64, "width": 64}
+        gt_scenes.append((entry, segments, info))
+        pred = np.where(segments == 3, 2, 1)
+        pred_scenes.append((entry, pred, [segment_info(pred, 1, 2), segment_info(pred, 2, 1)]))
+    (tmp / "gt").mkdir(parents=True)
+    write_coco_panoptic(tmp / "gt" / "panoptic.json", gt_scenes, WALLS)
+    gt = load_coco_panoptic(str(tmp / "gt" / "panoptic.json"), panoptic_level=level)
+    pred = load_predictions("p", str(write_prediction(tmp / "pred", pred_scenes, ONE_WALL)))
+    return evaluate(gt, pred, Settings())[0]["panoptic"]
+
+
+def test_pq_at_the_supercategory_level_scores_stuff_as_u2seg(tmp_path: Path) -> None:
+    # wall-brick in one image, wall-stone in the other, both "wall".
+    per_category = _walls(tmp_path / "c", [[2, 2], [3, 3]], "category")
+    # One wall cluster matches wall-brick: TP there, FP + FN (wall-stone) in image 2.
+    assert per_category["Stuff"]["PQ"] == pytest.approx(100 / 1.5 / 2)
+    assert per_category["level"] == "category"
+    per_super = _walls(tmp_path / "s", [[2, 2], [3, 3]], "supercategory")
+    assert per_super["Stuff"]["PQ"] == pytest.approx(100.0)
+    assert per_super["Things"]["PQ"] == pytest.approx(100.0)
+    assert per_super["level"] == "supercategory"
+    assert set(per_super["per_class"]) == {"person", "wall"}
+
+
+def test_stuff_of_one_supercategory_in_an_image_is_one_segment(tmp_path: Path) -> None:
+    # Brick above, stone below, one predicted wall over both: two half-overlaps at the
+    # category level (IoU < 0.5 each), one whole match at the supercategory level.
+    assert _walls(tmp_path / "c", [[2, 3]], "category")["Stuff"]["PQ"] == 0.0
+    assert _walls(tmp_path / "s", [[2, 3]], "supercategory")["Stuff"]["PQ"] == pytest.approx(100)
+
+
+def test_supercategory_groups_number_after_the_categories() -> None:
+    cats = [Category(1, "person", True, "person"), Category(7, "wall-brick", False, "wall"),
+            Category(5, "sky", False, ""), Category(9, "wall-stone", False, "wall")]  # fmt: skip
+    groups, grouped = stuff_supercategories(cats)
+    assert groups == {7: 10, 5: 11, 9: 10}
+    assert [(c.id, c.name, c.isthing) for c in grouped] == [(10, "wall", False), (11, "sky", False)]
+
+
+def test_panoptic_level_needs_supercategories(tmp_path: Path) -> None:
+    cfg = EvaluateConfig(gt_format="cityscapes", gt_cityscapes=str(tmp_path),
+                         panoptic_level="supercategory")  # fmt: skip
+    with pytest.raises(GroundTruthError, match=r"panoptic_level=supercategory needs .*cityscapes"):
+        load_ground_truth(cfg)
+    with pytest.raises(GroundTruthError, match=r"panoptic_level must be one of"):
+        load_coco_panoptic(str(tmp_path / "x.json"), panoptic_level="group")

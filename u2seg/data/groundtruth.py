@@ -9,6 +9,9 @@ Formats (`evaluate.gt_format`):
   `gt_instances` is set too (COCO's own instance ground truth overlaps, panoptic does not).
   Semantic classes are the categories, or their supercategories with
   `semantic_level=supercategory` (COCO panoptic's 133 categories -> the 27 of COCO-Stuff).
+  PQ matches the categories, or with `panoptic_level=supercategory` the thing categories
+  and the stuff supercategories (COCO: 80 things + 15 stuff), as U2Seg scores COCO PQ:
+  the stuff segments of one supercategory in an image are then one segment.
 - ``cocostuff27``: COCO-Stuff label PNGs (`gt_semantic_root`, values 0..181 of the 182
   COCO-Stuff labels, 255 unlabelled) mapped to STEGO's 27 coarse classes (12 thing and 15
   stuff supercategories): semantic only.
@@ -49,9 +52,11 @@ from u2seg.data.coco import (
     panoptic_file_name,
     rgb_to_id,
 )
+from u2seg.ops.metrics import SegmentOverlaps, relabel_gt_segments
 
 FORMATS = ("coco", "coco-panoptic", "cocostuff27", "cityscapes")
 SEMANTIC_LEVELS = ("category", "supercategory")
+PANOPTIC_LEVELS = ("category", "supercategory")
 IGNORE = 255  # void in semantic label maps
 _KEY_SUFFIXES = ("_leftImg8bit", "_gtFine_instanceIds", "_gtFine_labelIds")
 
@@ -141,6 +146,8 @@ class GroundTruth:
     has_panoptic: bool
     images: tuple[GTImage, ...] = field(default=(), repr=False)
     instances_from_json: bool = False
+    stuff_groups: dict[int, int] = field(default_factory=dict)
+    group_categories: tuple[Category, ...] = ()
 
     @property
     def has_semantic(self) -> bool:
@@ -153,6 +160,33 @@ class GroundTruth:
     @property
     def stuff_ids(self) -> list[int]:
         return sorted(c.id for c in self.categories if not c.isthing)
+
+    @property
+    def panoptic_level(self) -> str:
+        return "supercategory" if self.group_categories else "category"
+
+    @property
+    def panoptic_categories(self) -> tuple[Category, ...]:
+        """The categories PQ is scored on: `categories`, or at the supercategory level the
+        thing categories and one stuff category a stuff supercategory (`stuff_groups`:
+        stuff category id -> the id of its group in `group_categories`)."""
+        if not self.group_categories:
+            return self.categories
+        return tuple(c for c in self.categories if c.isthing) + self.group_categories
+
+    def panoptic_ids(self, things: bool) -> list[int]:
+        """Thing (or stuff) ids of `panoptic_categories`."""
+        return sorted(c.id for c in self.panoptic_categories if c.isthing == things)
+
+    def at_panoptic_level(
+        self, overlaps: SegmentOverlaps, gt_info: Mapping[int, tuple[int, bool]]
+    ) -> tuple[SegmentOverlaps, dict[int, tuple[int, bool]]]:
+        """One image's overlaps and GT segments with the categories of `panoptic_categories`
+        (stuff of one group merged into one segment)."""
+        if not self.group_categories:
+            return overlaps, dict(gt_info)
+        merge = [c.id for c in self.group_categories]
+        return relabel_gt_segments(overlaps, gt_info, self.stuff_groups, merge)
 
     def without_images(self) -> GroundTruth:
         return replace(self, images=())
@@ -413,9 +447,7 @@ def read_panoptic(
     naming it. `require_images`: an empty image list is an error too."""
     data = load_json(url, what)
     annotations = {int(a["image_id"]): a for a in data.get("annotations", [])}
-    used = {
-        int(s["category_id"]) for a in annotations.values() for s in a.get("segments_info", [])
-    }
+    used = {int(s["category_id"]) for a in annotations.values() for s in a.get("segments_info", [])}
     categories = parse_categories(data, url, panoptic=True, used=used)
     known = {c.id for c in categories}
     images = _images_of(data, url) if require_images else data.get("images", [])
@@ -441,10 +473,13 @@ def load_coco_panoptic(
     panoptic_root: str | None = None,
     instances: str | None = None,
     semantic_level: str = "category",
+    panoptic_level: str = "category",
 ) -> GroundTruth:
     """Panoptic (and semantic, instance) ground truth from a COCO panoptic JSON + PNGs."""
     if semantic_level not in SEMANTIC_LEVELS:
         raise GroundTruthError(f"semantic_level must be one of {SEMANTIC_LEVELS}")
+    if panoptic_level not in PANOPTIC_LEVELS:
+        raise GroundTruthError(f"panoptic_level must be one of {PANOPTIC_LEVELS}")
     categories, entries = read_panoptic(panoptic_json, "ground-truth panoptic JSON", True)
     root = panoptic_root or panoptic_json[: -len(".json")]
     by_image: dict[int, list[Any]] = {}
@@ -472,13 +507,36 @@ def load_coco_panoptic(
         classes = tuple(c.name for c in categories)
         semantic_of = {c.id: k for k, c in enumerate(categories)}
     else:
-        groups = list(dict.fromkeys(c.supercategory or c.name for c in categories))
-        classes = tuple(groups)
-        semantic_of = {c.id: groups.index(c.supercategory or c.name) for c in categories}
+        names = list(dict.fromkeys(c.supercategory or c.name for c in categories))
+        classes = tuple(names)
+        semantic_of = {c.id: names.index(c.supercategory or c.name) for c in categories}
+    groups: dict[int, int] = {}
+    group_categories: tuple[Category, ...] = ()
+    if panoptic_level == "supercategory":
+        groups, group_categories = stuff_supercategories(categories)
     return GroundTruth(
         "coco-panoptic", panoptic_json, categories, classes, semantic_of, True, True,
-        tuple(images), bool(instances),
+        tuple(images), bool(instances), groups, group_categories,
     )  # fmt: skip
+
+
+def stuff_supercategories(
+    categories: Sequence[Category],
+) -> tuple[dict[int, int], tuple[Category, ...]]:
+    """Stuff category id -> group id, and one stuff category a stuff supercategory (a
+    category without one is its own group), numbered after the largest category id, in
+    order of first appearance. Thing categories are not grouped."""
+    next_id = max(c.id for c in categories) + 1
+    by_name: dict[str, Category] = {}
+    groups: dict[int, int] = {}
+    for c in categories:
+        if c.isthing:
+            continue
+        name = c.supercategory or c.name
+        if name not in by_name:
+            by_name[name] = Category(next_id + len(by_name), name, False, name)
+        groups[c.id] = by_name[name].id
+    return groups, tuple(by_name.values())
 
 
 def _label_files(folder: str, suffix: str, what: str) -> tuple[GTImage, ...]:
@@ -517,9 +575,7 @@ def load_cityscapes(gt_fine: str) -> GroundTruth:
     categories = tuple(Category(i, name, thing) for i, name, thing in CITYSCAPES_CLASSES)
     classes = tuple(name for _, name, _ in CITYSCAPES_CLASSES)
     semantic_of = {c.id: k for k, c in enumerate(categories)}
-    return GroundTruth(
-        "cityscapes", gt_fine, categories, classes, semantic_of, True, True, images
-    )
+    return GroundTruth("cityscapes", gt_fine, categories, classes, semantic_of, True, True, images)
 
 
 def restrict(gt: GroundTruth, image_list: str) -> GroundTruth:

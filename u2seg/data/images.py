@@ -31,6 +31,7 @@ REF_SCHEMA = pa.schema(
 # A comment after a path: "photo.jpg  # note" (a "#" inside a name is kept).
 _COMMENT = re.compile(r"\s+#")
 
+
 class SourceError(ValueError):
     """The image source itself (folder, JSON, list) cannot be read."""
 

@@ -389,6 +389,40 @@ def segment_overlaps(pred_segments: np.ndarray, gt_segments: np.ndarray) -> Segm
     return SegmentOverlaps(dict(pred_area), dict(gt_area), intersection)
 
 
+def relabel_gt_segments(
+    overlaps: SegmentOverlaps,
+    gt_info: Mapping[int, tuple[int, bool]],
+    category_of: Mapping[int, int],
+    merge: Iterable[int],
+) -> tuple[SegmentOverlaps, dict[int, tuple[int, bool]]]:
+    """One image's overlaps and GT segments with GT categories relabelled.
+
+    `category_of`: GT category -> new category (one left out keeps its id). The non-crowd
+    segments of a new category in `merge` (stuff: one segment a class and image, as COCO
+    panoptic writes stuff) become one segment, with the smallest of their ids; predicted
+    segments and void are unchanged.
+    """
+    merged = {int(c) for c in merge}
+    info: dict[int, tuple[int, bool]] = {}
+    first: dict[int, int] = {}
+    target: dict[int, int] = {}
+    for g in sorted(int(k) for k in gt_info):
+        category, crowd = gt_info[g]
+        category = int(category_of.get(int(category), int(category)))
+        if category in merged and not crowd:
+            target[g] = first.setdefault(category, g)
+        else:
+            target[g] = g
+        info.setdefault(target[g], (category, bool(crowd)))
+    intersection: Counter[tuple[int, int]] = Counter()
+    for (g, p), n in overlaps.intersection.items():
+        intersection[(target.get(g, g), p)] += n
+    gt_area: Counter[int] = Counter()
+    for g, n in overlaps.gt_area.items():
+        gt_area[target.get(g, g)] += n
+    return SegmentOverlaps(dict(overlaps.pred_area), dict(gt_area), dict(intersection)), info
+
+
 def pq_stats(
     pred_segments: np.ndarray,
     pred_info: Mapping[int, int],

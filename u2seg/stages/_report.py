@@ -99,8 +99,14 @@ def protocol(cfg: PipelineConfig) -> dict[str, Any]:
         ),
         "panoptic": (
             "things mapped by the instance map, stuff clusters by a Hungarian match to "
-            "ground-truth stuff classes; segments of unmatched clusters are void; a match "
-            "is IoU > 0.5"
+            "ground-truth stuff "
+            + (
+                "supercategories (U2Seg's panoptic ground truth: thing categories, stuff "
+                "supercategories, one segment a stuff supercategory and image)"
+                if e.panoptic_level == "supercategory"
+                else "categories"
+            )
+            + "; segments of unmatched clusters are void; a match is IoU > 0.5"
         ),
         "max_dets": e.max_dets,
     }
@@ -128,12 +134,13 @@ def per_class_table(metrics: dict[str, Any]) -> list[str]:
 
 def report(gt: GroundTruth, cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
     """report.md: ground truth, protocol, tables, pictures."""
-    things, stuff = len(gt.thing_ids), len(gt.stuff_ids)
+    things, stuff = len(gt.thing_ids), len(gt.panoptic_ids(things=False))
     lines = [
         "# Evaluation report",
         "",
         f"Ground truth: {gt.format} `{gt.source}`, {len(gt.images)} images, {things} thing "
-        f"and {stuff} stuff categories, {len(gt.semantic_classes)} semantic classes "
+        f"and {stuff} stuff {'supercategories' if gt.group_categories else 'categories'} "
+        f"(panoptic level: {gt.panoptic_level}), {len(gt.semantic_classes)} semantic classes "
         f"({cfg.evaluate.semantic_level} level).",
         "",
         *(f"- {k.replace('_', ' ')}: {v}" for k, v in protocol(cfg).items()),

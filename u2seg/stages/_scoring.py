@@ -144,11 +144,12 @@ class Job:
 
 @dataclass(frozen=True)
 class PanopticRecord:
-    """One image's panoptic pixels as counts: overlaps, predicted and GT segment infos."""
+    """One image's panoptic pixels as counts: overlaps, GT and predicted segment infos,
+    the GT at the panoptic level (`GroundTruth.panoptic_categories`)."""
 
     overlaps: SegmentOverlaps
-    pred_info: dict[int, int]
     gt_info: dict[int, tuple[int, bool]]
+    pred_info: dict[int, int]
 
 
 @dataclass
@@ -326,7 +327,8 @@ def _first_pass(job: Job, images: list[_Image], stats: Stats) -> None:
         if job.panoptic:
             overlaps = image.overlaps()
             info, gt_info = image.pred_panoptic()[1], image.gt_panoptic()[1]
-            stats.panoptic.append(PanopticRecord(overlaps, info, gt_info))
+            stats.panoptic.append(PanopticRecord(*job.gt.at_panoptic_level(overlaps, gt_info),
+                                                 info))  # fmt: skip
             if job.semantic:
                 _confusion_from_overlaps(job, rows, stats, overlaps, info, gt_info)
         elif job.semantic:
@@ -439,9 +441,9 @@ def fit_maps(job: Job, stats: Stats) -> Maps:
 
 def _stuff_map(job: Job, records: Sequence[PanopticRecord]) -> dict[int, int]:
     """Predicted stuff category -> GT stuff category: a Hungarian match on the pixels the
-    two share over the set (categories, whatever `semantic_level` the report uses)."""
+    two share over the set (at the panoptic level, whatever `semantic_level` is)."""
     pred_stuff = [c.id for c in job.pred.categories if not c.isthing]
-    gt_stuff = job.gt.stuff_ids
+    gt_stuff = job.gt.panoptic_ids(things=False)
     if not pred_stuff or not gt_stuff:
         return {}
     row, col = {c: k for k, c in enumerate(pred_stuff)}, {c: k for k, c in enumerate(gt_stuff)}
@@ -459,7 +461,7 @@ def _stuff_map(job: Job, records: Sequence[PanopticRecord]) -> dict[int, int]:
 def check_maps(job: Job, maps: Maps, source: str) -> None:
     """Maps read from another evaluation must fit these categories and classes."""
     pred_ids = {c.id for c in job.pred.categories}
-    gt_things, gt_stuff = set(job.gt.thing_ids), set(job.gt.stuff_ids)
+    gt_things, gt_stuff = set(job.gt.thing_ids), set(job.gt.panoptic_ids(things=False))
     classes = len(job.gt.semantic_classes)
     checks = (
         ("instance", gt_things, "ground-truth thing category"),
@@ -507,7 +509,8 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
             out["semantic"][name] = {**scores, "matched_clusters": len(rows)}
         out["semantic"]["classes"] = list(job.gt.semantic_classes)
     if job.panoptic:
-        summary = pq_summary(second.pq, job.gt.thing_ids, job.gt.stuff_ids)
+        summary = pq_summary(second.pq, job.gt.thing_ids, job.gt.panoptic_ids(things=False))
+        names = {c.id: c.name for c in job.gt.panoptic_categories}
         per_class = {}
         for cat, (tp, fp, fn, iou) in sorted(second.pq.per_category.items()):
             denom = tp + 0.5 * fp + 0.5 * fn
@@ -518,7 +521,10 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
                     "RQ": 100 * tp / denom,
                     "tp": int(tp), "fp": int(fp), "fn": int(fn),
                 }  # fmt: skip
-        out["panoptic"] = {**summary, "per_class": per_class, "stuff_matched": len(maps.stuff)}
+        out["panoptic"] = {
+            **summary, "per_class": per_class, "stuff_matched": len(maps.stuff),
+            "level": job.gt.panoptic_level,
+        }  # fmt: skip
     return out
 
 

@@ -199,11 +199,20 @@ def load_ground_truth(cfg: Any) -> GroundTruth:
     for key in needs[fmt]:
         if not getattr(cfg, key):
             raise GroundTruthError(f"evaluate.gt_format={fmt} needs evaluate.{key}")
+    if cfg.panoptic_level != "category" and fmt != "coco-panoptic":
+        raise GroundTruthError(
+            f"evaluate.panoptic_level={cfg.panoptic_level} needs supercategories: "
+            f"gt_format=coco-panoptic, not {fmt}"
+        )
     if fmt == "coco":
         gt = load_coco(cfg.gt_instances)
     elif fmt == "coco-panoptic":
         gt = load_coco_panoptic(
-            cfg.gt_panoptic_json, cfg.gt_panoptic_root, cfg.gt_instances, cfg.semantic_level
+            cfg.gt_panoptic_json,
+            cfg.gt_panoptic_root,
+            cfg.gt_instances,
+            cfg.semantic_level,
+            cfg.panoptic_level,
         )
     elif fmt == "cocostuff27":
         gt = load_cocostuff27(cfg.gt_semantic_root)
@@ -250,6 +259,9 @@ def _overlay_rows(
 ) -> list[np.ndarray]:
     """photo | ground truth | prediction (after the maps) for the first `limit` images."""
     colour_of = {c.id: k for k, c in enumerate(gt.categories)}
+    # A stuff supercategory (panoptic_level) takes the colour of its first member.
+    for category, group in gt.stuff_groups.items():
+        colour_of.setdefault(group, colour_of[category])
     # A semantic class takes the colour of its first category, so right answers match.
     class_colour: dict[int, int] = {}
     for category, cls in gt.semantic_of.items():
@@ -383,7 +395,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                     raise FileNotFoundError(f"no saved maps for '{name}': {source.file(MAPPING)}")
                 maps = Maps.from_json(source.read_json(MAPPING))
             metrics, maps, first = evaluate(
-                gt, pred, settings, maps, e.chunk_size, on_ray, e.concurrency, e.num_cpus,
+                gt,
+                pred,
+                settings,
+                maps,
+                e.chunk_size,
+                on_ray,
+                e.concurrency,
+                e.num_cpus,
                 e.max_concurrency,
             )
             stage.write_json(f"{name}/{MAPPING}", maps.to_json())
