@@ -10,7 +10,9 @@ Two methods give every pixel one of S stuff clusters:
   with STEGO's feature-correspondence loss (`correspondence_loss`; the training loop is
   `u2seg.stages._stego_train`),
   then a *cluster* probe: the same spherical k-means, on the head's codes
-  (`fit_cluster_probe`). No probe here ever sees labels.
+  (`fit_cluster_probe`). No probe here ever sees labels. At inference the codes (not
+  the scores) are flip-averaged and upsampled before the probe scores them
+  (`code_logits`), as STEGO's evaluation does.
 
 Both share STEGO's inference extras: horizontal-flip averaging (`flip_average`) and the
 multi-class dense CRF with STEGO's parameters (`crf_stuff_labels`, `STEGO_CRF`).
@@ -166,6 +168,17 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     align_corners=False, as STEGO's evaluation does: patch centres sit at half-patch offsets.
     """
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def code_logits(codes: torch.Tensor, centroids: ArrayLike, size: tuple[int, int]) -> torch.Tensor:
+    """STEGO's inference order for one image: its (h, w, C) codes upsampled bilinearly to
+    `size` (align_corners=False), then each pixel's cosine similarity to the (S, C)
+    centroids: float32 (S, H, W) on `codes.device`. Normalising after upsampling scores the
+    interpolated code, as STEGO's cluster probe does, not an average of two cosines."""
+    if codes.ndim != 3:
+        raise ValueError(f"codes must be (h, w, C), got shape {tuple(codes.shape)}")
+    up = upsample_logits(codes.permute(2, 0, 1)[None], size)
+    return stuff_logits(up.permute(0, 2, 3, 1), centroids)[0]
 
 
 def upsample_labels(

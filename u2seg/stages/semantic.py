@@ -5,9 +5,10 @@ over the dataset: "patch-kmeans" samples their patch tokens into a spherical fai
 of S clusters; "stego" trains a STEGO head on their frozen token grids (Ray Train, or in
 the driver) and fits the cluster probe, a k-means of the head's codes (`head.pt`).
 `semantic/centroids.npy` keeps the result for resume. Label: every image's patches (or
-codes) are scored against the centroids (cosine, optionally averaged with the mirrored
-image), the scores upsampled bilinearly to the original size, and the argmax stored as a
-PNG (uint8 stuff ids 0..S-1) in the shard row.
+codes) are scored against the centroids by cosine and the argmax stored as a PNG (uint8
+stuff ids 0..S-1) in the shard row. STEGO's order for the head: its codes are averaged with
+the mirrored image's and upsampled bilinearly to the original size, then scored; the
+baseline's token scores are averaged and upsampled instead (tokens are 384 wide).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from u2seg.data.images import SquareImages, list_images
 from u2seg.models.stego import load_head
 from u2seg.models.vit import input_size, normalise
 from u2seg.ops.stuff import (
+    code_logits,
     crf_stuff_labels,
     fit_cluster_probe,
     fit_stuff_clusters,
     flip_average,
     sample_patches,
     stuff_logits,
-    upsample_labels,
+    upsample_logits,
 )
 from u2seg.runtime import cluster_has_gpus, ray_session
 from u2seg.stages._image_loop import (
@@ -105,27 +107,37 @@ class StuffLabeler(BackboneActor):
         # STEGO: classes are clusters of the head's codes, not of the tokens.
         self.head = load_head(head).to(self.device) if head is not None else None
 
-    def scores(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (B, S', S', 3) -> float (B, S, h, w) cosine scores of every stuff class."""
+    def grids(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, S', S', 3) -> what `labels` reads, at the patch grid: with a STEGO head
+        its codes (B, h, w, C), which STEGO flip-averages and upsamples before the probe;
+        else the tokens' cosine scores (B, S, h, w), averaged and upsampled as scores (the
+        D-wide tokens are not worth upsampling to every pixel for the baseline)."""
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             tokens = self.model(x, want_keys=False).patch_tokens
             if self.head is not None:
-                tokens = self.head.codes(tokens)
+                return self.head.codes(tokens)
             return stuff_logits(tokens, self.centroids)
 
         x = normalise(images, self.device)
+        width_dim = 2 if self.head is not None else -1
         with torch.inference_mode():
-            return flip_average(forward, x) if self.flip else forward(x)
+            return flip_average(forward, x, width_dim) if self.flip else forward(x)
 
-    def labels(self, image: np.ndarray, scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-        """uint8 (H, W) stuff ids of one image from its (S, h, w) scores. With `crf` the
-        dense CRF runs on the square network input (STEGO's inference resolution) and its
-        labels are resized to the photo (nearest); else the scores are upsampled straight
-        to the photo's size (bilinear) and arg-maxed."""
+    def logits(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """float (S, H, W) scores of one image's `grids` entry at `size`."""
+        if self.head is not None:
+            return code_logits(grid, self.centroids.to(grid.device), size)
+        return upsample_logits(grid[None], size)[0]
+
+    def labels(self, image: np.ndarray, grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """uint8 (H, W) stuff ids of one image from its `grids` entry. With `crf` the dense
+        CRF runs on the square network input (STEGO's inference resolution) and its labels
+        are resized to the photo (nearest); else the scores at the photo's size (bilinear)
+        are arg-maxed."""
         if not self.crf:
-            return upsample_labels(scores, size).astype(np.uint8)
-        square = crf_stuff_labels(image, scores).astype(np.uint8)
+            return self.logits(grid, size).argmax(dim=0).numpy().astype(np.uint8)
+        square = crf_stuff_labels(image, self.logits(grid, image.shape[:2])).astype(np.uint8)
         resized = Image.fromarray(square).resize((size[1], size[0]), Image.Resampling.NEAREST)
         return np.asarray(resized)
 
@@ -133,10 +145,10 @@ class StuffLabeler(BackboneActor):
         ok = np.flatnonzero(batch["error"] == "")
         pngs = np.full(len(batch["error"]), b"", dtype=object)
         if len(ok):
-            scores = self.scores(batch["image"][ok]).cpu()
+            grids = self.grids(batch["image"][ok]).cpu()
             for j, i in enumerate(ok):
                 size = (int(batch["height"][i]), int(batch["width"][i]))
-                pngs[i] = png_bytes(self.labels(batch["image"][i], scores[j], size))
+                pngs[i] = png_bytes(self.labels(batch["image"][i], grids[j], size))
         result = {k: v for k, v in batch.items() if k not in ("image", "path")}
         result["labels_png"] = pngs
         return result
@@ -255,9 +267,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if not 1 <= cfg.semantic.num_classes <= 254:
         raise ValueError(f"semantic.num_classes={cfg.semantic.num_classes} must be in 1..254")
     stage = StageDir(cfg.output_dir, STAGE)
-    stage.start(
-        to_dict(cfg), depends_on(cfg, ("data", "backbone", "semantic"))
-    )
+    stage.start(to_dict(cfg), depends_on(cfg, ("data", "backbone", "semantic")))
     if stage.exists(CENTROIDS):
         centroids = stage.read_array(CENTROIDS)
     else:
