@@ -88,12 +88,16 @@ def main() -> None:
         )
         with ray_session(RayConfig(num_cpus=os.cpu_count())):
             timing = run(cfg)["timing"]
-    print(f"images: {args.images} at {size}x{size}, DINOv2 ViT-S/14, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"images: {args.images} at {size}x{size}, DINOv2 ViT-S/14, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"bare forward          : {bare:7.2f} images/s (baseline, best at {threads} threads)")
     value = timing["images_per_s"]
-    print(f"ray data pipeline     : {value:7.2f} images/s  ratio {value / bare:.2f} "
-          f"({args.actors} actors x 1 thread; actor start-up and model loading included)")
+    print(
+        f"ray data pipeline     : {value:7.2f} images/s  ratio {value / bare:.2f} "
+        f"({args.actors} actors x 1 thread; actor start-up and model loading included)"
+    )
 
 
 if __name__ == "__main__":

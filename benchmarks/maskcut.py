@@ -38,7 +38,7 @@ from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
 from u2seg.models.vit import load_backbone, normalise
 from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
-from u2seg.ops.maskcut import discovery_score, maskcut_batch
+from u2seg.ops.maskcut import discovery_score, maskcut_batch, masks_of
 from u2seg.stages.maskcut import cut_options, refine_masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,8 @@ SETTINGS: dict[str, dict[str, object]] = {
 
 
 def _cut(grid: torch.Tensor, cfg: MaskCutConfig) -> list[list[np.ndarray]]:
-    return maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
+    rounds = maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
+    return [masks_of(r) for r in rounds]
 
 
 def quality(tmp: Path) -> None:
@@ -81,12 +82,11 @@ def quality(tmp: Path) -> None:
             quokka_iou = 0.0
             for j, masks in enumerate(_cut(grids[cfg.feature], cfg)):
                 image_id = ids[j]
-                full = refine_masks(squares[j], masks, originals[image_id].shape[:2], cfg)
+                refined = refine_masks(squares[j], masks, originals[image_id].shape[:2], cfg)
+                full = [m for m in refined if m is not None]
                 for k, mask in enumerate(full):
                     anns.append(
-                        mask_to_annotation(
-                            mask, image_id, len(anns) + 1, score=discovery_score(k)
-                        )
+                        mask_to_annotation(mask, image_id, len(anns) + 1, score=discovery_score(k))
                     )
                 if image_id == quokka["image_id"]:
                     quokka_iou = best_iou(rle_to_mask(quokka["segmentation"]), full)
@@ -124,7 +124,8 @@ def stage_time(tmp: Path) -> None:
         masks = _cut(grid, cfg)[0]
         t3 = time.perf_counter()
         for mask in refine_masks(square[0], masks, original.shape[:2], cfg):
-            mask_to_annotation(mask, 1, 1)
+            if mask is not None:
+                mask_to_annotation(mask, 1, 1)
         t4 = time.perf_counter()
         for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             parts[key] += dt / len(paths)

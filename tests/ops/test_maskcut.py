@@ -13,6 +13,7 @@ import torch
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from u2seg.ops import maskcut as maskcut_ops
 from u2seg.ops.maskcut import (
     EPS,
     bipartition,
@@ -21,6 +22,7 @@ from u2seg.ops.maskcut import (
     maskcut,
     maskcut_batch,
     maskcut_rounds,
+    masks_of,
     nonfinite_images,
     seed_component,
 )
@@ -287,8 +289,9 @@ def test_batched_equals_unbatched(options: dict) -> None:
     feats = np.stack([grid_features(lab, seed=i) for i, lab in enumerate(labels)])
     batched = maskcut_batch(torch.from_numpy(feats), 3, 0.15, **options)
     assert len(batched) == 3
-    for image, masks in zip(feats, batched, strict=True):
-        alone = maskcut(image, 3, 0.15, **options)
+    for image, rounds in zip(feats, batched, strict=True):
+        masks, alone = masks_of(rounds), maskcut(image, 3, 0.15, **options)
+        assert all(r.converged for r in rounds)
         assert len(masks) == len(alone)
         assert all(np.array_equal(a, b) for a, b in zip(masks, alone, strict=True))
 
@@ -361,8 +364,8 @@ def test_drop_covered_batched_equals_unbatched() -> None:
     feats = np.stack([grid_features(np.pad(ONE_OBJECT, 5), seed=4), grid_features(THREE_OBJECTS)])
     options = {"drop_covered": True, "mask_rejected": True}
     batched = maskcut_batch(torch.from_numpy(feats), 4, 0.15, **options)
-    for image, masks in zip(feats, batched, strict=True):
-        alone = maskcut(image, 4, 0.15, **options)
+    for image, rounds in zip(feats, batched, strict=True):
+        masks, alone = masks_of(rounds), maskcut(image, 4, 0.15, **options)
         assert len(masks) == len(alone)
         assert all(np.array_equal(a, b) for a, b in zip(masks, alone, strict=True))
 
@@ -386,3 +389,20 @@ def test_non_finite_features_are_refused_not_masked_out() -> None:
     with pytest.raises(ValueError, match=r"features of images \[1\] hold NaN"):
         maskcut_batch(features, n_masks=2)
     assert len(maskcut_batch(features[:1], n_masks=2)) == 1
+
+
+def test_lanczos_that_does_not_converge_is_recorded_per_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A negative tolerance no residual can meet: every restart runs out and the best Ritz
+    # vector is used; each round says so.
+    feats = grid_features(np.pad(THREE_OBJECTS, 2), seed=3)
+    clean = maskcut_rounds(feats, n_masks=2)
+    assert [r.converged for r in clean] == [True, True]
+    monkeypatch.setattr(maskcut_ops, "FIEDLER_TOL", -1.0)
+    rounds = maskcut_rounds(feats, n_masks=2)
+    assert [r.converged for r in rounds] == [False, False]
+    # The best Ritz vector of a well-separated graph is still the right cut.
+    assert all(np.array_equal(a, b) for a, b in zip(masks_of(rounds), masks_of(clean), strict=True))
+    with pytest.warns(RuntimeWarning, match="Lanczos did not reach residual"):
+        fiedler_vector(cosine_similarity(feats), 0.15, tol=-1.0)

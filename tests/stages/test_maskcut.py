@@ -11,12 +11,24 @@ import pytest
 from pycocotools.coco import COCO
 
 from tests.helpers import demo_config, write_bad_files
-from u2seg.config import MaskCutConfig
+from u2seg.artifacts import StageDir
+from u2seg.config import MaskCutConfig, to_dict
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.demo import write_demo_dataset
+from u2seg.data.images import SquareImages, list_images
+from u2seg.ops import maskcut as maskcut_ops
 from u2seg.ops.coco_eval import best_iou
 from u2seg.ops.refine import resolve_backend
-from u2seg.stages.maskcut import check_options, cut_options, refine_masks, run
+from u2seg.stages._image_loop import plan_shards
+from u2seg.stages.maskcut import (
+    MaskCutWorker,
+    check_options,
+    cut_options,
+    refine_masks,
+    run,
+    to_shard_rows,
+    unconverged_masks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +57,8 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
     assert manifest["counts"]["errors"] == 2
     # The refinement that really ran ("auto": the dense CRF where the extra is installed).
     assert manifest["refinement"] == {resolve_backend("auto"): 2}
+    # Every cut's eigensolver converged on the real photos; the count is in the manifest.
+    assert manifest["counts"]["unconverged_masks"] == 0
     assert {e["file_name"] for e in manifest["errors"]["first"]} == {
         "bad/text.png",
         "bad/truncated.jpg",
@@ -112,6 +126,29 @@ def test_refine_masks_returns_original_size() -> None:
     patch[1:3, 1:3] = True
     empty = np.zeros((4, 4), dtype=bool)
     out = refine_masks(image, [patch, empty], (30, 60), MaskCutConfig(crf="none"))
-    assert len(out) == 1
+    assert len(out) == 2 and out[1] is None  # one entry per mask: the empty one dropped
+    assert out[0] is not None
     assert out[0].shape == (30, 60) and out[0].dtype == bool
     assert out[0][15, 30] and not out[0][0, 0]
+
+
+def test_cuts_whose_eigensolver_did_not_converge_are_recorded_and_counted(
+    photos: tuple[Path, dict], tmp_path: Path, weights_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker in this process, with a tolerance no residual can meet: every cut is the
+    # best Ritz vector after the last restart. Each mask says so; the stage counts them.
+    folder, _ = photos
+    cfg = demo_config(folder, tmp_path / "run", weights_cache)
+    monkeypatch.setattr(maskcut_ops, "FIEDLER_TOL", -1.0)
+    refs = plan_shards(list_images(str(folder)), 8)
+    batch = {name: refs.column(name).to_numpy(zero_copy_only=False) for name in refs.column_names}
+    batch = SquareImages(cfg.maskcut.image_size, cfg.data.max_pixels)(batch)
+    worker = MaskCutWorker(to_dict(cfg.backbone), to_dict(cfg.maskcut))
+    table = to_shard_rows(worker(batch))
+    flags = table.column("converged").to_pylist()
+    assert [len(f) for f in flags] == table.column("num_masks").to_pylist()
+    assert sum(table.column("num_masks").to_pylist()) >= 2
+    assert not any(flag for f in flags for flag in f)
+    stage = StageDir(str(tmp_path / "run"), "maskcut")
+    stage.write_table(StageDir.shard_name(0), table.drop_columns(["shard", "order"]), "x")
+    assert unconverged_masks(stage) == sum(table.column("num_masks").to_pylist())

@@ -108,12 +108,16 @@ class MaskCutRound:
             "rejected: iou", "rejected: area", "stopped: ncut" or "stopped: no structure"
             (lambda_2 = 1 within `NO_STRUCTURE_TOL`, first round included; the last round
             run).
+        converged: whether Lanczos reached `FIEDLER_TOL` for this round's Fiedler vector;
+            False: the best Ritz vector after every restart was used (a cut of a graph
+            whose top eigenvalues are too close to tell apart).
     """
 
     eigenvalue: float
     component: NDArray[np.bool_]
     mask: NDArray[np.bool_] | None
     status: str
+    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -306,7 +310,7 @@ def _lanczos_largest(
     known: torch.Tensor,
     tol: float,
     support: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Largest eigenpair of M restricted to the complement of its `known` top eigenvector.
 
     Lanczos with full reorthogonalisation (twice, against `known` and every basis vector) in
@@ -321,7 +325,8 @@ def _lanczos_largest(
             enter the Krylov space).
 
     Returns:
-        eigenvalues (B,) float64 and unit eigenvectors (B, n) float64.
+        eigenvalues (B,) float64, unit eigenvectors (B, n) float64, and (B,) bool: whether
+        each image's pair converged (else it is the best Ritz pair of the last cycle).
     """
     batch, n = known.shape
     dim = min(_KRYLOV_DIM, n - 1)
@@ -329,7 +334,6 @@ def _lanczos_largest(
     values = torch.zeros(batch, dtype=torch.float64, device=known.device)
     vectors = torch.zeros(batch, n, dtype=torch.float64, device=known.device)
     done = torch.zeros(batch, dtype=torch.bool, device=known.device)
-    residual = torch.full((batch,), math.inf, dtype=torch.float64, device=known.device)
 
     def project(w: torch.Tensor) -> torch.Tensor:
         if support is not None:
@@ -369,24 +373,18 @@ def _lanczos_largest(
                 y = y / y.norm(dim=-1, keepdim=True)
                 values = torch.where(take, evals[:, -1], values)
                 vectors = torch.where(take[:, None], y, vectors)
-                residual = torch.where(take, res, residual)
                 done |= eligible & ((res <= tol) | newly_broken)
                 start = torch.where(take[:, None] & ~done[:, None], y, start)
             if bool(done.all()):
-                return values, vectors
-    warnings.warn(
-        f"Fiedler vector: Lanczos stopped at residual {float(residual.max()):.2e} > {tol:.0e} "
-        f"after {(_MAX_RESTARTS + 1) * dim} steps; using the best Ritz vector",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return values, vectors
+                break
+    return values, vectors, done
 
 
 def _fiedler_batch(
-    op: _NormalizedAffinity, tol: float = FIEDLER_TOL
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Oriented Fiedler vectors (B, n) and eigenvalues (B,) of the graphs held by `op`."""
+    op: _NormalizedAffinity, tol: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """Oriented Fiedler vectors (B, n), eigenvalues (B,) and whether each converged (B,)
+    of the graphs held by `op`."""
     degree = op.degrees()
     support = op.uncovered if op.drop_covered else None
     if support is not None:
@@ -400,11 +398,11 @@ def _fiedler_batch(
     inv_sqrt_degree = torch.where(degree > 0, 1.0 / sqrt_degree.clamp_min(1e-300), 0.0)
     # D^1/2 1 is the eigenvector of M with eigenvalue 1 (the trivial x = 1 of the pencil).
     known = sqrt_degree / sqrt_degree.norm(dim=-1, keepdim=True)
-    mu, y = _lanczos_largest(op, inv_sqrt_degree, known, tol, support)
+    mu, y, converged = _lanczos_largest(op, inv_sqrt_degree, known, tol, support)
     x = (y * inv_sqrt_degree).cpu().numpy()  # D^-1/2 y: x^T D x = 1, as eigh normalises
     peak = np.abs(x).argmax(axis=-1)
     x *= np.where(x[np.arange(len(x)), peak] < 0, -1.0, 1.0)[:, None]
-    return x, (1.0 - mu).cpu().numpy()
+    return x, (1.0 - mu).cpu().numpy(), converged.cpu().numpy()
 
 
 def fiedler_vector(
@@ -443,7 +441,8 @@ def fiedler_vector(
 
     Returns:
         x (n,) float64 with x^T D x = 1, oriented so that its entry of largest magnitude is
-        positive, and its eigenvalue lambda_2.
+        positive, and its eigenvalue lambda_2. A RuntimeWarning says when Lanczos did not
+        reach `tol` (the loop records it per round instead: `MaskCutRound.converged`).
     """
     sim = _as_tensor(similarity)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
@@ -452,7 +451,14 @@ def fiedler_vector(
         op = _NormalizedAffinity((sim > tau).float().unsqueeze(0))
         if covered is not None:
             op.cover(0, np.asarray(covered, dtype=bool).reshape(-1))
-        x, lam = _fiedler_batch(op, tol)
+        x, lam, converged = _fiedler_batch(op, tol)
+    if not converged[0]:
+        warnings.warn(
+            f"Fiedler vector: Lanczos did not reach residual {tol:.0e}; the best Ritz vector "
+            "is returned",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return x[0], float(lam[0])
 
 
@@ -542,6 +548,7 @@ class _ImageState:
         self.stopped = False
         self.vector: NDArray[np.float64] = np.zeros(shape)
         self.eigenvalue = 0.0
+        self.converged = True
 
 
 def _judge(state: _ImageState, component: NDArray[np.bool_], first: bool) -> str:
@@ -564,12 +571,16 @@ def _step(
     component = seed_component(side, seed)
     if state.eigenvalue >= 1.0 - NO_STRUCTURE_TOL:
         state.rounds.append(
-            MaskCutRound(state.eigenvalue, component, None, "stopped: no structure")
+            MaskCutRound(
+                state.eigenvalue, component, None, "stopped: no structure", state.converged
+            )
         )
         state.stopped = True
         return
     if opts.max_ncut is not None and state.eigenvalue > opts.max_ncut:
-        state.rounds.append(MaskCutRound(state.eigenvalue, component, None, "stopped: ncut"))
+        state.rounds.append(
+            MaskCutRound(state.eigenvalue, component, None, "stopped: ncut", state.converged)
+        )
         state.stopped = True
         return
     status = _judge(state, component, first)
@@ -587,7 +598,7 @@ def _step(
         # Upstream: the rejected mask becomes zeros, so nothing is masked out and the next
         # round compares with an empty mask; the graph and its Fiedler vector are unchanged.
         state.previous = np.zeros(state.shape, dtype=bool)
-    state.rounds.append(MaskCutRound(state.eigenvalue, component, mask, status))
+    state.rounds.append(MaskCutRound(state.eigenvalue, component, mask, status, state.converged))
 
 
 def nonfinite_images(features: ArrayLike) -> list[int]:
@@ -633,15 +644,17 @@ def _run(features: ArrayLike, n_masks: int, tau: float, opts: _Options) -> list[
 def _solve(states: list[_ImageState], op: _NormalizedAffinity) -> None:
     """Fiedler vectors of the images whose graph changed. The others ride along, result
     discarded, rather than copying a sub-batch of the (B, n, n) matrix."""
-    vectors, eigenvalues = _fiedler_batch(op)
+    vectors, eigenvalues, converged = _fiedler_batch(op, FIEDLER_TOL)
     for b, state in enumerate(states):
         if state.stale and not state.stopped:
             state.vector = vectors[b].reshape(state.shape)
             state.eigenvalue = float(eigenvalues[b])
+            state.converged = bool(converged[b])
             state.stale = False
 
 
-def _masks(rounds: Sequence[MaskCutRound]) -> list[NDArray[np.bool_]]:
+def masks_of(rounds: Sequence[MaskCutRound]) -> list[NDArray[np.bool_]]:
+    """The masks the rounds added, in discovery order."""
     return [r.mask for r in rounds if r.mask is not None]
 
 
@@ -698,7 +711,7 @@ def maskcut(
         bool (h, w) masks at patch resolution in discovery order, pairwise disjoint, at most
         `n_masks` (rejected and empty rounds add none).
     """
-    return _masks(
+    return masks_of(
         maskcut_rounds(
             features,
             n_masks,
@@ -731,8 +744,10 @@ def maskcut_batch(
     max_ncut: float | None = None,
     mask_rejected: bool = False,
     drop_covered: bool = False,
-) -> list[list[NDArray[np.bool_]]]:
-    """:func:`maskcut` for a batch of same-size grids (B, h, w, d), one result list per image.
+) -> list[list[MaskCutRound]]:
+    """:func:`maskcut_rounds` for a batch of same-size grids (B, h, w, d), one list of
+    rounds per image (`masks_of` gives an image's masks, `MaskCutRound.converged` whether
+    each cut's eigensolver converged).
 
     Everything numeric stays on the features' device: the Lanczos iterations of the whole
     batch advance in lock-step (the float64 vector work batched; the products with the n x n
@@ -745,4 +760,4 @@ def maskcut_batch(
     float64 vector work is batched, equal to ~1e-16).
     """
     opts = _Options(center, tau_quantile, foreground, max_ncut, mask_rejected, drop_covered)
-    return [_masks(rounds) for rounds in _run(features, n_masks, tau, opts)]
+    return _run(features, n_masks, tau, opts)

@@ -5,6 +5,9 @@ pool, so patch features never leave the actor (3600 x 768 floats would be ~11 MB
 Each shard row holds one image (and its path) and its annotations (COCO RLE, JSON text); once
 every shard is written, `instances.json` is streamed from the shards in listing order, with
 annotation ids 1..M in that order, so a resumed run writes the same file as a clean one.
+A row also records the refinement backend that really ran (`refine`) and, per annotation,
+whether the eigensolver of its cut converged (`converged`); the manifest counts both
+(`refinement`, `counts.unconverged_masks`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from u2seg.artifacts import StageDir
 from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
 from u2seg.data.coco import mask_to_annotation
 from u2seg.models.vit import normalise
-from u2seg.ops.maskcut import discovery_score, maskcut_batch, nonfinite_images
+from u2seg.ops.maskcut import (
+    MaskCutRound,
+    discovery_score,
+    maskcut_batch,
+    masks_of,
+    nonfinite_images,
+)
 from u2seg.ops.refine import refine_mask, resize_mask, resolve_backend, upsample_mask
 from u2seg.stages._image_loop import BackboneActor, ImageStage, base_columns, run_image_stage
 
@@ -55,18 +64,15 @@ def cut_options(cfg: MaskCutConfig) -> dict[str, Any]:
 
 def refine_masks(
     image: np.ndarray, masks: list[np.ndarray], size: tuple[int, int], cfg: MaskCutConfig
-) -> list[np.ndarray]:
+) -> list[np.ndarray | None]:
     """Patch masks (h, w) of one square frame `image` (S, S, 3) -> refined bool masks of the
-    original `size` (H, W); masks the refinement drops or empties are left out."""
-    out = []
+    original `size` (H, W), one per mask; None where the refinement drops or empties it."""
+    out: list[np.ndarray | None] = []
     for mask in masks:
         frame = upsample_mask(mask, image.shape[:2])
         refined = refine_mask(image, frame, backend=cfg.crf, min_iou=cfg.min_refine_iou)
-        if refined is None:
-            continue
-        full = resize_mask(refined, size)
-        if full.any():
-            out.append(full)
+        full = None if refined is None else resize_mask(refined, size)
+        out.append(full if full is not None and full.any() else None)
     return out
 
 
@@ -81,9 +87,9 @@ class MaskCutWorker(BackboneActor):
         # recorded in every row it writes.
         self.cfg = replace(MaskCutConfig(**options), crf=resolve_backend(options["crf"]))
 
-    def cut(self, images: np.ndarray) -> list[list[np.ndarray] | None]:
-        """uint8 (B, S, S, 3) -> per image, its patch masks (h, w) in discovery order; None
-        for an image whose features are not finite."""
+    def cut(self, images: np.ndarray) -> list[list[MaskCutRound] | None]:
+        """uint8 (B, S, S, 3) -> per image, its MaskCut rounds (masks at patch resolution in
+        discovery order); None for an image whose features are not finite."""
         cfg = self.cfg
         with torch.inference_mode():
             out = self.model(normalise(images, self.device), want_keys=cfg.feature == "keys")
@@ -98,20 +104,31 @@ class MaskCutWorker(BackboneActor):
         errors = batch["error"].copy()
         ok = np.flatnonzero(errors == "")
         annotations = np.full(len(errors), "[]", dtype=object)
+        converged = np.full(len(errors), "[]", dtype=object)
         if len(ok):
-            for i, masks in zip(ok, self.cut(batch["image"][ok]), strict=True):
-                if masks is None:
+            for i, rounds in zip(ok, self.cut(batch["image"][ok]), strict=True):
+                if rounds is None:
                     errors[i] = "non-finite backbone features (NaN or inf)"
                     continue
                 size = (int(batch["height"][i]), int(batch["width"][i]))
-                full = refine_masks(batch["image"][i], masks, size, self.cfg)
+                masks = masks_of(rounds)
+                flags = [r.converged for r in rounds if r.mask is not None]
+                kept = [
+                    (m, flag)
+                    for m, flag in zip(
+                        refine_masks(batch["image"][i], masks, size, self.cfg), flags, strict=True
+                    )
+                    if m is not None
+                ]
                 anns = [
                     mask_to_annotation(m, 0, 0, score=discovery_score(k))
-                    for k, m in enumerate(full)
+                    for k, (m, _) in enumerate(kept)
                 ]
                 annotations[i] = json.dumps([{k: a[k] for k in _KEPT} for a in anns])
+                converged[i] = json.dumps([flag for _, flag in kept])
         result = {k: v for k, v in batch.items() if k != "image"}
         result["annotations"] = annotations
+        result["converged"] = converged
         result["error"] = errors
         result["refine"] = np.full(len(errors), self.cfg.crf, dtype=object)
         return result
@@ -127,6 +144,10 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
             "num_masks": pa.array([len(json.loads(a)) for a in annotations], pa.int32()),
             "annotations": pa.array(annotations, pa.string()),
             "refine": pa.array(batch["refine"].astype(str)),
+            # Per annotation: whether the eigensolver of its cut converged.
+            "converged": pa.array(
+                [json.loads(str(c)) for c in batch["converged"]], pa.list_(pa.bool_())
+            ),
         }
     )
 
@@ -183,9 +204,23 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     )
     stage, result = run_image_stage(cfg, spec)
     _, n_annotations = write_instances(stage)
-    counts = {**result["counts"], "masks": n_annotations}
+    counts = {
+        **result["counts"],
+        "masks": n_annotations,
+        "unconverged_masks": unconverged_masks(stage),
+    }
     extra = {"timing": result["timing"], "file": INSTANCES, "refinement": _backends(stage)}
     return stage.finish(counts, result["errors"], extra)
+
+
+def unconverged_masks(stage: StageDir) -> int:
+    """Masks whose cut came from a Fiedler vector that Lanczos did not converge on (the
+    best Ritz vector was used): a sign of graphs the eigensolver cannot separate."""
+    total = 0
+    for name in stage.shard_names():
+        flags = pc.list_flatten(stage.read_table(name, columns=["converged"]).column("converged"))
+        total += len(flags) - int(pc.sum(flags).as_py() or 0)
+    return total
 
 
 def _backends(stage: StageDir) -> dict[str, int]:
