@@ -29,6 +29,7 @@ from u2seg.data.coco import (
 from u2seg.ops.panoptic import (
     PanopticResult,
     box_areas,
+    combine_predictions,
     has_things,
     merge_panoptic,
     paint_instances,
@@ -357,3 +358,30 @@ def test_bad_inputs_are_errors_that_say_what() -> None:
         merge_panoptic([], [], stuff, K, S, stuff_overlap=1.5)
     with pytest.raises(ValueError, match="shape"):
         paint_instances([])
+
+
+def test_model_outputs_merge_by_score_with_overlap_and_stuff_area_rules() -> None:
+    shape = (100, 100)
+    big = np.zeros(shape, dtype=bool)
+    big[:50, :50] = True
+    inside = np.zeros(shape, dtype=bool)
+    inside[10:40, 10:40] = True  # entirely under `big`: 100 % overlap once big is placed
+    half = np.zeros(shape, dtype=bool)
+    half[:50, 30:80] = True  # 20 of its 50 columns under `big`: 40 %, keeps its free part
+    weak = np.zeros(shape, dtype=bool)
+    weak[80:, 80:] = True
+    semantic = np.zeros(shape, dtype=np.int64)
+    semantic[50:, :] = 1  # stuff class 1: 5000 px free
+    semantic[:50, 80:] = 2  # stuff class 2: 1000 px, below 4096
+    result = combine_predictions(
+        [inside, big, half, weak], [0.8, 0.9, 0.7, 0.3], [1, 2, 3, 1], semantic, num_things=3
+    )
+    assert result.instance_index == (1, 2)  # big first (score), inside dropped, weak < 0.5
+    assert result.dropped == (0, 3)
+    assert result.skipped_stuff == (1,)  # class 2 = cluster 1, too small
+    info = {s["id"]: s for s in result.segments_info}
+    assert [info[k]["category_id"] for k in (1, 2, 3)] == [2, 3, 3 + 1]
+    assert info[2]["area"] == 50 * 30  # half's free pixels only
+    assert info[3]["area"] == 50 * 100 and not info[3]["isthing"]
+    assert (result.segments[:50, 80:] == 0).all()  # skipped stuff stays void
+    assert semantic_map(result)[60, 10] == 1 and semantic_map(result)[5, 5] == 0

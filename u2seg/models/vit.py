@@ -221,6 +221,16 @@ class ViTBackbone(torch.nn.Module):
             keys=keys,
         )
 
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) output patch tokens of ImageNet-normalised (B, 3, H, W) images, with
+        autograd as the caller has it (`forward` never records it): a detector that
+        fine-tunes the ViT calls this with `model.requires_grad_(True)`."""
+        h, w = self._check_images(images)
+        m = self.model
+        x = m.norm_pre(m.patch_drop(self._pos_embed(m.patch_embed(images))))
+        x = m.norm(m.blocks(x))
+        return x[:, self.num_prefix_tokens :].reshape(x.shape[0], h, w, self.embed_dim)
+
     def _last_keys(self, block: torch.nn.Module, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Attention keys of ``block`` for input tokens x (B, P + h*w, D) -> (B, h, w, D)."""
         # Recomputing the qkv projection costs one linear layer and avoids

@@ -282,3 +282,73 @@ def semantic_map(result: PanopticResult) -> np.ndarray:
         value = SEMANTIC_THING if info["isthing"] else info["category_id"] - result.num_things
         lut[info["id"]] = value
     return lut[result.segments]
+
+
+def combine_predictions(
+    instance_masks: Sequence[np.ndarray],
+    scores: Sequence[float] | np.ndarray,
+    instance_classes: Sequence[int],
+    semantic: np.ndarray,
+    num_things: int,
+    score_thresh: float = 0.5,
+    overlap_thresh: float = 0.5,
+    stuff_area: int = 4096,
+) -> PanopticResult:
+    """The panoptic output of a trained model (Panoptic FPN's inference merge).
+
+    instance_masks: N bool (H, W) masks (probabilities thresholded at 0.5) with `scores`
+    and thing classes 1..K; semantic: int (H, W) argmax of the semantic head, 0 things and
+    1..S stuff. Instances in descending score while score >= `score_thresh`: one whose
+    pixels are more than `overlap_thresh` already taken is dropped, else it takes its free
+    pixels. Then each stuff class c >= 1 takes its free pixels as category K + c when they
+    are at least `stuff_area` (smaller ones are `skipped_stuff`, their pixels void). The
+    same conventions as `merge_panoptic` (stuff category K + 1 + cluster, cluster = c - 1).
+    """
+    if not len(instance_masks) == len(scores) == len(instance_classes):
+        raise ValueError(
+            f"{len(instance_masks)} masks, {len(scores)} scores, {len(instance_classes)} classes"
+        )
+    labels = np.asarray(semantic)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"semantic must be an integer (H, W) map, got {labels.dtype} {labels.shape}"
+        )
+    segments = np.zeros(labels.shape, dtype=np.int32)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    kept: list[int] = []
+    categories: list[int] = []
+    for i in order.tolist():
+        if scores[i] < score_thresh:
+            break
+        mask = np.asarray(instance_masks[i], dtype=bool)
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask {i} is {mask.shape}, the semantic map {labels.shape}")
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        taken = mask & (segments > 0)
+        if taken.sum() / area > overlap_thresh:
+            continue
+        segments[mask & ~taken] = len(kept) + 1
+        kept.append(i)
+        categories.append(int(instance_classes[i]))
+    num_painted = len(kept)
+    skipped = []
+    for c in np.unique(labels).tolist():
+        if c in (SEMANTIC_THING, SEMANTIC_VOID):
+            continue
+        free = (labels == c) & (segments == 0)
+        if free.sum() < stuff_area:
+            skipped.append(int(c) - 1)
+            continue
+        segments[free] = len(categories) + 1
+        categories.append(num_things + int(c))
+    things = [k < num_painted for k in range(len(categories))]
+    return PanopticResult(
+        segments=segments,
+        segments_info=segment_infos(segments, categories, things),
+        num_things=int(num_things),
+        instance_index=tuple(kept),
+        dropped=tuple(sorted(set(range(len(instance_masks))) - set(kept))),
+        skipped_stuff=tuple(skipped),
+    )
