@@ -10,6 +10,7 @@ import torch
 from u2seg.models.panoptic_fpn import PanopticFPN, build_model
 from u2seg.models.pyramid import CheckpointError, ResNetFPN, load_resnet_checkpoint
 from u2seg.models.vit import load_backbone
+from u2seg.ops.schedule import clip_per_parameter
 
 SMALL = {
     "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 64,
@@ -84,8 +85,7 @@ def test_loss_falls_when_overfitting_two_images(vit) -> None:
         total = sum(losses.values())
         optimiser.zero_grad()
         total.backward()
-        for p in params:  # detectron2's clipping: per parameter tensor
-            torch.nn.utils.clip_grad_norm_([p], 1.0)
+        clip_per_parameter(params, 1.0)
         optimiser.step()
         totals.append(float(total.detach()))
     assert sum(totals[-3:]) / 3 < 0.6 * sum(totals[:3]) / 3

@@ -1,0 +1,40 @@
+"""The training schedule's numeric rules (METHOD.md stage 6, detectron2's conventions).
+
+- `learning_rate`: linear warm-up from `warmup_factor` x base over `warmup_iters`, then the
+  base rate times `gamma` for every milestone passed (WarmupMultiStepLR);
+- `clip_per_parameter`: gradient clipping to L2 norm `max_norm` for each parameter tensor
+  on its own (detectron2's CLIP_TYPE "norm", which clips per parameter, not one global
+  norm over the model).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def learning_rate(
+    step: int,
+    base: float,
+    warmup_iters: int,
+    warmup_factor: float,
+    milestones: Sequence[int],
+    gamma: float,
+) -> float:
+    """The learning rate at iteration `step` (0-based)."""
+    if list(milestones) != sorted(milestones):
+        raise ValueError(f"milestones must be increasing, got {list(milestones)}")
+    decay = gamma ** bisect_right(list(milestones), step)
+    if step >= warmup_iters:
+        return base * decay
+    alpha = step / warmup_iters
+    return base * decay * (warmup_factor * (1 - alpha) + alpha)
+
+
+def clip_per_parameter(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale each parameter's gradient down to L2 norm `max_norm` where it is larger."""
+    for p in parameters:
+        if p.grad is not None:
+            torch.nn.utils.clip_grad_norm_([p], max_norm)
