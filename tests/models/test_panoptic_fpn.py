@@ -117,3 +117,18 @@ def test_bad_inputs_are_refused() -> None:
         model.train()([torch.zeros(3, 32, 32)])
     with pytest.raises(ValueError, match="backbone='swin'"):
         build_model("swin", 1, 1)
+
+
+def test_an_image_without_instances_trains_on_background() -> None:
+    torch.manual_seed(0)
+    model = PanopticFPN(ResNetFPN("frozen_bn"), 2, 1, drop_loss_iou=0.01, **SMALL).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8),
+             "semantic": torch.ones(64, 64, dtype=torch.int64)}  # fmt: skip
+    losses = model([torch.rand(3, 64, 64) * 255], [empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+    values = {k: v.item() for k, v in losses.items()}
+    assert values["loss_box_stage0"] == 0.0 and values["loss_mask"] == 0.0
+    assert values["loss_cls_stage0"] > 0  # every RoI is background, still scored
+    sum(losses.values()).backward()
+    assert model.roi_heads.stages[0].cls_score.weight.grad is not None
