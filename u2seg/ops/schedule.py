@@ -2,6 +2,9 @@
 
 - `learning_rate`: linear warm-up from `warmup_factor` x base over `warmup_iters`, then the
   base rate times `gamma` for every milestone passed (WarmupMultiStepLR);
+- `parameter_groups`: the trainable parameters in two SGD groups, those of normalisation
+  layers with `norm_weight_decay` (0 in the paper), all others (biases too) with
+  `weight_decay` (detectron2's `get_default_optimizer_params`);
 - `clip_per_parameter`: gradient clipping to L2 norm `max_norm` for each parameter tensor
   on its own (detectron2's CLIP_TYPE "norm", which clips per parameter, not one global
   norm over the model).
@@ -11,8 +14,12 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def learning_rate(
@@ -38,3 +45,24 @@ def clip_per_parameter(parameters: Iterable[torch.nn.Parameter], max_norm: float
     for p in parameters:
         if p.grad is not None:
             torch.nn.utils.clip_grad_norm_([p], max_norm)
+
+
+def parameter_groups(
+    module: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """SGD parameter groups of `module`'s trainable parameters: normalisation layers'
+    weights and biases at `norm_weight_decay`, every other one at `weight_decay`; each
+    parameter once, in module order."""
+    seen: set[int] = set()
+    norm: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
+    for layer in module.modules():
+        for p in layer.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (norm if isinstance(layer, _NORMS) else other).append(p)
+    return [
+        {"params": other, "weight_decay": weight_decay},
+        {"params": norm, "weight_decay": norm_weight_decay},
+    ]
