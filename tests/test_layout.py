@@ -14,7 +14,7 @@ PACKAGE = Path(u2seg.__file__).parent
 # What each layer may import of u2seg (besides itself).
 ALLOWED = {
     "ops": {"u2seg.ops"},
-    "models": {"u2seg.models"},
+    "models": {"u2seg.models", "u2seg.ops"},  # networks may use the numeric cores
     "data": {"u2seg.data", "u2seg.ops", "u2seg.artifacts", "u2seg.config"},
     "stages": {"u2seg"},  # the top layer composes everything
 }

@@ -68,15 +68,29 @@ For example::
 from __future__ import annotations
 
 import colorsys
+import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
+import fsspec
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from u2seg.ops.panoptic import PanopticResult
+
+
+def load_json(url: str, what: str, error: type[ValueError]) -> Any:
+    """A JSON file (local or fsspec URL); a missing or malformed one raises `error`, with
+    `what` the file is and its URL."""
+    try:
+        with fsspec.open(url, "rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {url}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{url} is not valid JSON: {exc}") from None
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:

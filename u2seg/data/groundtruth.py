@@ -46,6 +46,7 @@ from PIL import Image
 from u2seg.artifacts import png_bytes
 from u2seg.data.coco import (
     id_to_rgb,
+    load_json,
     mask_to_annotation,
     panoptic_annotation,
     panoptic_dataset,
@@ -323,16 +324,6 @@ def _cityscapes_panoptic(ids: np.ndarray, url: str) -> Panoptic:
     return kept[inverse].reshape(ids.shape), info
 
 
-def load_json(url: str, what: str) -> Any:
-    try:
-        with fsspec.open(url, "rb") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise GroundTruthError(f"{what} not found: {url}") from None
-    except json.JSONDecodeError as exc:
-        raise GroundTruthError(f"{url} is not valid JSON: {exc}") from None
-
-
 def parse_categories(
     data: dict[str, Any], url: str, panoptic: bool, used: set[int] | None = None
 ) -> tuple[Category, ...]:
@@ -399,7 +390,7 @@ def _unique_keys(images: Sequence[GTImage], source: str) -> None:
 def read_instances(url: str, what: str) -> tuple[tuple[Category, ...], dict[int, list[Any]], Any]:
     """Categories, annotations by image id and the image entries of a COCO instances JSON;
     an annotation of an unknown category or an unlisted image is an error naming it."""
-    data = load_json(url, what)
+    data = load_json(url, what, GroundTruthError)
     annotations = data.get("annotations", [])
     used = {int(a["category_id"]) for a in annotations if "category_id" in a}
     categories = parse_categories(data, url, panoptic=False, used=used)
@@ -445,7 +436,7 @@ def read_panoptic(
     """Categories and (image entry, annotation entry) pairs of a COCO panoptic JSON; an
     image without an annotation entry or a segment of an unknown category is an error
     naming it. `require_images`: an empty image list is an error too."""
-    data = load_json(url, what)
+    data = load_json(url, what, GroundTruthError)
     annotations = {int(a["image_id"]): a for a in data.get("annotations", [])}
     used = {int(s["category_id"]) for a in annotations.values() for s in a.get("segments_info", [])}
     categories = parse_categories(data, url, panoptic=True, used=used)

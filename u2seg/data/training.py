@@ -22,7 +22,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from u2seg.data.coco import panoptic_file_names, rle_to_mask
+from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
 from u2seg.data.images import read_image
 
 
@@ -43,24 +43,13 @@ class TrainingSet:
     num_stuff: int
 
 
-def _load(url: str) -> Any:
-    try:
-        with fsspec.open(url, "rb") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise TrainingDataError(
-            f"training labels not found: {url} (run `u2seg panoptic`)"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise TrainingDataError(f"{url} is not valid JSON: {exc}") from None
-
-
 def read_training_set(panoptic_dir: str, photos: Mapping[str, str]) -> TrainingSet:
     """The training records of `panoptic_dir`; `photos`: file name -> path of the run's
     images (an image the labels name but the listing lacks is an error naming it)."""
     root = panoptic_dir.rstrip("/")
-    instances = _load(f"{root}/instances.json")
-    categories = _load(f"{root}/panoptic.json").get("categories", [])
+    what = "training labels (from `u2seg panoptic`)"
+    instances = load_json(f"{root}/instances.json", what, TrainingDataError)
+    categories = load_json(f"{root}/panoptic.json", what, TrainingDataError).get("categories", [])
     num_things = sum(1 for c in categories if c.get("isthing"))
     num_stuff = len(categories) - num_things
     if num_things < 1:

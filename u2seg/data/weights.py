@@ -17,6 +17,7 @@ import fsspec
 import torch
 
 from u2seg.artifacts import StageDir
+from u2seg.ops.state_dicts import state_dict_differences
 
 FORMAT = "u2seg-panoptic-fpn/1"
 
@@ -60,16 +61,6 @@ def check_state_dict(
     found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
 ) -> None:
     """Refuse weights of another architecture, naming the keys and shapes that differ."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(found[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(found) & set(expected)
-        if found[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        raise ModelFileError(
-            f"{source} holds another architecture: {len(missing)} keys missing {missing[:3]}, "
-            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} of another shape "
-            f"{shapes[:3]}"
-        )
+    differences = state_dict_differences(found, expected)
+    if differences:
+        raise ModelFileError(f"{source} holds another architecture: {differences}")

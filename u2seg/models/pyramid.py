@@ -33,6 +33,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from u2seg.models.vit import ViTBackbone
+from u2seg.ops.state_dicts import state_dict_differences
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 STRIDES = (4, 8, 16, 32, 64)
@@ -99,15 +100,9 @@ def load_resnet_checkpoint(model: ResNetFPN, path: str | Path) -> None:
         if not key.startswith("fc."):
             cleaned[key] = value
     own = {k: v for k, v in model.resnet.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(own) - set(cleaned))
-    unexpected = sorted(set(cleaned) - set(own))
-    shapes = sorted(k for k in set(own) & set(cleaned) if own[k].shape != cleaned[k].shape)
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{path} is not a ResNet-50 checkpoint: {len(missing)} keys missing "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-            f"{len(shapes)} of another shape {shapes[:3]}"
-        )
+    differences = state_dict_differences(cleaned, own)
+    if differences:
+        raise CheckpointError(f"{path} is not a ResNet-50 checkpoint: {differences}")
     model.resnet.load_state_dict(cleaned, strict=False)
 
 
