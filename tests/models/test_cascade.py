@@ -80,11 +80,10 @@ def test_drop_loss_zeroes_rois_whose_prediction_misses_every_box() -> None:
     heads = CascadeROIHeads(num_classes=1, drop_loss_iou=0.01)
     target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
     boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
-    weights = heads._drop_weights(0, torch.zeros(2, 4), boxes, [target])
+    predicted = heads._predict_boxes(0, torch.zeros(2, 4), boxes)  # zero deltas: the boxes
+    weights = heads._drop_weights(predicted, [target])
     assert weights is not None and weights.tolist() == [1.0, 0.0]
-    assert (
-        CascadeROIHeads(num_classes=1)._drop_weights(0, torch.zeros(2, 4), boxes, [target]) is None
-    )
+    assert CascadeROIHeads(num_classes=1)._drop_weights(predicted, [target]) is None
 
 
 def test_rois_are_pooled_from_detectron2s_level() -> None:

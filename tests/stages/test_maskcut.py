@@ -26,8 +26,8 @@ from u2seg.stages.maskcut import (
     cut_options,
     refine_masks,
     run,
+    shard_tallies,
     to_shard_rows,
-    unconverged_masks,
 )
 
 
@@ -151,4 +151,4 @@ def test_cuts_whose_eigensolver_did_not_converge_are_recorded_and_counted(
     assert not any(flag for f in flags for flag in f)
     stage = StageDir(str(tmp_path / "run"), "maskcut")
     stage.write_table(StageDir.shard_name(0), table.drop_columns(["shard", "order"]), "x")
-    assert unconverged_masks(stage) == sum(table.column("num_masks").to_pylist())
+    assert shard_tallies(stage)[1] == sum(table.column("num_masks").to_pylist())

@@ -226,17 +226,19 @@ class CascadeROIHeads(nn.Module):
         result: tuple[torch.Tensor, torch.Tensor] = self.stages[stage](pooled)
         return result
 
-    def _next_boxes(
-        self,
-        stage: int,
-        deltas: torch.Tensor,
-        boxes: list[torch.Tensor],
-        image_sizes: Sequence[tuple[int, int]],
+    def _predict_boxes(
+        self, stage: int, deltas: torch.Tensor, boxes: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Each image's boxes as the stage predicts them, clipped (detached)."""
+        """Each image's boxes as the stage predicts them (detached, not clipped)."""
         decoded = self.coders[stage].decode_single(deltas.detach(), torch.cat(boxes))
-        parts = decoded.split([len(b) for b in boxes])
-        return [clip_boxes_to_image(p, size) for p, size in zip(parts, image_sizes, strict=True)]
+        return list(decoded.split([len(b) for b in boxes]))
+
+    @staticmethod
+    def _clip(
+        boxes: list[torch.Tensor], image_sizes: Sequence[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """The next stage's input: each image's boxes clipped to it."""
+        return [clip_boxes_to_image(b, size) for b, size in zip(boxes, image_sizes, strict=True)]
 
     def forward(
         self,
@@ -278,28 +280,24 @@ class CascadeROIHeads(nn.Module):
             )
             regression = self.coders[stage].encode_single(gt_boxes, torch.cat(boxes))
             label = torch.cat(labels)
-            weights = self._drop_weights(stage, deltas, boxes, targets)
+            predicted = self._predict_boxes(stage, deltas, boxes)
+            weights = self._drop_weights(predicted, targets)
             cls, box = box_stage_losses(logits, deltas, label, regression, weights)
             losses[f"loss_cls_stage{stage}"] = cls
             losses[f"loss_box_stage{stage}"] = box
-            boxes = self._next_boxes(stage, deltas, boxes, image_sizes)
+            boxes = self._clip(predicted, image_sizes)
         losses["loss_mask"] = self._mask_loss(features, *first, targets)
         return losses
 
     def _drop_weights(
-        self,
-        stage: int,
-        deltas: torch.Tensor,
-        boxes: list[torch.Tensor],
-        targets: list[dict[str, torch.Tensor]],
+        self, predicted: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
     ) -> torch.Tensor | None:
-        """DropLoss: weight 0 for RoIs whose predicted box has max IoU <= `drop_loss_iou`
-        with every GT box of its image (CutLER); None when off."""
+        """DropLoss: weight 0 for RoIs whose `predicted` box (per image) has max IoU <=
+        `drop_loss_iou` with every GT box of its image (CutLER); None when off."""
         if self.drop_loss_iou <= 0:
             return None
-        predicted = self.coders[stage].decode_single(deltas.detach(), torch.cat(boxes))
         weights = []
-        for part, target in zip(predicted.split([len(b) for b in boxes]), targets, strict=True):
+        for part, target in zip(predicted, targets, strict=True):
             if len(target["boxes"]) == 0:
                 weights.append(torch.ones(len(part), device=part.device))
                 continue
@@ -344,7 +342,7 @@ class CascadeROIHeads(nn.Module):
         for stage in range(len(self.stages)):
             logits, deltas = self._stage(stage, features, boxes)
             scores.append(F.softmax(logits, dim=-1))
-            boxes = self._next_boxes(stage, deltas, boxes, image_sizes)
+            boxes = self._clip(self._predict_boxes(stage, deltas, boxes), image_sizes)
         mean = torch.stack(scores).mean(dim=0).split([len(b) for b in boxes])
         results = [self._select(b, s) for b, s in zip(boxes, mean, strict=True)]
         found = [r["boxes"] for r in results]

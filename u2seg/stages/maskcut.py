@@ -111,14 +111,10 @@ class MaskCutWorker(BackboneActor):
                     errors[i] = "non-finite backbone features (NaN or inf)"
                     continue
                 size = (int(batch["height"][i]), int(batch["width"][i]))
-                masks = masks_of(rounds)
-                flags = [r.converged for r in rounds if r.mask is not None]
+                added = [r for r in rounds if r.mask is not None]
+                refined = refine_masks(batch["image"][i], masks_of(added), size, self.cfg)
                 kept = [
-                    (m, flag)
-                    for m, flag in zip(
-                        refine_masks(batch["image"][i], masks, size, self.cfg), flags, strict=True
-                    )
-                    if m is not None
+                    (m, r.converged) for m, r in zip(refined, added, strict=True) if m is not None
                 ]
                 anns = [
                     mask_to_annotation(m, 0, 0, score=discovery_score(k))
@@ -204,30 +200,22 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     )
     stage, result = run_image_stage(cfg, spec)
     _, n_annotations = write_instances(stage)
-    counts = {
-        **result["counts"],
-        "masks": n_annotations,
-        "unconverged_masks": unconverged_masks(stage),
-    }
-    extra = {"timing": result["timing"], "file": INSTANCES, "refinement": _backends(stage)}
+    backends, unconverged = shard_tallies(stage)
+    counts = {**result["counts"], "masks": n_annotations, "unconverged_masks": unconverged}
+    extra = {"timing": result["timing"], "file": INSTANCES, "refinement": backends}
     return stage.finish(counts, result["errors"], extra)
 
 
-def unconverged_masks(stage: StageDir) -> int:
-    """Masks whose cut came from a Fiedler vector that Lanczos did not converge on (the
-    best Ritz vector was used): a sign of graphs the eigensolver cannot separate."""
-    total = 0
-    for name in stage.shard_names():
-        flags = pc.list_flatten(stage.read_table(name, columns=["converged"]).column("converged"))
-        total += len(flags) - int(pc.sum(flags).as_py() or 0)
-    return total
-
-
-def _backends(stage: StageDir) -> dict[str, int]:
-    """Images per refinement backend that really ran (with `crf: auto`, a worker without
-    the dense CRF falls back to the guided filter: the manifest says so)."""
+def shard_tallies(stage: StageDir) -> tuple[dict[str, int], int]:
+    """One pass over the shards: images per refinement backend that really ran (with
+    `crf: auto`, a worker without the dense CRF falls back to the guided filter) and the
+    masks whose cut came from a Fiedler vector Lanczos did not converge on (the best Ritz
+    vector was used: a graph the eigensolver cannot separate)."""
     used: Counter[str] = Counter()
+    unconverged = 0
     for name in stage.shard_names():
-        table = stage.read_table(name, columns=["refine", "error"])
+        table = stage.read_table(name, columns=["refine", "error", "converged"])
         used.update(table.filter(pc.is_null(table.column("error"))).column("refine").to_pylist())
-    return dict(sorted(used.items()))
+        flags = pc.list_flatten(table.column("converged"))
+        unconverged += len(flags) - int(pc.sum(flags).as_py() or 0)
+    return dict(sorted(used.items())), unconverged
