@@ -487,7 +487,8 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
     out: dict[str, Any] = {}
     if first.agnostic:
         out["class_agnostic"] = {t: result.summary() for t, result in first.agnostic.items()}
-    names = {c.id: c.name for c in job.gt.categories}
+    # GT categories and the stuff supercategories of `panoptic_level` (ids after them).
+    names = {c.id: c.name for c in (*job.gt.categories, *job.gt.group_categories)}
     if second.instance:
         thing_preds = [c.id for c in job.pred.categories if c.isthing]
         # Only the classes some cluster maps to: the others score 0 by construction.
@@ -510,7 +511,6 @@ def summarise(job: Job, maps: Maps, first: Stats, second: Stats) -> dict[str, An
         out["semantic"]["classes"] = list(job.gt.semantic_classes)
     if job.panoptic:
         summary = pq_summary(second.pq, job.gt.thing_ids, job.gt.panoptic_ids(things=False))
-        names = {c.id: c.name for c in job.gt.panoptic_categories}
         per_class = {}
         for cat, (tp, fp, fn, iou) in sorted(second.pq.per_category.items()):
             denom = tp + 0.5 * fp + 0.5 * fn

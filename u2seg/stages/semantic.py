@@ -127,7 +127,7 @@ class StuffLabeler(BackboneActor):
     def logits(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """float (S, H, W) scores of one image's `grids` entry at `size`."""
         if self.head is not None:
-            return code_logits(grid, self.centroids.to(grid.device), size)
+            return code_logits(grid, self.centroids, size)
         return upsample_logits(grid[None], size)[0]
 
     def labels(self, image: np.ndarray, grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
