@@ -156,17 +156,22 @@ class StageDir:
 
     # -- stage life cycle ----------------------------------------------------------------
 
-    def start(self, resolved: dict[str, Any], depends_on: dict[str, Any]) -> None:
+    def start(
+        self, resolved: dict[str, Any], depends_on: dict[str, Any], has_results: bool | None = None
+    ) -> None:
         """Create the directory, or reopen it if it was made with the same `depends_on`.
 
         `depends_on`: the config sections that change this stage's output. A different
-        value there is refused rather than mixed into the existing shards (a directory with
-        no complete shard yet takes the new config).
+        value there is refused rather than mixed into the existing results (a directory with
+        none yet takes the new config). `has_results`: whether the directory holds results
+        to protect (default: a complete shard; training passes whether a checkpoint exists).
         """
         depends_on = _normalise(depends_on)
-        # A directory without a complete shard holds nothing to protect: a failed or killed
-        # first start (a typo in the config, say) does not block the corrected run.
-        if self.exists(CONFIG) and self.complete_shards():
+        if has_results is None:
+            has_results = bool(self.complete_shards())
+        # A directory without results holds nothing to protect: a failed or killed first
+        # start (a typo in the config, say) does not block the corrected run.
+        if self.exists(CONFIG) and has_results:
             stored = self.read_json(CONFIG)
             diffs = _differences(_only(stored.get("depends_on"), depends_on), depends_on)
             if diffs:

@@ -77,6 +77,28 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     panoptic; things 1..K, stuff K+1..K+S), semantic/*.png (things 0, stuff\n"
         "     1..S, void 255), instances.json (COCO instances with pseudo classes).",
     ),
+    "train": (
+        "train the panoptic model (Panoptic FPN + Cascade) on the pseudo labels",
+        "in:  <output>/panoptic/ (instances.json, panoptic.json, semantic/*.png) and the\n"
+        "     photos of data.source. train.strategy=deepspeed (Ray Train workers, DeepSpeed\n"
+        "     ZeRO train.zero_stage) | ddp | local (one process, no Ray);\n"
+        "     train.num_workers, train.use_gpu; train.backbone=resnet50 (train.weights: a\n"
+        "     DINO ResNet-50 checkpoint) | vit (the backbone.* ViT, frozen); schedule\n"
+        "     train.base_lr, warmup_iters, max_iter, steps, gamma, ims_per_batch (global).\n"
+        "out: <output>/train/: model.pt (weights only), manifest.json (loss curve,\n"
+        "     throughput, restarts), progress.log, ray/ (checkpoints every\n"
+        "     train.checkpoint_every steps). A failed worker restarts the group from the\n"
+        "     last checkpoint; re-running a stopped run resumes it.",
+    ),
+    "predict": (
+        "the trained model over images: instances, panoptic and semantic predictions",
+        "in:  predict.model (default <output>/train/model.pt), predict.images (default\n"
+        "     data.source); test size predict.short_side / max_side; Ray Data actors\n"
+        "     (GPUs when the cluster has them).\n"
+        "out: <output>/predict/: instances.json (COCO, RLE, scores), panoptic.json +\n"
+        "     panoptic/*.png (COCO panoptic), semantic/*.png, part-*.parquet. Resumable;\n"
+        "     score it with `u2seg evaluate evaluate.predictions=[predict]`.",
+    ),
     "evaluate": (
         "score predictions against ground truth: AP, mIoU / pixel accuracy, PQ",
         "in:  evaluate.predictions (stages of this run, default maskcut and panoptic, or\n"
@@ -95,7 +117,9 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
     ),
 }
 # `u2seg run` runs these; `u2seg evaluate` scores them (the demo does both).
-_PIPELINE = ("features", "maskcut", "embed", "cluster", "semantic", "panoptic")
+_PIPELINE = (
+    "features", "maskcut", "embed", "cluster", "semantic", "panoptic", "train", "predict"
+)  # fmt: skip
 
 
 def _stages() -> dict[str, StageFn]:

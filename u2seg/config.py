@@ -225,6 +225,106 @@ class PanopticConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Training the panoptic model on the pseudo labels (the `train/` artifact).
+
+    Defaults are the paper's schedule (METHOD.md stage 6; 16 images per batch on COCO).
+    `strategy`: "deepspeed" (Ray Train workers, DeepSpeed ZeRO `zero_stage` 1 or 2, bf16 on
+    GPU, fp32 on CPU with gloo), "ddp" (Ray Train workers, torch DistributedDataParallel) or
+    "local" (one process, no Ray: for debugging). `num_workers` Ray Train workers with
+    `cpus_per_worker` CPUs and a GPU each when `use_gpu` (None: when the cluster has GPUs).
+    `loader`: "ray-data" (samples decoded and augmented by Ray Data tasks of
+    `data_num_cpus` CPUs, apart from the training workers) or "workers" (each worker decodes
+    its own share; the local strategy always does). `ims_per_batch` is the global batch
+    (a multiple of the world size).
+    Model: `backbone` "resnet50" (`weights`: a DINO / torchvision ResNet-50 checkpoint
+    file, "" for random init; `norm` "bn" or "frozen_bn"; BatchNorm becomes SyncBatchNorm
+    on distributed GPUs) or "vit" (the `backbone` section's ViT behind a simple feature
+    pyramid, frozen unless `vit_trainable`). Schedule: SGD `momentum`, `base_lr`, linear
+    warm-up over `warmup_iters` from `warmup_factor` x, x `gamma` at each of `steps`,
+    `max_iter` iterations, `weight_decay` (`norm_weight_decay` on normalisation layers),
+    gradient clipping to `clip_norm` per parameter tensor (0: off). Samples: short side
+    from `short_sides`, long side at most `max_side`, horizontal `flip`.
+    Faults: a checkpoint every `checkpoint_every` steps (and at the end), the last
+    `keep` kept; a failed worker restarts the group from the last one up to `max_failures`
+    times; a collective that hangs `timeout_s` seconds fails. A progress line every
+    `log_every` steps.
+    """
+
+    strategy: str = "deepspeed"
+    zero_stage: int = between(1, 2, 2)
+    num_workers: int = at_least(1, 8)
+    cpus_per_worker: float = above(0, 1.0)
+    use_gpu: bool | None = None
+    loader: str = "ray-data"
+    data_num_cpus: float = above(0, 1.0)
+    torch_threads: int | None = at_least(1, None)
+    backbone: str = "resnet50"
+    weights: str = ""
+    norm: str = "bn"
+    vit_trainable: bool = False
+    ims_per_batch: int = at_least(1, 16)
+    base_lr: float = above(0, 0.01)
+    momentum: float = between(0, 1, 0.9)
+    weight_decay: float = at_least(0, 5e-5)
+    norm_weight_decay: float = at_least(0, 0.0)
+    warmup_iters: int = at_least(0, 1000)
+    warmup_factor: float = between(0, 1, 0.001)
+    max_iter: int = at_least(1, 270_000)
+    steps: list[int] = field(default_factory=lambda: [210_000, 250_000])
+    gamma: float = above(0, 0.02)
+    clip_norm: float = at_least(0, 1.0)
+    short_sides: list[int] = field(
+        default_factory=lambda: [240, 320, 480, 640, 672, 704, 736, 768, 800, 1024]
+    )
+    max_side: int = at_least(1, 1333)
+    flip: bool = True
+    seed: int = 0
+    rpn_pre_nms_top_n_train: int = at_least(1, 2000)
+    rpn_post_nms_top_n_train: int = at_least(1, 4000)
+    rpn_pre_nms_top_n_test: int = at_least(1, 1000)
+    rpn_post_nms_top_n_test: int = at_least(1, 1000)
+    rpn_nms_thresh: float = between(0, 1, 0.65)
+    rpn_batch_size_per_image: int = at_least(1, 256)
+    roi_batch_size_per_image: int = at_least(1, 512)
+    roi_positive_fraction: float = between(0, 1, 0.25)
+    box_head_dim: int = at_least(1, 1024)
+    drop_loss_iou: float = between(0, 1, 0.01)
+    semantic_loss_weight: float = at_least(0, 0.5)
+    checkpoint_every: int = at_least(1, 5000)
+    keep: int = at_least(1, 3)
+    max_failures: int = at_least(0, 3)
+    timeout_s: int = at_least(1, 1800)
+    log_every: int = at_least(1, 20)
+
+
+@dataclass(frozen=True)
+class PredictConfig(ActorConfig):
+    """The trained model over images (the `predict/` artifact, in `evaluate`'s layout).
+
+    `model`: a weights file (default: this run's `train/model.pt`). `images`: a folder,
+    COCO JSON or list (default: `data.source`). Test size: short side `short_side`, long
+    side at most `max_side`. Inference: cascade scores averaged, per-class NMS
+    `nms_thresh`, detections with score >= `score_thresh`, at most `detections_per_image`;
+    panoptic merge (METHOD.md): instances with score >= `instance_score`, overlap with
+    painted pixels <= `overlap`, stuff regions of >= `stuff_area` pixels (`u2seg
+    visualize --stage predict` draws the results).
+    """
+
+    model: str = ""
+    images: str = ""
+    short_side: int = at_least(1, 800)
+    max_side: int = at_least(1, 1333)
+    score_thresh: float = between(0, 1, 0.05)
+    nms_thresh: float = between(0, 1, 0.5)
+    detections_per_image: int = at_least(1, 100)
+    instance_score: float = between(0, 1, 0.5)
+    overlap: float = between(0, 1, 0.5)
+    stuff_area: int = at_least(0, 4096)
+    batch_size: int = at_least(1, 2)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Scoring predictions against ground truth (the `evaluate/` artifact).
 
@@ -290,6 +390,8 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     panoptic: PanopticConfig = field(default_factory=PanopticConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     @property
@@ -370,7 +472,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # with other values (more actors once the cluster has grown, say) keeps its shards.
 EXECUTION_ONLY = frozenset(
     {"batch_size", "concurrency", "max_concurrency", "num_cpus", "num_gpus", "torch_threads",
-     "read_num_cpus", "fail_after"}
+     "read_num_cpus", "fail_after", "cpus_per_worker", "data_num_cpus", "use_gpu",
+     "checkpoint_every", "keep", "max_failures", "timeout_s", "log_every", "overlays"}
 )  # fmt: skip
 
 

@@ -156,10 +156,13 @@ def _instance_annotations(stage: StageDir) -> Iterator[dict[str, Any]]:
             next_id += 1
 
 
-def write_outputs(stage: StageDir, k: int, s: int) -> dict[str, int]:
-    """Stream `panoptic.json` and `instances.json` from the shards."""
+def write_outputs(
+    stage: StageDir, k: int, s: int, description: str = "u2seg panoptic pseudo labels"
+) -> dict[str, int]:
+    """Stream `panoptic.json` and `instances.json` from the shards (rows with a `png`:
+    images left out have none)."""
     categories = panoptic_categories(k, s)
-    info = {"description": "u2seg panoptic pseudo labels"}
+    info = {"description": description}
     panoptic = stage.write_json_arrays(
         PANOPTIC_JSON,
         {"info": info, "licenses": [], "categories": categories},

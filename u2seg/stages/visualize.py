@@ -1,7 +1,7 @@
 """Pictures: masks drawn over their images, contact sheets, the gallery of pseudo classes.
 
 `u2seg visualize --stage S` writes `<output>/visualize/S/`: for maskcut (its instances) and
-panoptic (its segments, things first) one overlay PNG per image and `sheet.png`, a grid of
+panoptic and predict (segments, things first) one overlay PNG per image and `sheet.png`, a grid of
 them; for cluster `gallery.png`, one row of mask crops per pseudo class.
 """
 
@@ -22,7 +22,7 @@ from u2seg.data.coco import rgb_to_id, rle_to_mask
 from u2seg.data.images import ImageError, list_images, read_image
 from u2seg.ops.figures import contact_sheet, overlay
 
-STAGES = ("maskcut", "cluster", "panoptic")
+STAGES = ("maskcut", "cluster", "panoptic", "predict")
 
 
 def _masks_by_image(dataset: dict[str, Any]) -> dict[int, list[np.ndarray]]:
@@ -40,8 +40,11 @@ def _load_json(url: str, stage: str) -> Any:
         raise FileNotFoundError(f"{url} not found: run `u2seg {stage}` first") from None
 
 
-def _image_paths(cfg: PipelineConfig) -> dict[int, str]:
-    refs = list_images(cfg.data.source, cfg.data.root).to_pylist()
+def _image_paths(cfg: PipelineConfig, stage: str = "") -> dict[int, str]:
+    if stage == "predict" and cfg.predict.images:
+        refs = list_images(cfg.predict.images).to_pylist()
+    else:
+        refs = list_images(cfg.data.source, cfg.data.root).to_pylist()
     return {r["image_id"]: r["path"] for r in refs}
 
 
@@ -52,11 +55,13 @@ def _read(paths: dict[int, str], image_id: int, max_pixels: int) -> np.ndarray |
         return None
 
 
-def _panoptic_masks(cfg: PipelineConfig, dataset: dict[str, Any]) -> dict[int, list[np.ndarray]]:
+def _panoptic_masks(
+    cfg: PipelineConfig, dataset: dict[str, Any], stage: str
+) -> dict[int, list[np.ndarray]]:
     """Per image, one bool mask per segment (things first, then stuff) of panoptic.json."""
     masks: dict[int, list[np.ndarray]] = {}
     for ann in dataset["annotations"]:
-        png = np.asarray(Image.open(f"{cfg.output_dir}/panoptic/panoptic/{ann['file_name']}"))
+        png = np.asarray(Image.open(f"{cfg.output_dir}/{stage}/panoptic/{ann['file_name']}"))
         ids = rgb_to_id(png)
         order = sorted(ann["segments_info"], key=lambda s: not s["isthing"])
         masks[ann["image_id"]] = [ids == s["id"] for s in order]
@@ -95,7 +100,7 @@ def cluster_gallery(cfg: PipelineConfig, per_cluster: int = 8, clusters: int = 1
 
 def run(cfg: PipelineConfig, stage: str = "maskcut", limit: int = 50) -> Path:
     """Pictures of `stage`: overlays of its masks on the first `limit` images (maskcut,
-    panoptic) or the gallery of pseudo classes (cluster); returns the folder written."""
+    panoptic, predict) or the gallery of pseudo classes (cluster); returns the folder written."""
     if stage not in STAGES:
         raise ValueError(f"visualize: stage {stage!r} is not one of {', '.join(STAGES)}")
     out = Path(cfg.output_dir) / "visualize" / stage
@@ -107,9 +112,9 @@ def run(cfg: PipelineConfig, stage: str = "maskcut", limit: int = 50) -> Path:
         dataset = _load_json(f"{cfg.output_dir}/maskcut/instances.json", stage)
         masks = _masks_by_image(dataset)
     else:
-        dataset = _load_json(f"{cfg.output_dir}/panoptic/panoptic.json", stage)
-        masks = _panoptic_masks(cfg, dataset)
-    paths = _image_paths(cfg)
+        dataset = _load_json(f"{cfg.output_dir}/{stage}/panoptic.json", stage)
+        masks = _panoptic_masks(cfg, dataset, stage)
+    paths = _image_paths(cfg, stage)
     drawn = []
     for image_id, image_masks in tqdm(list(masks.items())[:limit], desc="visualize"):
         image = _read(paths, image_id, cfg.data.max_pixels)
