@@ -48,8 +48,9 @@ def write_trainset(tmp: Path, images: int = 4, size: int = 128) -> tuple[Path, P
         Image.fromarray(image).save(photos / name)
         Image.fromarray(semantic).save(panoptic / "semantic" / name)
         entries.append({"id": k + 1, "file_name": name, "height": size, "width": size})
-    (panoptic / "instances.json").write_text(json.dumps({"images": entries, "annotations": anns}))
     categories = [{"id": c, "name": f"c{c}", "isthing": int(c <= 2)} for c in (1, 2, 3, 4)]
+    instances = {"images": entries, "annotations": anns, "categories": categories[:2]}
+    (panoptic / "instances.json").write_text(json.dumps(instances))
     (panoptic / "panoptic.json").write_text(json.dumps({"categories": categories}))
     (panoptic / "manifest.json").write_text(json.dumps({"stage": "panoptic"}))
     return photos, run
@@ -58,6 +59,6 @@ def write_trainset(tmp: Path, images: int = 4, size: int = 128) -> tuple[Path, P
 def train_config(photos: Path, run: Path, *extra: str) -> PipelineConfig:
     return load_config(
         REPO / "configs" / "demo.yaml",
-        [f"data.source={photos}", f"output={run}",
+        [f"data.source={photos}", f"output={run}", "data.shard_size=2",
          f"backbone.cache_dir={REPO / '.cache' / 'weights'}", *SMALL_TRAIN, *extra],
     )  # fmt: skip

@@ -188,7 +188,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     spec = meta["spec"]
     counts = write_outputs(stage, int(spec["num_things"]), int(spec["num_stuff"]),
                            "u2seg panoptic model predictions")  # fmt: skip
-    counts.update(errors=errors.num_rows, resumed_shards=len(done))
+    counts.update(errors=errors.num_rows, shards=len(digests), resumed_shards=len(done))
     return stage.finish(counts, errors, {"model": model, "timing": timing,
                                          "files": [INSTANCES_JSON, PANOPTIC_JSON]})  # fmt: skip
 

@@ -1,0 +1,274 @@
+"""`u2seg train` and `u2seg predict` on tiny images: DeepSpeed ZeRO-2 on 2 Ray Train
+workers, the same first step under every strategy, a worker killed mid-run, a killed
+driver resumed, refused checkpoints, and predictions that evaluate and pycocotools read."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import u2seg
+from tests.helpers import DEMO_CONFIG, REPO
+from tests.trainset import SMALL_TRAIN, train_config, write_trainset
+from u2seg.data.weights import read_model_file
+from u2seg.stages import _checkpoints as ckpt
+from u2seg.stages._panoptic_model import build_from_spec
+
+DEEPSPEED_2 = ["train.strategy=deepspeed", "train.zero_stage=2", "train.num_workers=2",
+               "train.ims_per_batch=2"]  # fmt: skip
+
+
+def _ray_checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "train" / "ray").glob("checkpoint_*"))
+
+
+def _registered_step(run: Path) -> int:
+    """The step of the last checkpoint Ray Train has registered (0: none yet). A
+    checkpoint folder on disk is not one yet: every rank must have reported it."""
+    try:
+        snapshot = json.loads(
+            (run / "train" / "ray" / "checkpoint_manager_snapshot.json").read_text()
+        )
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("step", 0))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A DeepSpeed ZeRO-2 run of 3 steps on 2 workers fed by Ray Data."""
+    photos, run = write_trainset(tmp_path_factory.mktemp("ds"))
+    cfg = train_config(photos, run, *DEEPSPEED_2, "train.max_iter=3", "train.checkpoint_every=2",
+                       "train.keep=1")  # fmt: skip
+    return photos, run, u2seg.run_train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_deepspeed_zero2_on_two_workers_keeps_the_ranks_equal(trained) -> None:
+    _, run, manifest = trained
+    info = manifest["training"]
+    assert info["deepspeed"] and info["zero_stage"] == 2 and info["world_size"] == 2
+    assert info["loader"] == "ray-data" and info["precision"] == "fp32"
+    assert info["ranks_agree"] is True  # the weights are the same on both ranks
+    assert [e["step"] for e in manifest["curve"]] == [1, 2, 3]
+    assert all(e["loss"] > 0 for e in manifest["curve"])
+    assert manifest["counts"]["restarts"] == 0
+    assert 0 <= manifest["timing"]["data_wait_share"] <= 1
+    # Ray keeps the last checkpoint only (keep=1), with one ZeRO optimizer shard per rank.
+    snapshot = json.loads((run / "train" / "ray" / "checkpoint_manager_snapshot.json").read_text())
+    (kept,) = snapshot["checkpoint_results"]
+    last = run / "train" / "ray" / kept["checkpoint_dir_name"]
+    assert kept["metrics"]["step"] == 3
+    shards = sorted(p.name for p in last.glob("step*/zero_pp_rank_*_optim_states.pt"))
+    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    state, meta = read_model_file(str(run / "train" / "model.pt"))
+    assert meta["step"] == 3 and meta["spec"]["num_things"] == 2
+    model = build_from_spec(meta["spec"], torch.device("cpu"))
+    model.load_state_dict(state)  # a plain weights-only file of this architecture
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_predictions_load_in_evaluate_and_pycocotools(trained) -> None:
+    photos, run, _ = trained
+    cfg = train_config(photos, run, "predict.short_side=128", "predict.max_side=128")
+    manifest = u2seg.run_predict(cfg)
+    assert manifest["counts"]["images"] == 4 and manifest["counts"]["errors"] == 0
+    out = run / "predict"
+    gt = COCO(str(run / "panoptic" / "instances.json"))
+    detections = json.loads((out / "instances.json").read_text())["annotations"]
+    assert detections and all(0 <= d["score"] <= 1 for d in detections)
+    result = gt.loadRes(detections)
+    evaluator = COCOeval(gt, result, "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert -1 <= evaluator.stats[0] <= 1
+    panoptic = json.loads((out / "panoptic.json").read_text())
+    assert len(panoptic["annotations"]) == 4
+    assert all((out / "panoptic" / a["file_name"]).is_file() for a in panoptic["annotations"])
+    assert len(list((out / "semantic").glob("*.png"))) == 4
+    u2seg.run_evaluate(
+        train_config(
+            photos, run, "evaluate.predictions=[predict]", "evaluate.gt_format=coco",
+            f"evaluate.gt_instances={run / 'panoptic' / 'instances.json'}", "evaluate.overlays=0",
+        )
+    )  # fmt: skip
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    scores = metrics["predictions"]["predict"]
+    assert 0 <= scores["instance"]["segm"]["AP"] <= 100  # the pseudo labels as ground truth
+    again = u2seg.run_predict(cfg)  # complete shards are kept
+    assert again["counts"]["resumed_shards"] == manifest["counts"]["shards"] == 2
+
+
+def _first_step(tmp: Path, *strategy: str) -> dict[str, float]:
+    photos, run = write_trainset(tmp, images=2)
+    cfg = train_config(photos, run, *strategy, "train.max_iter=1", "train.ims_per_batch=2",
+                       "train.loader=workers", "train.flip=false")  # fmt: skip
+    (entry,) = u2seg.run_train(cfg)["curve"]
+    return {k: v for k, v in entry.items() if k.startswith("loss_")}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_every_strategy_computes_the_same_first_step(tmp_path: Path) -> None:
+    local = _first_step(tmp_path / "local", "train.strategy=local")
+    ddp = _first_step(tmp_path / "ddp", "train.strategy=ddp", "train.num_workers=1")
+    deepspeed = _first_step(tmp_path / "ds", "train.strategy=deepspeed", "train.num_workers=1")
+    assert len(local) == 10 and local["loss_sem_seg"] > 0
+    for other in (ddp, deepspeed):
+        assert other.keys() == local.keys()
+        for key, value in local.items():
+            assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _train_workers(pid: int) -> list[psutil.Process]:
+    return [
+        p for p in psutil.Process(pid).children(recursive=True)
+        if any("RayTrainWorker" in part for part in p.cmdline())
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: Path) -> None:
+    photos, run = write_trainset(tmp_path)
+    cfg = train_config(photos, run, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2",
+                       "train.max_failures=1")  # fmt: skip
+    killed: dict[str, int] = {}
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            step = _registered_step(run)
+            workers = _train_workers(os.getpid())
+            if step and len(workers) == 2:
+                killed["after_step"] = step
+                workers[1].send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    manifest = u2seg.run_train(cfg)
+    killer.join()
+    assert killed, "no worker was killed"
+    assert manifest["counts"]["restarts"] == 1 and manifest["counts"]["steps"] == 8
+    first, second = manifest["attempts"]
+    assert first["start_step"] == 0
+    # The restart resumed from a checkpoint at or after the one on disk at the kill...
+    assert second["start_step"] >= killed["after_step"] and second["start_step"] % 2 == 0
+    # ...and the curve holds every step once: nothing before that checkpoint was redone.
+    assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
+    assert manifest["training"]["ranks_agree"] is True
+
+
+def _train_command(photos: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "u2seg.cli", "train", "--config", str(DEMO_CONFIG),
+        f"data.source={photos}", f"output={run}", "data.shard_size=2",
+        f"backbone.cache_dir={REPO / '.cache' / 'weights'}",
+        *SMALL_TRAIN, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_killed_driver_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    photos, run = write_trainset(tmp_path)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen(_train_command(photos, run), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 400
+    while not _registered_step(run):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "no checkpoint while training ran"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run / "train" / "manifest.json").exists()
+    time.sleep(3)  # the watchdog stops the killed driver's Ray
+    resumed = subprocess.run(_train_command(photos, run), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step" in resumed.stdout
+    manifest = json.loads((run / "train" / "manifest.json").read_text())
+    first, second = manifest["attempts"]
+    assert second["start_step"] >= 2 and manifest["counts"]["steps"] == 8
+    assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
+
+
+@pytest.fixture(scope="module")
+def local_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A 2-step local run's last checkpoint directory, the run and the model spec."""
+    photos, run = write_trainset(tmp_path_factory.mktemp("local"), images=2)
+    cfg = train_config(photos, run, "train.strategy=local", "train.max_iter=2",
+                       "train.ims_per_batch=1", "train.checkpoint_every=1")  # fmt: skip
+    u2seg.run_train(cfg)
+    (last,) = sorted((run / "train" / "checkpoints").glob("step-*"))[-1:]
+    _, meta = read_model_file(str(run / "train" / "model.pt"))
+    return last, run, meta["spec"]
+
+
+def test_local_checkpoints_keep_the_last_ones(local_checkpoint) -> None:
+    last, run, spec = local_checkpoint
+    assert last.name == "step-00000002"
+    assert [p.name for p in sorted((run / "train" / "checkpoints").iterdir())] == [
+        "step-00000001",
+        "step-00000002",
+    ]  # keep=3 by default: both kept
+    model = build_from_spec(spec, torch.device("cpu"))
+    progress = ckpt.verify(last, "local", 1, model.state_dict())
+    # 2 images, 1 per step: both batches of epoch 0 are done
+    assert (progress["step"], progress["epoch"], progress["batches"]) == (2, 0, 2)
+
+
+def test_a_truncated_checkpoint_is_refused_by_name(local_checkpoint, tmp_path: Path) -> None:
+    last, _, spec = local_checkpoint
+    copy = tmp_path / "ckpt"
+    copy.mkdir()
+    for item in last.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    data = (copy / ckpt.STATE).read_bytes()
+    (copy / ckpt.STATE).write_bytes(data[: len(data) // 2])
+    model = build_from_spec(spec, torch.device("cpu"))
+    with pytest.raises(ckpt.CheckpointFileError, match=r"state\.pt: truncated or not a torch"):
+        ckpt.verify(copy, "local", 1, model.state_dict())
+    (copy / ckpt.PROGRESS).unlink()
+    with pytest.raises(ckpt.CheckpointFileError, match=r"incomplete checkpoint, no progress"):
+        ckpt.verify(copy, "local", 1, model.state_dict())
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_by_name(local_checkpoint) -> None:
+    last, _, spec = local_checkpoint
+    other = {**spec, "num_things": 5, "heads": {**spec["heads"], "box_head_dim": 64}}
+    model = build_from_spec(other, torch.device("cpu"))
+    with pytest.raises(ckpt.CheckpointFileError, match=r"state\.pt holds another architecture"):
+        ckpt.verify(last, "local", 1, model.state_dict())
+    with pytest.raises(ckpt.CheckpointFileError, match="written by train.strategy=local"):
+        ckpt.verify(last, "ddp", 1, model.state_dict())
+
+
+class _Payload:
+    """Any class a pickle could name (a weights-only load refuses to build it)."""
+
+
+def test_a_checkpoint_holding_pickled_objects_is_not_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "rng-0.pt"
+    torch.save({"state": _Payload()}, path)
+    with pytest.raises(ckpt.CheckpointFileError, match=r"rng-0\.pt: holds a pickled .*_Payload"):
+        ckpt.safe_load(path, deepspeed=True)
