@@ -8,7 +8,7 @@ import pytest
 from u2seg.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["features", "run", "demo", "evaluate"])
+@pytest.mark.parametrize("command", ["features", "run", "demo", "train", "predict", "evaluate"])
 def test_help_explains_inputs_and_outputs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -19,11 +19,15 @@ def test_help_explains_inputs_and_outputs(command: str, capsys: pytest.CaptureFi
         assert "in:" in text and "out:" in text and "errors.parquet" in text
     if command == "evaluate":
         assert "evaluate.gt_format=coco" in text and "metrics.json" in text
+    if command == "train":
+        assert "train.strategy=deepspeed" in text and "model.pt" in text
+    if command == "predict":
+        assert "instances.json" in text and "panoptic.json" in text
 
 
 def test_every_subcommand_is_listed() -> None:
     text = build_parser().format_help()
-    for command in ("features", "run", "demo", "evaluate"):
+    for command in ("features", "run", "demo", "train", "predict", "evaluate"):
         assert command in text
 
 
@@ -60,7 +64,12 @@ def test_demo_end_to_end(
     assert manifest["config"]["backbone"]["weights"] == "packaged"
     assert (out / "data" / "annotations" / "instances.json").is_file()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
-    assert set(metrics) == {"maskcut", "semantic", "panoptic"}
+    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict"}
+    assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["predict"])
+    train = json.loads((out / "train" / "manifest.json").read_text())
+    assert train["training"]["deepspeed"] and train["training"]["zero_stage"] == 2
+    assert train["training"]["world_size"] == 2 and train["training"]["ranks_agree"]
+    assert [e["step"] for e in train["curve"]] == list(range(5, 41, 5))
     assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["panoptic"])
     assert metrics["maskcut"]["images"]["scored"] == 3  # the photos with ground truth
     printed = capsys.readouterr().out

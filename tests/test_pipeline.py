@@ -19,6 +19,8 @@ from u2seg.config import PipelineConfig, load_config
 from u2seg.data.coco import rgb_to_id
 from u2seg.data.demo import write_demo_dataset
 from u2seg.stages import cluster, embed, evaluate, maskcut, panoptic, semantic, visualize
+from u2seg.stages import predict as predict_stage
+from u2seg.stages import train as train_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 K, S = 3, 4
@@ -177,7 +179,8 @@ def test_evaluate_scores_pseudo_masks_and_pseudo_labels(
 
 def test_stages_refuse_to_run_before_their_inputs(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CONFIG, [f"output={tmp_path}", "data.source=/x"])
-    for stage, needed in ((cluster, "embed"), (panoptic, "maskcut")):
+    for stage, needed in ((cluster, "embed"), (panoptic, "maskcut"), (train_stage, "panoptic"),
+                          (predict_stage, "train")):  # fmt: skip
         with pytest.raises(ArtifactError, match=f"u2seg {needed}"):
             stage.run(cfg)
 
