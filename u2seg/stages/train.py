@@ -3,8 +3,8 @@
 METHOD.md stage 6. `train.strategy` picks how:
 
 - "deepspeed": a Ray Train `TorchTrainer`; each worker builds the model and hands it to
-  `deepspeed.initialize` (ZeRO stage `train.zero_stage`, bf16 on GPU, fp32 with gloo on
-  CPU) with torch's SGD;
+  `deepspeed.initialize` (ZeRO stage `train.zero_stage`, fp32 with gloo on CPU) with
+  torch's SGD;
 - "ddp": the same workers with torch `DistributedDataParallel`;
 - "local": the same loop in this process, without Ray (debugging).
 
@@ -269,7 +269,7 @@ def train_per_worker(config: dict[str, Any]) -> None:
     train_loop(config, _RaySession())
 
 
-def _deepspeed_config(train: dict[str, Any], per_worker: int, bf16: bool) -> dict[str, Any]:
+def _deepspeed_config(train: dict[str, Any], per_worker: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": per_worker,
         "gradient_accumulation_steps": 1,
@@ -279,7 +279,10 @@ def _deepspeed_config(train: dict[str, Any], per_worker: int, bf16: bool) -> dic
         # DeepSpeed clips one global norm over the (partitioned) gradients; the paper's
         # per-tensor rule needs whole gradients, which ZeRO-2 does not keep.
         "gradient_clipping": train["clip_norm"],
-        "bf16": {"enabled": bf16},
+        # bf16 on GPU comes from torch.autocast around the forward, not from DeepSpeed's
+        # bf16 mode: torchvision's RoIAlign and NMS have no bf16 kernels, and autocast
+        # runs them in fp32 while the convolutions and matmuls run in bf16.
+        "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -313,7 +316,7 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
         import deepspeed
 
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=_deepspeed_config(train, per_worker, bf16)
+            model=model, optimizer=optimizer, config=_deepspeed_config(train, per_worker)
         )
         forward: Any = engine
     elif strategy == "ddp":
@@ -330,7 +333,7 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
             progress = _restore(directory, strategy, world, rank, model, optimizer, engine)
         else:
             torch.manual_seed(train["seed"] + 1 + rank)
-    progress["precision"] = "bf16" if bf16 and strategy == "deepspeed" else "fp32"
+    progress["precision"] = "bf16 autocast" if bf16 else "fp32"
     progress["attempts"].append({"start_step": progress["step"], "world_size": world})
     log = _ProgressLog(config, rank, echo=not session.ray)
     log.line(
@@ -353,7 +356,7 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, targets = _tensors(samples)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16 and engine is None):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             losses = forward(images, targets)
         loss = sum(losses.values())
         if engine is not None:
