@@ -74,3 +74,14 @@ def test_features_job_submitted_to_cluster(
     assert manifest["counts"] == {
         "images": 3, "ok": 3, "errors": 0, "shards": 1, "resumed_shards": 0
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py")))
+def test_every_job_launches_its_command(job: str) -> None:
+    """Each launcher runs the `u2seg` subcommand of its name (its --help says so)."""
+    shown = subprocess.run(
+        [sys.executable, str(REPO / "ray_jobs" / f"{job}.py"), "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"usage: u2seg {job} ")
