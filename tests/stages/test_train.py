@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 import u2seg
 from tests.helpers import DEMO_CONFIG, REPO
 from tests.trainset import SMALL_TRAIN, train_config, write_trainset
+from u2seg.config import ConfigError
 from u2seg.data.weights import read_model_file
 from u2seg.stages import _checkpoints as ckpt
 from u2seg.stages._panoptic_model import build_from_spec
@@ -272,3 +273,23 @@ def test_a_checkpoint_holding_pickled_objects_is_not_loaded(tmp_path: Path) -> N
     torch.save({"state": _Payload()}, path)
     with pytest.raises(ckpt.CheckpointFileError, match=r"rng-0\.pt: holds a pickled .*_Payload"):
         ckpt.safe_load(path, deepspeed=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.strategy=horovod"], r"train\.strategy='horovod'"),
+        (["train.num_workers=2", "train.ims_per_batch=3"], "not a multiple of the 2 workers"),
+        (["train.steps=[50,20]"], r"train\.steps=\[50, 20\]: must be increasing"),
+        (["train.weights=/nowhere.pth"], "set train.backbone=resnet50"),
+        (["train.backbone=resnet50", "train.weights=/nowhere.pth"], "checkpoint not found"),
+        (["train.num_workers=8", "train.ims_per_batch=8"], "4 training images for 8 workers"),
+    ],
+)
+def test_bad_training_settings_are_refused_by_name(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    photos, run = write_trainset(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        u2seg.run_train(train_config(photos, run, *overrides))
+    assert not (run / "train").exists()  # refused before anything was written

@@ -30,6 +30,7 @@ it: step, LR schedule, optimizer, RNG and data position come back
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import tempfile
@@ -81,6 +82,10 @@ def _check(cfg: PipelineConfig) -> int:
         raise ConfigError(f"bad value train.steps={list(train.steps)}: must be increasing")
     if not train.short_sides or min(train.short_sides) < 1:
         raise ConfigError(f"bad value train.short_sides={list(train.short_sides)}")
+    if train.weights and train.backbone != "resnet50":
+        raise ConfigError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
+    if train.weights and not Path(train.weights).is_file():
+        raise ConfigError(f"train.weights: checkpoint not found: {train.weights}")
     world = 1 if train.strategy == "local" else train.num_workers
     if train.ims_per_batch % world:
         raise ConfigError(
@@ -185,16 +190,20 @@ def _loop_config(
 
 
 @dataclass
-class _Session:
+class _Session(abc.ABC):
+    """Who this worker is and where its checkpoints go."""
+
     rank: int
     world: int
     ray: bool
 
-    def latest(self) -> Any:  # a context manager yielding a directory or None
-        raise NotImplementedError
+    @abc.abstractmethod
+    def latest(self) -> Any:
+        """A context manager yielding the last checkpoint's directory, or None."""
 
+    @abc.abstractmethod
     def save(self, directory: Path, step: int, metrics: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Keep the checkpoint this rank wrote into `directory`."""
 
 
 class _RaySession(_Session):
