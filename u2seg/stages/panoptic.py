@@ -43,7 +43,7 @@ from u2seg.stages.semantic import decode_labels
 STAGE = "panoptic"
 PANOPTIC_JSON = "panoptic.json"
 INSTANCES_JSON = "instances.json"
-_ROW_SCHEMA = pa.schema(
+ROW_SCHEMA = pa.schema(
     [
         ("image_id", pa.int64()),
         ("file_name", pa.string()),
@@ -124,7 +124,7 @@ def merge_shard(
             _write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
             _write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
         rows.append(merged)
-    return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
 def _kept_rows(stage: StageDir) -> Iterator[dict[str, Any]]:

@@ -38,23 +38,14 @@ from u2seg.ops.panoptic import combine_predictions
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
 from u2seg.stages._image_loop import drain, plan_shards, shard_digests
 from u2seg.stages._panoptic_model import build_from_spec
-from u2seg.stages.panoptic import INSTANCES_JSON, PANOPTIC_JSON, write_outputs
+from u2seg.stages.panoptic import INSTANCES_JSON, PANOPTIC_JSON, ROW_SCHEMA, write_outputs
 from u2seg.stages.train import MODEL_FILE
 from u2seg.stages.train import STAGE as TRAIN
 
 STAGE = "predict"
-_ROW_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("file_name", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("error", pa.string()),
-        ("png", pa.string()),
-        ("segments_info", pa.string()),
-        ("annotations", pa.string()),
-    ]
-)
+# The panoptic stage's rows (its writer streams the JSON files from them) and the error of
+# an unreadable image.
+_ROW_SCHEMA = ROW_SCHEMA.insert(4, pa.field("error", pa.string()))
 
 
 def _write(url: str, data: bytes) -> None:
