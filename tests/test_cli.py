@@ -70,6 +70,7 @@ def test_demo_end_to_end(
     assert train["training"]["deepspeed"] and train["training"]["zero_stage"] == 2
     assert train["training"]["world_size"] == 2 and train["training"]["ranks_agree"]
     assert [e["step"] for e in train["curve"]] == list(range(5, 41, 5))
+    assert (out / "visualize" / "predict" / "sheet.png").is_file()
     assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["panoptic"])
     assert metrics["maskcut"]["images"]["scored"] == 3  # the photos with ground truth
     printed = capsys.readouterr().out

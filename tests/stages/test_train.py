@@ -137,11 +137,18 @@ def test_every_strategy_computes_the_same_first_step(tmp_path: Path) -> None:
             assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def _train_workers(pid: int) -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process(pid).children(recursive=True)
-        if any("RayTrainWorker" in part for part in p.cmdline())
-    ]  # fmt: skip
+def _train_workers(pid: int, since: float) -> list[psutil.Process]:
+    """The live Ray Train worker processes under `pid` started after `since` (workers of
+    an earlier run of this test process may still be exiting)."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if (p.create_time() >= since and p.status() != psutil.STATUS_ZOMBIE
+                    and any("RayTrainWorker" in part for part in p.cmdline())):  # fmt: skip
+                found.append(p)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return found
 
 
 @pytest.mark.slow
@@ -151,12 +158,13 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: P
     cfg = train_config(photos, run, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2",
                        "train.max_failures=1")  # fmt: skip
     killed: dict[str, int] = {}
+    since = time.time()
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             step = _registered_step(run)
-            workers = _train_workers(os.getpid())
+            workers = _train_workers(os.getpid(), since)
             if step and len(workers) == 2:
                 killed["after_step"] = step
                 workers[1].send_signal(signal.SIGKILL)
