@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/u2seg demo $(ARGS)
 
 lint: install
-	$(BIN)/ruff check u2seg ray_jobs tests benchmarks
+	$(BIN)/ruff check u2seg ray_jobs tests benchmarks cluster
 	$(BIN)/mypy u2seg
 
 test: lint

@@ -76,3 +76,11 @@ def test_demo_end_to_end(
     printed = capsys.readouterr().out
     assert "[features]" in printed and "[evaluate]" in printed
     assert "| predictions | PQ |" in printed
+
+
+def test_run_until_stops_after_the_named_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["run", "--until", "panoptic"]).until == "panoptic"
+    assert build_parser().parse_args(["run"]).until == "predict"  # every stage
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--until", "evaluat"])
+    assert "invalid choice: 'evaluat'" in capsys.readouterr().err

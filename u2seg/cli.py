@@ -159,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every stage in order",
         description="Run every stage in order on data.source; each stage resumes where a "
         f"killed run stopped.\n\nStages: {', '.join(_PIPELINE)}; score them with "
-        f"`u2seg evaluate`.\n\n{_CONFIG_HELP}",
+        f"`u2seg evaluate`. --until panoptic stops after the pseudo labels (the labelling "
+        f"job of a cluster, before training).\n\n{_CONFIG_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--until", choices=_PIPELINE, default=_PIPELINE[-1], help="the last stage to run"
     )
     _add_config_args(p)
     p = sub.add_parser(
@@ -275,9 +279,8 @@ def _command(args: argparse.Namespace) -> None:
     if args.command == "visualize":
         print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
         return
-    names = {"run": list(_PIPELINE), "demo": [*_PIPELINE, "evaluate"]}.get(
-        args.command, [args.command]
-    )
+    until = _PIPELINE[: _PIPELINE.index(args.until) + 1] if args.command == "run" else ()
+    names = {"run": list(until), "demo": [*_PIPELINE, "evaluate"]}.get(args.command, [args.command])
     _run_stages(cfg, names)
     if args.command == "demo":
         for stage in visualize.STAGES:
