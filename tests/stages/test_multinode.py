@@ -1,0 +1,101 @@
+"""Several Ray nodes on one machine (`ray.cluster_utils.Cluster`: a head that schedules
+nothing and two worker nodes): MaskCut spreads over both, and losing a node in the middle
+of the stage still labels every image exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import demo_config, save_photo
+from u2seg.stages import maskcut
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+IMAGES = 16
+
+
+@pytest.fixture()
+def cluster() -> Iterator[object]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address)
+    try:
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def _photos(folder: Path) -> Path:
+    folder.mkdir()
+    for k in range(IMAGES):
+        save_photo(folder / f"p{k:02d}.jpg", (96, 80), seed=k)
+    return folder
+
+
+def _config(folder: Path, out: Path, cache: Path):
+    return demo_config(
+        folder, out, cache, "maskcut.image_size=112", "maskcut.batch_size=1",
+        "maskcut.concurrency=2", "maskcut.num_cpus=0.5", "data.read_num_cpus=0.25",
+        "maskcut.crf=guided",
+    )  # fmt: skip
+
+
+def _labelled_once(out: Path) -> list[int]:
+    """The image ids of maskcut's instances.json, checked to be each input once."""
+    data = json.loads((out / "maskcut" / "instances.json").read_text())
+    ids = [im["id"] for im in data["images"]]
+    assert sorted(ids) == list(range(1, IMAGES + 1)), ids  # no gap, no duplicate
+    return ids
+
+
+def test_maskcut_spreads_over_two_nodes(cluster, tmp_path: Path, weights_cache: Path) -> None:
+    import ray
+    from ray.util.state import list_actors
+
+    out = tmp_path / "run"
+    manifest = maskcut.run(_config(_photos(tmp_path / "photos"), out, weights_cache))
+    assert manifest["counts"]["ok"] == IMAGES
+    _labelled_once(out)
+    head = ray.get_runtime_context().get_node_id()
+    workers = [a for a in list_actors(detail=True, limit=1000) if "MaskCutWorker" in a.class_name]
+    nodes = {a.node_id for a in workers}
+    assert len(nodes) == 2 and head not in nodes  # both worker nodes, never the head
+
+
+def test_losing_a_node_mid_stage_still_labels_every_image_once(
+    cluster, tmp_path: Path, weights_cache: Path
+) -> None:
+    out = tmp_path / "run"
+    cfg = _config(_photos(tmp_path / "photos"), out, weights_cache)
+    removed: dict[str, int] = {}
+
+    def remove_a_node_after_two_shards() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            shards = list((out / "maskcut").glob("part-*.parquet"))
+            if len(shards) >= 2:
+                removed["after_shards"] = len(shards)
+                cluster.remove_node(cluster.list_all_nodes()[-1])  # type: ignore[attr-defined]
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=remove_a_node_after_two_shards, daemon=True)
+    thread.start()
+    manifest = maskcut.run(cfg)
+    thread.join()
+    assert removed and removed["after_shards"] < IMAGES // 2  # removed mid-stage
+    assert manifest["counts"]["ok"] == IMAGES and manifest["counts"]["errors"] == 0
+    _labelled_once(out)
