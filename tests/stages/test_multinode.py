@@ -99,3 +99,52 @@ def test_losing_a_node_mid_stage_still_labels_every_image_once(
     assert removed and removed["after_shards"] < IMAGES // 2  # removed mid-stage
     assert manifest["counts"]["ok"] == IMAGES and manifest["counts"]["errors"] == 0
     _labelled_once(out)
+
+
+def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
+    """2 DeepSpeed workers on a 2-node cluster; the node of one of them is removed after
+    the first registered checkpoint: the group restarts there and finishes."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    import u2seg
+    from tests.stages.test_train import DEEPSPEED_2, _registered_step
+    from tests.trainset import train_config, write_trainset
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [nodes.add_node(num_cpus=2) for _ in range(2)]
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address)
+    photos, run = write_trainset(tmp_path)
+    cfg = train_config(photos, run, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2",
+                       "train.max_failures=2", "train.loader=workers")  # fmt: skip
+    removed: dict[str, int] = {}
+
+    def remove_a_training_node() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            step = _registered_step(run)
+            if step:
+                alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+                used = {a.node_id for a in alive if "RayTrainWorker" in a.class_name}
+                victim = next(n for n in workers if n.node_id in used)
+                removed["after_step"] = step
+                nodes.remove_node(victim)
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=remove_a_training_node, daemon=True)
+    thread.start()
+    try:
+        manifest = u2seg.run_train(cfg)
+    finally:
+        thread.join()
+        ray.shutdown()
+        nodes.shutdown()
+    assert removed, "no node was removed"
+    assert manifest["counts"]["steps"] == 8 and manifest["counts"]["restarts"] == 1
+    assert manifest["attempts"][1]["start_step"] >= removed["after_step"]
+    assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
+    assert manifest["training"]["ranks_agree"] is True
