@@ -1,0 +1,36 @@
+"""A labelling stage under Ray's own autoscaler (fake multi-node provider): it starts with
+no worker node, the autoscaler adds nodes for its GPU actors, the stage completes, and the
+nodes are released after the idle timeout. Runs in a subprocess of its own: the
+autoscaling cluster stops every Ray on the machine when it starts and ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def test_a_stage_grows_the_cluster_from_zero_and_lets_it_go(
+    tmp_path: Path, weights_cache: Path
+) -> None:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.autoscale_run", str(tmp_path), str(weights_cache)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["before"] == 0  # no worker node when the stage started
+    assert seen["most"] >= 1  # the autoscaler added nodes for the GPU actors
+    assert seen["ok"] == 12  # every image went through
+    assert seen["after"] == 0  # and the idle nodes were released
