@@ -76,6 +76,33 @@ def test_features_job_submitted_to_cluster(
     }  # fmt: skip
 
 
+def test_demo_job_submitted_to_cluster(
+    ray_head: tuple[str, dict[str, str]], tmp_path: Path, weights_cache: Path
+) -> None:
+    """The whole demo as one job, on smaller images and 4 training steps."""
+    address, env = ray_head
+    out = tmp_path / "demo"
+    smaller = [
+        "features.image_size=224", "maskcut.image_size=224", "embed.image_size=112",
+        "semantic.image_size=112", "train.max_iter=4", "train.log_every=2",
+        "train.checkpoint_every=2", "train.short_sides=[128]", "train.max_side=160",
+        "predict.short_side=128", "predict.max_side=160",
+    ]  # fmt: skip
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--",
+         sys.executable, str(REPO / "ray_jobs" / "demo.py"), f"output={out}",
+         f"backbone.cache_dir={weights_cache}", *smaller],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+    assert "[train] step 4/4" in job.stdout  # the progress lines reach the submitter
+    train = json.loads((out / "train" / "manifest.json").read_text())
+    assert train["training"]["deepspeed"] and train["training"]["world_size"] == 2
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
+    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict"}
+
+
 @pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py")))
 def test_every_job_launches_its_command(job: str) -> None:
     """Each launcher runs the `u2seg` subcommand of its name (its --help says so)."""
