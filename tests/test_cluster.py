@@ -18,7 +18,7 @@ import yaml
 
 from tests.helpers import REPO
 
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "tests" / "kuberay-crds"  # KubeRay v1 CRDs (see its README)
 CLUSTER = REPO / "cluster"
 
 
