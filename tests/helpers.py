@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +56,23 @@ def write_bad_files(folder: Path) -> dict[str, str]:
         "text.png": "not a readable image",
         "empty.jpg": "empty file",
     }
+
+
+@contextmanager
+def fault_when(
+    fault: Callable[[], bool], timeout: float = 400, poll: float = 0.1
+) -> Iterator[None]:
+    """While the block runs, call `fault` every `poll` seconds in a thread until it returns
+    True (it has caused its fault: killed a worker, removed a node) or `timeout` passes."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not fault():
+            time.sleep(poll)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()

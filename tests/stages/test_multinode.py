@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import demo_config, save_photo
+from tests.helpers import demo_config, fault_when, save_photo
 from u2seg.stages import maskcut
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -82,20 +80,16 @@ def test_losing_a_node_mid_stage_still_labels_every_image_once(
     cfg = _config(_photos(tmp_path / "photos"), out, weights_cache)
     removed: dict[str, int] = {}
 
-    def remove_a_node_after_two_shards() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            shards = list((out / "maskcut").glob("part-*.parquet"))
-            if len(shards) >= 2:
-                removed["after_shards"] = len(shards)
-                cluster.remove_node(cluster.list_all_nodes()[-1])  # type: ignore[attr-defined]
-                return
-            time.sleep(0.05)
+    def remove_a_node_after_two_shards() -> bool:
+        shards = list((out / "maskcut").glob("part-*.parquet"))
+        if len(shards) < 2:
+            return False
+        removed["after_shards"] = len(shards)
+        cluster.remove_node(cluster.list_all_nodes()[-1])  # type: ignore[attr-defined]
+        return True
 
-    thread = threading.Thread(target=remove_a_node_after_two_shards, daemon=True)
-    thread.start()
-    manifest = maskcut.run(cfg)
-    thread.join()
+    with fault_when(remove_a_node_after_two_shards, poll=0.05):
+        manifest = maskcut.run(cfg)
     assert removed and removed["after_shards"] < IMAGES // 2  # removed mid-stage
     assert manifest["counts"]["ok"] == IMAGES and manifest["counts"]["errors"] == 0
     _labelled_once(out)
@@ -122,25 +116,20 @@ def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
                        "train.max_failures=2", "train.loader=workers")  # fmt: skip
     removed: dict[str, int] = {}
 
-    def remove_a_training_node() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            step = _registered_step(run)
-            if step:
-                alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-                used = {a.node_id for a in alive if "RayTrainWorker" in a.class_name}
-                victim = next(n for n in workers if n.node_id in used)
-                removed["after_step"] = step
-                nodes.remove_node(victim)
-                return
-            time.sleep(0.1)
+    def remove_a_training_node() -> bool:
+        step = _registered_step(run)
+        if not step:
+            return False
+        alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+        used = {a.node_id for a in alive if "RayTrainWorker" in a.class_name}
+        removed["after_step"] = step
+        nodes.remove_node(next(n for n in workers if n.node_id in used))
+        return True
 
-    thread = threading.Thread(target=remove_a_training_node, daemon=True)
-    thread.start()
     try:
-        manifest = u2seg.run_train(cfg)
+        with fault_when(remove_a_training_node):
+            manifest = u2seg.run_train(cfg)
     finally:
-        thread.join()
         ray.shutdown()
         nodes.shutdown()
     assert removed, "no node was removed"

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import u2seg
-from tests.helpers import DEMO_CONFIG, REPO
+from tests.helpers import DEMO_CONFIG, REPO, fault_when
 from tests.trainset import SMALL_TRAIN, train_config, write_trainset
 from u2seg.config import ConfigError
 from u2seg.data.weights import read_model_file
@@ -160,21 +159,17 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: P
     killed: dict[str, int] = {}
     since = time.time()
 
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            step = _registered_step(run)
-            workers = _train_workers(os.getpid(), since)
-            if step and len(workers) == 2:
-                killed["after_step"] = step
-                workers[1].send_signal(signal.SIGKILL)
-                return
-            time.sleep(0.1)
+    def kill_after_first_checkpoint() -> bool:
+        step = _registered_step(run)
+        workers = _train_workers(os.getpid(), since)
+        if not (step and len(workers) == 2):
+            return False
+        killed["after_step"] = step
+        workers[1].send_signal(signal.SIGKILL)
+        return True
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    manifest = u2seg.run_train(cfg)
-    killer.join()
+    with fault_when(kill_after_first_checkpoint):
+        manifest = u2seg.run_train(cfg)
     assert killed, "no worker was killed"
     assert manifest["counts"]["restarts"] == 1 and manifest["counts"]["steps"] == 8
     first, second = manifest["attempts"]
