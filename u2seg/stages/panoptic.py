@@ -56,7 +56,7 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-def _write_file(url: str, data: bytes) -> None:
+def write_file(url: str, data: bytes) -> None:
     """Write `url` under a temporary name, then rename (atomic on local disks)."""
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -121,8 +121,8 @@ def merge_shard(
             classes, start, cfg,
         )  # fmt: skip
         if panoptic is not None and semantic is not None:
-            _write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
-            _write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
+            write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
+            write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
         rows.append(merged)
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 

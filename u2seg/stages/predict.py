@@ -38,7 +38,13 @@ from u2seg.ops.panoptic import combine_predictions
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
 from u2seg.stages._image_loop import drain, plan_shards, shard_digests
 from u2seg.stages._panoptic_model import build_from_spec
-from u2seg.stages.panoptic import INSTANCES_JSON, PANOPTIC_JSON, ROW_SCHEMA, write_outputs
+from u2seg.stages.panoptic import (
+    INSTANCES_JSON,
+    PANOPTIC_JSON,
+    ROW_SCHEMA,
+    write_file,
+    write_outputs,
+)
 from u2seg.stages.train import MODEL_FILE
 from u2seg.stages.train import STAGE as TRAIN
 
@@ -46,14 +52,6 @@ STAGE = "predict"
 # The panoptic stage's rows (its writer streams the JSON files from them) and the error of
 # an unreadable image.
 _ROW_SCHEMA = ROW_SCHEMA.insert(4, pa.field("error", pa.string()))
-
-
-def _write(url: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(f"{path}.tmp", "wb") as fh:
-        fh.write(data)
-    fs.mv(f"{path}.tmp", path)
 
 
 class Predictor:
@@ -119,8 +117,8 @@ class Predictor:
             list(masks_np), scores, labels.tolist(), semantic_np, self.spec["num_things"],
             opts["instance_score"], opts["overlap"], opts["stuff_area"],
         )  # fmt: skip
-        _write(f"{self.out_dir}/panoptic/{row['png']}", png_bytes(id_to_rgb(result.segments)))
-        _write(f"{self.out_dir}/semantic/{row['png']}", png_bytes(semantic_np))
+        write_file(f"{self.out_dir}/panoptic/{row['png']}", png_bytes(id_to_rgb(result.segments)))
+        write_file(f"{self.out_dir}/semantic/{row['png']}", png_bytes(semantic_np))
         return {
             "annotations": json.dumps(annotations),
             "segments_info": json.dumps(result.segments_info),

@@ -159,15 +159,17 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 def _throughput(progress: dict[str, Any]) -> dict[str, float]:
     """Images/s and the share of step time spent waiting for data, over all steps and over
     the steps after the first progress line (the first waits for the pipeline to start)."""
-    out: dict[str, float] = dict(progress["timing"])
-    steady = progress["curve"][1:]
-    for name, entries in (("", progress["curve"]), ("steady_", steady)):
-        seconds = sum(e["images"] / e["images_per_s"] for e in entries if e["images_per_s"])
-        waited = sum(e["data_wait"] * e["images"] / e["images_per_s"] for e in entries
-                     if e["images_per_s"])  # fmt: skip
+    curve = progress["curve"]
+    out: dict[str, float] = {
+        "data_wait_s": sum(e["data_wait_s"] for e in curve),
+        "step_s": sum(e["step_s"] for e in curve),
+        "images": sum(e["images"] for e in curve),
+    }
+    for name, entries in (("", curve), ("steady_", curve[1:])):
+        seconds = sum(e["step_s"] for e in entries)
         if seconds:
             out[f"{name}images_per_s"] = sum(e["images"] for e in entries) / seconds
-            out[f"{name}data_wait_share"] = waited / seconds
+            out[f"{name}data_wait_share"] = sum(e["data_wait_s"] for e in entries) / seconds
     return out
 
 
@@ -299,7 +301,7 @@ def _deepspeed_config(train: dict[str, Any], per_worker: int) -> dict[str, Any]:
 
 def _fresh_progress(strategy: str, world: int) -> dict[str, Any]:
     return {"strategy": strategy, "world_size": world, "step": 0, "epoch": 0, "batches": 0,
-            "tag": None, "curve": [], "attempts": [], "timing": {}}  # fmt: skip
+            "tag": None, "curve": [], "attempts": []}  # fmt: skip
 
 
 def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
@@ -354,7 +356,6 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
     batches = _batches(config, session, progress["epoch"], progress["batches"], per_worker)
     model.train()
     window = _Window()
-    timing = progress["timing"]
     while progress["step"] < train["max_iter"]:
         step = progress["step"]
         started = time.perf_counter()
@@ -384,9 +385,6 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
         if progress["step"] % train["log_every"] == 0 or done:
             entry = window.flush(progress["step"], lr, train["ims_per_batch"])
             progress["curve"].append(entry)
-            for key in ("data_wait_s", "step_s"):
-                timing[key] = timing.get(key, 0.0) + entry.pop(f"_{key}")
-            timing["images"] = timing.get("images", 0) + entry["images"]
             log.step(entry, train["max_iter"])
         if done:
             progress["ranks_agree"] = _ranks_agree(model)
@@ -468,8 +466,8 @@ class _Window:
             **parts,
             "images_per_s": batch * self.count / max(self.seconds, 1e-9),
             "data_wait": self.waited / max(self.seconds, 1e-9),
-            "_data_wait_s": self.waited,
-            "_step_s": self.seconds,
+            "data_wait_s": self.waited,
+            "step_s": self.seconds,
             "images": batch * self.count,
         }
         self.reset()
