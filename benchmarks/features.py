@@ -5,7 +5,11 @@
 Prints images/s of (a) a bare forward of the backbone over preloaded, resized images in this
 process, (b) `u2seg features` through Ray Data (read + decode + resize tasks, an actor pool,
 Parquet shards) end to end, and from its first result batch on (steady state, without actor
-start-up and model loading), and the ratios (b)/(a). Ray is started before timing.
+start-up and model loading), and the ratios (b)/(a); then the seconds until the first result
+and what one new actor spends before its first batch (what every actor an autoscaler adds
+pays): Ray worker start, imports, weights (from the object store, as the stages do, against
+the disk cache and the first conversion on a node that has no cache), first forward. Ray is
+started before timing.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import torch
 from u2seg.config import RayConfig, load_config
 from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
-from u2seg.models.vit import input_size, load_backbone, normalise
+from u2seg.models.vit import backbone_state, input_size, load_backbone, normalise
 from u2seg.runtime import ray_session
 from u2seg.stages.features import run
+
+PACKAGED = "dinov2_vits14"
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
@@ -60,6 +66,55 @@ def bare_forward(paths: list[Path], size: int, batch: int) -> tuple[float, int]:
     return best
 
 
+class StartupProbe:
+    """Times, in a fresh Ray worker, what a feature actor's start spends."""
+
+    def __init__(self, submitted: float, state: list, size: int, batch: int) -> None:
+        entered = time.time()
+        import importlib
+
+        # Unpickling this class imports numpy and torch: they count in the worker start.
+        phases = {"Ray worker start + import torch": entered - submitted}
+        for module in ("timm", "ray.data", "u2seg.stages.features"):
+            start = time.perf_counter()
+            importlib.import_module(module)
+            phases[f"import {module}"] = time.perf_counter() - start
+        import ray
+
+        from u2seg.models import vit
+
+        start = time.perf_counter()
+        model = vit.load_backbone(PACKAGED, state=ray.get(state[0]))
+        phases["weights from the object store"] = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as cold:
+            start = time.perf_counter()
+            vit.load_backbone(PACKAGED, "packaged", cache_dir=cold)
+            phases["(instead: first conversion, empty cache)"] = time.perf_counter() - start
+            start = time.perf_counter()
+            vit.load_backbone(PACKAGED, "packaged", cache_dir=cold)
+            phases["(instead: from the disk cache)"] = time.perf_counter() - start
+        torch.set_num_threads(1)
+        pixels = np.zeros((batch, size, size, 3), np.uint8)
+        for label in ("first forward", "(second forward)"):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model(vit.normalise(pixels, torch.device("cpu")), want_keys=False)
+            phases[label] = time.perf_counter() - start
+        self.phases = phases
+
+    def report(self) -> dict[str, float]:
+        return self.phases
+
+
+def startup_phases(size: int, batch: int) -> dict[str, float]:
+    """`StartupProbe`'s phases, in a new 1-CPU actor of the running Ray."""
+    import ray
+
+    state = ray.put(backbone_state(PACKAGED, "packaged"))
+    probe = ray.remote(num_cpus=1)(StartupProbe).remote(time.time(), [state], size, batch)
+    return ray.get(probe.report.remote())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48)
@@ -88,16 +143,27 @@ def main() -> None:
         )
         with ray_session(RayConfig(num_cpus=os.cpu_count())):
             timing = run(cfg)["timing"]
+            phases = startup_phases(size, args.batch_size)
     print(
         f"images: {args.images} at {size}x{size}, DINOv2 ViT-S/14, batch {args.batch_size}, "
         f"{os.cpu_count()} CPUs"
     )
     print(f"bare forward          : {bare:7.2f} images/s (baseline, best at {threads} threads)")
-    value = timing["images_per_s"]
+    value, steady = timing["images_per_s"], timing["steady_images_per_s"]
     print(
-        f"ray data pipeline     : {value:7.2f} images/s  ratio {value / bare:.2f} "
-        f"({args.actors} actors x 1 thread; actor start-up and model loading included)"
+        f"ray data, end to end  : {value:7.2f} images/s  ratio {value / bare:.2f} "
+        f"({args.actors} actors x 1 thread; start-up included)"
     )
+    print(
+        f"ray data, steady      : {steady:7.2f} images/s  ratio {steady / bare:.2f} "
+        "(after the first result)"
+    )
+    print(f"start-up              : {timing['startup_s']:7.2f} s until the first result")
+    print("one new actor, alone, until its first batch is done:")
+    for label, seconds in phases.items():
+        print(f"  {label:<42}: {seconds:6.2f} s")
+    counted = sum(v for k, v in phases.items() if not k.startswith("("))
+    print(f"  {'in all':<42}: {counted:6.2f} s")
 
 
 if __name__ == "__main__":

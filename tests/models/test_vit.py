@@ -259,6 +259,21 @@ def test_checkpoint_round_trip(random_vits16: ViTBackbone, tmp_path: Path) -> No
     assert torch.equal(expected.keys, got.keys)
 
 
+def test_bfloat16_checkpoint_loads_through_backbone_state(
+    random_vits16: ViTBackbone, tmp_path: Path
+) -> None:
+    """`backbone_state` hands numpy arrays (what the object store shares): a bfloat16
+    checkpoint, which numpy cannot hold, arrives as float32 and loads as the model's dtype."""
+    path = tmp_path / "vits16-bf16.pth"
+    torch.save({k: v.bfloat16() for k, v in random_vits16.model.state_dict().items()}, path)
+    state = bb.backbone_state("dino_vits16", str(path))
+    assert {a.dtype for a in state.values()} == {np.dtype(np.float32)}
+    path.unlink()  # the state alone builds the model
+    loaded = load_backbone("dino_vits16", weights=str(path), state=state)
+    weight = random_vits16.model.patch_embed.proj.weight
+    assert torch.equal(loaded.model.patch_embed.proj.weight, weight.bfloat16().float())
+
+
 def test_dino_training_checkpoint(random_vits16: ViTBackbone, tmp_path: Path) -> None:
     # Layout of facebookresearch/dino checkpoints: DDP prefix, backbone + projection head.
     state = {f"module.backbone.{k}": v for k, v in random_vits16.model.state_dict().items()}

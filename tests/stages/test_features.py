@@ -62,6 +62,9 @@ def test_bad_files_are_recorded_and_nothing_else_lost(
     assert manifest["counts"]["ok"] == 6
     assert manifest["counts"]["errors"] == 4
     assert manifest["counts"]["shards"] == 4
+    timing = manifest["timing"]  # start-up (to the first result) apart from the steady rate
+    assert 0 < timing["startup_s"] < timing["seconds"]
+    assert timing["steady_images_per_s"] > 0 and timing["images_per_s"] > 0
     reasons = {r["file_name"]: r["reason"] for r in manifest["errors"]["first"]}
     assert set(reasons) == {f"bad/{name}" for name in bad}
     for name, reason in bad.items():
@@ -210,3 +213,44 @@ def test_resume_redoes_the_shards_whose_images_changed(
         run(_config(folder, out, weights_cache, "data.shard_size=2"))["counts"]["resumed_shards"]
         == 2
     )
+
+
+def test_actors_build_the_backbone_from_the_drivers_weights(
+    local_ray: None, tmp_path: Path
+) -> None:
+    """The weights reach the actors through Ray's object store: an actor on a node that has
+    neither the checkpoint file nor a cache (here the file is gone once the driver read
+    it) builds the same backbone."""
+    import ray
+    import ray.data
+    import torch
+
+    from u2seg.config import BackboneConfig, to_dict
+    from u2seg.models import vit
+    from u2seg.stages.features import FeatureExtractor
+
+    torch.manual_seed(0)
+    path = tmp_path / "vits16.pth"
+    torch.save(vit._create_model("dino_vits16").state_dict(), path)
+    backbone = to_dict(BackboneConfig(name="dino_vits16", weights=str(path), device="cpu"))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image_id": np.arange(2),
+        "error": np.array(["", ""], dtype=object),
+        "image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+    }
+    expected = FeatureExtractor(backbone, 1)(dict(batch))["cls"]
+    state = ray.put(vit.backbone_state("dino_vits16", str(path)))
+    path.unlink()
+    ds = ray.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(2)])
+    ds = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"backbone": backbone, "threads": 1, "state": state},
+        batch_size=2,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
+    got = np.concatenate([b["cls"] for b in ds.iter_batches(batch_size=None)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(vit.WeightsUnavailableError, match="vits16.pth"):  # really gone
+        vit.backbone_state("dino_vits16", str(path))

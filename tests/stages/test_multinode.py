@@ -26,7 +26,7 @@ def cluster() -> Iterator[object]:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
-        nodes.add_node(num_cpus=1)
+        nodes.add_node(num_cpus=1.5)
     nodes.wait_for_nodes()
     ray.init(address=nodes.address)
     try:
@@ -43,10 +43,10 @@ def _photos(folder: Path) -> Path:
     return folder
 
 
-def _config(folder: Path, out: Path, cache: Path):
+def _config(folder: Path, out: Path, cache: Path, actor_cpus: float = 0.5):
     return demo_config(
         folder, out, cache, "maskcut.image_size=112", "maskcut.batch_size=1",
-        "maskcut.concurrency=2", "maskcut.num_cpus=0.5", "data.read_num_cpus=0.25",
+        "maskcut.concurrency=2", f"maskcut.num_cpus={actor_cpus}", "data.read_num_cpus=0.25",
         "maskcut.crf=guided",
     )  # fmt: skip
 
@@ -64,7 +64,10 @@ def test_maskcut_spreads_over_two_nodes(cluster, tmp_path: Path, weights_cache: 
     from ray.util.state import list_actors
 
     out = tmp_path / "run"
-    manifest = maskcut.run(_config(_photos(tmp_path / "photos"), out, weights_cache))
+    # 1 CPU per actor on 1.5-CPU nodes: two actors never fit on one node (the scheduler
+    # packs when it may), and 0.5 CPU is left on each for the read tasks.
+    cfg = _config(_photos(tmp_path / "photos"), out, weights_cache, actor_cpus=1)
+    manifest = maskcut.run(cfg)
     assert manifest["counts"]["ok"] == IMAGES
     _labelled_once(out)
     head = ray.get_runtime_context().get_node_id()

@@ -569,11 +569,43 @@ def _checkpoint_path(weights: str) -> Path | None:
     return None
 
 
+def backbone_state(
+    name: str, weights: str = "packaged", cache_dir: str | Path | None = None
+) -> dict[str, np.ndarray]:
+    """The weights `load_backbone` assigns, as numpy arrays (what a stage's driver puts in
+    Ray's object store once, so that its actors neither read nor convert weight files:
+    an actor an autoscaler adds on a fresh node has no cache and may not see the file).
+    Arguments and errors as in `load_backbone`."""
+    path = check_weights(name, weights)
+    if weights == "hub":
+        state = _hub_model(name).state_dict()
+    elif path is None:  # packaged
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+        state = _packaged_state_dict(cache)
+    else:
+        state = _checkpoint_state_dict(path, _create_model(name, meta=True))
+    # numpy has no bfloat16; `_load_state` casts to the model's dtypes anyway.
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+        for k, v in state.items()
+    }
+
+
+def _weights_source(name: str, weights: str) -> str:
+    """How error messages name the weights."""
+    if weights == "hub":
+        return f"timm's {BACKBONES[name].timm_name!r}"
+    if weights == "packaged":
+        return f"{_PACKAGE} ({packaged_onnx_path()})"
+    return weights
+
+
 def load_backbone(
     name: str,
     weights: str = "packaged",
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    state: Mapping[str, np.ndarray] | None = None,
 ) -> ViTBackbone:
     """Build a frozen, eval-mode ViT backbone.
 
@@ -585,6 +617,8 @@ def load_backbone(
         cache_dir: where the converted packaged weights are cached
             (default ``~/.cache/u2seg/weights``).
         device: device to put the model on.
+        state: these weights (`backbone_state` of the same name and weights,
+            e.g. from Ray's object store) instead of loading them here.
 
     Raises:
         ValueError: unknown name, unknown ``weights`` value, or weights that
@@ -592,16 +626,12 @@ def load_backbone(
         WeightsUnavailableError: the requested weights cannot be obtained;
             the message lists the alternatives.
     """
-    path = check_weights(name, weights)
-    if weights == "hub":
-        model = _hub_model(name)
-    elif path is None:  # packaged
-        model = _create_model(name, meta=True)
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
-        _load_state(model, _packaged_state_dict(cache), f"{_PACKAGE} ({packaged_onnx_path()})")
-    else:
-        model = _create_model(name, meta=True)
-        _load_state(model, _checkpoint_state_dict(path, model), str(path))
+    if state is None:
+        state = backbone_state(name, weights, cache_dir)
+    model = _create_model(name, meta=True)
+    # Object-store arrays are read-only views of shared memory: the model owns a copy.
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    _load_state(model, tensors, _weights_source(name, weights))
     return ViTBackbone(name, model).to(device)
 
 

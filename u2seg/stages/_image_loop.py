@@ -22,7 +22,13 @@ from tqdm import tqdm
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
-from u2seg.models.vit import ViTBackbone, check_weights, input_size, load_backbone
+from u2seg.models.vit import (
+    ViTBackbone,
+    backbone_state,
+    check_weights,
+    input_size,
+    load_backbone,
+)
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
 
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
@@ -31,14 +37,22 @@ RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
 class BackboneActor:
     """Base of the Ray Data actors that run the frozen ViT: loads it once, on its device."""
 
-    def __init__(self, backbone: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(
+        self, backbone: dict[str, Any], threads: int | None = None, state: Any = None
+    ) -> None:
+        """`state`: the backbone's weights (`backbone_state`) or a Ray object reference to
+        them; None loads them here from `backbone`'s settings."""
         cfg = BackboneConfig(**backbone)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu" and threads:
             # Ray pins fractional-CPU actors to one thread; the forward is the bottleneck.
             torch.set_num_threads(threads)
+        if state is not None and not isinstance(state, dict):
+            import ray
+
+            state = ray.get(state)
         self.model: ViTBackbone = load_backbone(
-            cfg.name, weights=cfg.weights, cache_dir=cfg.cache_dir, device=self.device
+            cfg.name, cfg.weights, cfg.cache_dir, self.device, state=state
         )
 
 
@@ -138,8 +152,7 @@ def _process(
     size: int,
     digests: dict[int, str],
 ) -> dict[str, float]:
-    """The Ray Data pipeline over `todo`; returns its wall time and images/s (actor start-up
-    and model loading included)."""
+    """The Ray Data pipeline over `todo`; returns its timing (`drain`)."""
     import ray.data
 
     shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
@@ -159,8 +172,7 @@ def _process(
             num_cpus=cfg.data.read_num_cpus,
         )
         ds = backbone_pool(ds, cfg, spec.actors, spec.actor, spec.actor_kwargs, spec.name)
-        seconds = drain(ds, writer, spec.to_rows, todo.num_rows, spec.name, cfg.data.fail_after)
-    return {"seconds": seconds, "images_per_s": todo.num_rows / seconds}
+        return drain(ds, writer, spec.to_rows, todo.num_rows, spec.name, cfg.data.fail_after)
 
 
 def backbone_pool(
@@ -172,7 +184,13 @@ def backbone_pool(
     name: str,
 ) -> Any:
     """`ds` mapped by a pool of `actor`s holding the backbone (GPUs when the cluster has
-    them, unless `actors.num_gpus` says otherwise); `name` is the stage's config section."""
+    them, unless `actors.num_gpus` says otherwise); `name` is the stage's config section.
+    The driver loads the weights once into Ray's object store, so an actor (one that an
+    autoscaler adds on a fresh node too) needs neither the weight file nor its cache."""
+    import ray
+
+    b = cfg.backbone
+    state = ray.put(backbone_state(b.name, b.weights, b.cache_dir))
     num_gpus = actors.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if cluster_has_gpus() else 0.0
@@ -181,6 +199,7 @@ def backbone_pool(
         fn_constructor_kwargs={
             "backbone": to_dict(cfg.backbone),
             "threads": actors.torch_threads,
+            "state": state,
             **actor_kwargs,
         },
         batch_size=actors.batch_size,
@@ -202,22 +221,34 @@ def failure_summary(reasons: list[str]) -> str:
 
 
 def drain(
-    ds: Any, writer: ShardWriter, to_rows: RowsFn, total: int, desc: str, fail_after: int
-) -> float:
+    ds: Any,
+    writer: ShardWriter,
+    to_rows: RowsFn,
+    total: int,
+    desc: str,
+    fail_after: int,
+    unit: str = "images",
+) -> dict[str, float]:
     """Pull every result batch of `ds` into `writer` with a progress bar over `total` rows;
-    returns the seconds it took. An error if a shard did not receive all its rows, and a
-    `StageFailed` as soon as the first `fail_after` rows have all failed (a wrong source or
-    setting: the remaining rows would fail the same way)."""
+    returns its timing: `seconds` in all, `startup_s` until the first result (pipeline and
+    actor start, model loading, the first batch), `{unit}_per_s` over everything and
+    `steady_{unit}_per_s` after the first result (what an added actor contributes once it
+    runs). An error if a shard did not receive all its rows, and a `StageFailed` as soon as
+    the first `fail_after` rows have all failed (a wrong source or setting: the remaining
+    rows would fail the same way)."""
     # Results are taken as they complete, not in input order, so one slow batch does not
     # hold back the shards behind it; shards are sorted on write (ShardWriter).
     ds.context.execution_options.preserve_order = False
     start = time.perf_counter()
+    first: tuple[float, int] | None = None  # (time, rows) of the first result
     with tqdm(total=total, desc=desc, unit="row") as bar:
         ok, reasons = 0, []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             rows = to_rows(batch)
             writer.add(rows)
             bar.update(rows.num_rows)
+            if first is None:
+                first = time.perf_counter(), rows.num_rows
             errors = rows.column("error").to_pylist()
             ok += sum(e is None for e in errors)
             if not ok:
@@ -229,4 +260,13 @@ def drain(
                     )
     if writer.incomplete:
         raise RuntimeError(f"{desc}: shards {writer.incomplete[:10]} did not complete")
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    first_at, first_rows = first or (end, 0)
+    timing = {
+        "seconds": end - start,
+        "startup_s": first_at - start,
+        f"{unit}_per_s": total / max(end - start, 1e-9),
+    }
+    if end > first_at:
+        timing[f"steady_{unit}_per_s"] = (total - first_rows) / (end - first_at)
+    return timing

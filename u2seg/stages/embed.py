@@ -260,5 +260,4 @@ def _embed(
         )
         ds = backbone_pool(crops, cfg, cfg.embed, CropEmbedder, {}, "embed")
         total = int(pc.sum(todo.column("masks")).as_py() or 0)
-        seconds = drain(ds, writer, to_shard_rows, total, STAGE, cfg.data.fail_after)
-    return {"seconds": seconds, "masks_per_s": total / seconds}
+        return drain(ds, writer, to_shard_rows, total, STAGE, cfg.data.fail_after, "masks")

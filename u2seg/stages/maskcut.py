@@ -80,9 +80,13 @@ class MaskCutWorker(BackboneActor):
     """Ray Data actor: square images -> MaskCut pseudo masks as COCO annotations per image."""
 
     def __init__(
-        self, backbone: dict[str, Any], options: dict[str, Any], threads: int | None = None
+        self,
+        backbone: dict[str, Any],
+        options: dict[str, Any],
+        threads: int | None = None,
+        state: Any = None,
     ) -> None:
-        super().__init__(backbone, threads)
+        super().__init__(backbone, threads, state)
         # The backend this worker really runs ("auto" depends on what it has installed):
         # recorded in every row it writes.
         self.cfg = replace(MaskCutConfig(**options), crf=resolve_backend(options["crf"]))

@@ -211,5 +211,4 @@ def _process(
             batch_size=batch, compute=actor_pool(p.concurrency, p.max_concurrency),
             num_cpus=p.num_cpus, num_gpus=num_gpus,
         )  # fmt: skip
-        seconds = drain(ds, writer, _to_rows, todo.num_rows, STAGE, cfg.data.fail_after)
-    return {"seconds": seconds, "images_per_s": todo.num_rows / seconds}
+        return drain(ds, writer, _to_rows, todo.num_rows, STAGE, cfg.data.fail_after)

@@ -57,8 +57,15 @@ METHODS = ("patch-kmeans", "stego")
 class PatchSampler(BackboneActor):
     """Ray Data actor: square images -> a deterministic sample of each image's patch tokens."""
 
-    def __init__(self, backbone: dict[str, Any], count: int, seed: int, threads: int | None = None):
-        super().__init__(backbone, threads)
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        count: int,
+        seed: int,
+        threads: int | None = None,
+        state: Any = None,
+    ) -> None:
+        super().__init__(backbone, threads, state)
         self.count, self.seed = count, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,8 +107,9 @@ class StuffLabeler(BackboneActor):
         crf: bool = False,
         head: dict[str, torch.Tensor] | None = None,
         threads: int | None = None,
+        state: Any = None,
     ) -> None:
-        super().__init__(backbone, threads)
+        super().__init__(backbone, threads, state)
         self.centroids = torch.as_tensor(centroids, device=self.device)
         self.flip, self.crf = flip, crf
         # STEGO: classes are clusters of the head's codes, not of the tokens.
