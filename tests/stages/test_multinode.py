@@ -26,7 +26,7 @@ def cluster() -> Iterator[object]:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
-        nodes.add_node(num_cpus=1.5)
+        nodes.add_node(num_cpus=2)
     nodes.wait_for_nodes()
     ray.init(address=nodes.address)
     try:
@@ -64,9 +64,9 @@ def test_maskcut_spreads_over_two_nodes(cluster, tmp_path: Path, weights_cache: 
     from ray.util.state import list_actors
 
     out = tmp_path / "run"
-    # 1 CPU per actor on 1.5-CPU nodes: two actors never fit on one node (the scheduler
+    # 1.5 CPUs per actor on 2-CPU nodes: two actors never fit on one node (the scheduler
     # packs when it may), and 0.5 CPU is left on each for the read tasks.
-    cfg = _config(_photos(tmp_path / "photos"), out, weights_cache, actor_cpus=1)
+    cfg = _config(_photos(tmp_path / "photos"), out, weights_cache, actor_cpus=1.5)
     manifest = maskcut.run(cfg)
     assert manifest["counts"]["ok"] == IMAGES
     _labelled_once(out)
