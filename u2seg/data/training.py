@@ -24,6 +24,7 @@ from PIL import Image
 
 from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
 from u2seg.data.images import read_image
+from u2seg.ops.copy_paste import boxes_of
 
 
 class TrainingDataError(ValueError):
@@ -104,16 +105,6 @@ def target_size(height: int, width: int, short_side: int, max_side: int) -> tupl
 
 def _resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample))
-
-
-def boxes_of(masks: np.ndarray) -> np.ndarray:
-    """float32 (N, 4) xyxy boxes (exclusive right / bottom edge) of N bool (H, W) masks."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for k, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size:
-            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes
 
 
 def training_sample(
