@@ -26,7 +26,10 @@ SHARED_CLAIM = "u2seg-shared"  # a ReadWriteMany volume: runs and data under /da
 CONFIG = "configs/coco.yaml"
 OUTPUT = "/data/runs/coco"
 SOURCE = "/data/coco/train2017"
-MANIFESTS = ("shared-storage.yaml", "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml")
+MANIFESTS = (
+    "shared-storage.yaml", "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
+    "rayjob-self-train.yaml",
+)  # fmt: skip
 
 
 def _container(name: str, cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
@@ -150,6 +153,9 @@ def manifests() -> dict[str, dict[str, Any]]:
             "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72
         ),
         "rayjob-train.yaml": _job("u2seg-train", f"python ray_jobs/train.py {args}", 240),
+        "rayjob-self-train.yaml": _job(
+            "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240
+        ),
     }
 
 

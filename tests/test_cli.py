@@ -64,8 +64,12 @@ def test_demo_end_to_end(
     assert manifest["config"]["backbone"]["weights"] == "packaged"
     assert (out / "data" / "annotations" / "instances.json").is_file()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
-    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict"}
-    assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["predict"])
+    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict", "self-train"}
+    for name in ("predict", "self-train"):
+        assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics[name])
+    rounds = json.loads((out / "self-train" / "manifest.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["train"]["steps"] == 20
+    assert rounds[0]["from"] == str(out / "train" / "model.pt")
     train = json.loads((out / "train" / "manifest.json").read_text())
     assert train["training"]["deepspeed"] and train["training"]["zero_stage"] == 2
     assert train["training"]["world_size"] == 2 and train["training"]["ranks_agree"]
@@ -80,7 +84,7 @@ def test_demo_end_to_end(
 
 def test_run_until_stops_after_the_named_stage(capsys: pytest.CaptureFixture[str]) -> None:
     assert build_parser().parse_args(["run", "--until", "panoptic"]).until == "panoptic"
-    assert build_parser().parse_args(["run"]).until == "predict"  # every stage
+    assert build_parser().parse_args(["run"]).until == "self-train"  # every stage
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--until", "evaluat"])
     assert "invalid choice: 'evaluat'" in capsys.readouterr().err

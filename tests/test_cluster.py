@@ -67,7 +67,8 @@ def _load(name: str) -> dict[str, Any]:
     return data
 
 
-RAY_MANIFESTS = ["raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml"]
+RAY_MANIFESTS = ["raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
+                 "rayjob-self-train.yaml"]  # fmt: skip
 
 
 def _cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:

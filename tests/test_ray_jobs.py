@@ -111,4 +111,4 @@ def test_every_job_launches_its_command(job: str) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.startswith(f"usage: u2seg {job} ")
+    assert shown.stdout.startswith(f"usage: u2seg {job.replace('_', '-')} ")

@@ -99,6 +99,17 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     panoptic/*.png (COCO panoptic), semantic/*.png, part-*.parquet. Resumable;\n"
         "     score it with `u2seg evaluate evaluate.predictions=[predict]`.",
     ),
+    "self-train": (
+        "self-training rounds on the model's own confident predictions",
+        "in:  <output>/train/model.pt and <output>/panoptic/ (round 0), data.source.\n"
+        "     Round r: predict with the previous model (self_train.detections_per_image),\n"
+        "     keep scores >= self_train.score_thresh[r-1], add back old masks with mask IoU\n"
+        "     < self_train.add_back_iou, train from the previous weights\n"
+        "     (self_train.base_lr constant, self_train.max_iter steps, no DropLoss).\n"
+        "out: <output>/self-train/round-<r>/{predict,panoptic,train}/ (each resumes),\n"
+        "     final/predict/ (the last model over predict.images; `u2seg evaluate` scores\n"
+        "     it as the set self-train), manifest.json with each round's counts.",
+    ),
     "evaluate": (
         "score predictions against ground truth: AP, mIoU / pixel accuracy, PQ",
         "in:  evaluate.predictions (stages of this run, default maskcut and panoptic, or\n"
@@ -118,7 +129,8 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
 }
 # `u2seg run` runs these; `u2seg evaluate` scores them (the demo does both).
 _PIPELINE = (
-    "features", "maskcut", "embed", "cluster", "semantic", "panoptic", "train", "predict"
+    "features", "maskcut", "embed", "cluster", "semantic", "panoptic", "train", "predict",
+    "self-train",
 )  # fmt: skip
 
 
@@ -126,7 +138,7 @@ def _stages() -> dict[str, StageFn]:
     """Stage functions in pipeline order (imported lazily: torch/ray load on use)."""
     import u2seg
 
-    return {name: getattr(u2seg, f"run_{name}") for name in _STAGE_HELP}
+    return {name: getattr(u2seg, f"run_{name.replace('-', '_')}") for name in _STAGE_HELP}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -240,11 +240,16 @@ class TrainConfig:
     Model: `backbone` "resnet50" (`weights`: a DINO / torchvision ResNet-50 checkpoint
     file, "" for random init; `norm` "bn" or "frozen_bn"; BatchNorm becomes SyncBatchNorm
     on distributed GPUs) or "vit" (the `backbone` section's ViT behind a simple feature
-    pyramid, frozen unless `vit_trainable`). Schedule: SGD `momentum`, `base_lr`, linear
+    pyramid, frozen unless `vit_trainable`); `init`: a u2seg model file (`train/model.pt`
+    of an earlier run or self-training round) whose weights the model starts from (the
+    architecture must match). Schedule: SGD `momentum`, `base_lr`, linear
     warm-up over `warmup_iters` from `warmup_factor` x, x `gamma` at each of `steps`,
     `max_iter` iterations, `weight_decay` (`norm_weight_decay` on normalisation layers),
     gradient clipping to `clip_norm` per parameter tensor (0: off). Samples: short side
-    from `short_sides`, long side at most `max_side`, horizontal `flip`.
+    from `short_sides`, long side at most `max_side`, horizontal `flip`; `copy_paste`:
+    each sample gets 1..n-1 instances of another one pasted, scaled by r ~
+    U(`copy_paste_scale`), in the data pipeline (pairs of records in Ray Data, the step's
+    other images, or the next record of the worker's order when it takes one image a step).
     Faults: a checkpoint every `checkpoint_every` steps (and at the end), the last
     `keep` kept; a failed worker restarts the group from the last one up to `max_failures`
     times; a collective that hangs `timeout_s` seconds fails. A progress line every
@@ -261,6 +266,7 @@ class TrainConfig:
     torch_threads: int | None = at_least(1, None)
     backbone: str = "resnet50"
     weights: str = ""
+    init: str = ""
     norm: str = "bn"
     vit_trainable: bool = False
     ims_per_batch: int = at_least(1, 16)
@@ -279,6 +285,8 @@ class TrainConfig:
     )
     max_side: int = at_least(1, 1333)
     flip: bool = True
+    copy_paste: bool = True
+    copy_paste_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     seed: int = 0
     rpn_pre_nms_top_n_train: int = at_least(1, 2000)
     rpn_post_nms_top_n_train: int = at_least(1, 4000)
@@ -296,6 +304,27 @@ class TrainConfig:
     max_failures: int = at_least(0, 3)
     timeout_s: int = at_least(1, 1800)
     log_every: int = at_least(1, 20)
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    """Self-training rounds on the model's own confident predictions (the `self-train/`
+    artifact; METHOD.md stage 6, CutLER's recipe).
+
+    `rounds` rounds; round r keeps the predictions (at most `detections_per_image` per
+    image) with score >= `score_thresh[r - 1]` (the last value for later rounds), adds
+    back every old pseudo mask whose max mask IoU with them is < `add_back_iou`, and trains
+    from the previous weights for `max_iter` steps at `base_lr` constant, DropLoss off,
+    copy-paste scale `copy_paste_scale` (the train section gives everything else).
+    """
+
+    rounds: int = at_least(1, 2)
+    detections_per_image: int = at_least(1, 30)
+    score_thresh: list[float] = field(default_factory=lambda: [0.7, 0.65])
+    add_back_iou: float = between(0, 1, 0.5)
+    base_lr: float = above(0, 0.005)
+    max_iter: int = at_least(1, 80_000)
+    copy_paste_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
 
 
 @dataclass(frozen=True)
@@ -392,6 +421,7 @@ class PipelineConfig:
     panoptic: PanopticConfig = field(default_factory=PanopticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     @property

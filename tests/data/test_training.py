@@ -12,6 +12,7 @@ from PIL import Image
 from u2seg.data.coco import mask_to_annotation
 from u2seg.data.training import (
     TrainingDataError,
+    paste_round_robin,
     read_training_set,
     target_size,
     training_sample,
@@ -78,3 +79,20 @@ def test_bad_artifacts_are_named(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(photos["a.jpg"])
     with pytest.raises(TrainingDataError, match=r"a\.jpg is 10x10 but its labels are 80x60"):
         training_sample(record, [30], 1000, False, np.random.default_rng(0))
+
+
+def test_copy_paste_pairs_the_samples_of_a_group(tmp_path: Path) -> None:
+    panoptic, photos = _artifact(tmp_path)
+    (record,) = read_training_set(panoptic, photos).records
+    one = training_sample(record, [60], 1000, False, np.random.default_rng(0))
+    other = {"image": one["image"][:, ::-1].copy(), "masks": one["masks"][:, :, ::-1].copy(),
+             "labels": one["labels"], "semantic": one["semantic"][:, ::-1].copy()}  # fmt: skip
+    other["boxes"] = np.array([[10, 10, 30, 20]], np.float32)  # the mirrored instance
+    rng = np.random.default_rng(3)
+    pasted = paste_round_robin([one, other], rng, (1.0, 1.0))
+    for sample in pasted:  # each got the other's instance: 2 instances, 2 boxes, 2 labels
+        assert len(sample["masks"]) == len(sample["boxes"]) == len(sample["labels"]) == 2
+        assert (sample["semantic"][sample["masks"].any(axis=0) > 0] == 0).all()
+    assert paste_round_robin([one], rng, (1.0, 1.0)) == [one]  # alone: nothing to paste
+    (spared,) = paste_round_robin([one], rng, (1.0, 1.0), spare=other)
+    assert len(spared["masks"]) == 2

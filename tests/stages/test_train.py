@@ -68,6 +68,7 @@ def test_deepspeed_zero2_on_two_workers_keeps_the_ranks_equal(trained) -> None:
     assert all(e["loss"] > 0 for e in manifest["curve"])
     assert manifest["counts"]["restarts"] == 0
     assert 0 <= manifest["timing"]["data_wait_share"] <= 1
+    assert manifest["timing"]["peak_rss_mib"] > 100  # a worker holding torch and the model
     # Ray keeps the last checkpoint only (keep=1), with one ZeRO optimizer shard per rank.
     snapshot = json.loads((run / "train" / "ray" / "checkpoint_manager_snapshot.json").read_text())
     (kept,) = snapshot["checkpoint_results"]
@@ -121,6 +122,38 @@ def _first_step(tmp: Path, *strategy: str) -> dict[str, float]:
                        "train.loader=workers", "train.flip=false")  # fmt: skip
     (entry,) = u2seg.run_train(cfg)["curve"]
     return {k: v for k, v in entry.items() if k.startswith("loss_")}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_data_pastes_instances_between_the_records_of_a_pair(tmp_path: Path) -> None:
+    """The `ray-data` loader's samples: copy-paste ran on the CPU tasks (an image with
+    more than its own two instances), every sample consistent."""
+    import ray.data
+
+    from u2seg.config import RayConfig, to_dict
+    from u2seg.data.training import read_training_set
+    from u2seg.ops.copy_paste import boxes_of
+    from u2seg.runtime import ray_session
+    from u2seg.stages.train import TrainingSamples
+
+    photos, run = write_trainset(tmp_path, images=6)
+    cfg = train_config(photos, run, "train.copy_paste_scale=[0.3,0.6]")
+    names = {p.name: str(p) for p in photos.iterdir()}
+    records = read_training_set(str(run / "panoptic"), names).records
+    with ray_session(RayConfig(num_cpus=2)):
+        ds = ray.data.from_items(records).map_batches(
+            TrainingSamples(to_dict(cfg.train), cfg.data.max_pixels), batch_size=2, num_cpus=0.5
+        )
+        rows = list(ds.iter_rows())
+    assert len(rows) == 6
+    for row in rows:
+        masks = row["masks"].astype(bool)
+        assert masks.shape[1:] == row["image"].shape[:2] == row["semantic"].shape
+        assert len(masks) == len(row["labels"]) and masks.any(axis=(1, 2)).all()
+        assert (row["boxes"] == boxes_of(masks)).all()
+        assert (row["semantic"][masks.any(axis=0)] == 0).all()
+    assert max(len(row["labels"]) for row in rows) > 2  # pasted: more than its own two
 
 
 @pytest.mark.slow
@@ -284,6 +317,7 @@ def test_a_checkpoint_holding_pickled_objects_is_not_loaded(tmp_path: Path) -> N
         (["train.strategy=horovod"], r"train\.strategy='horovod'"),
         (["train.num_workers=2", "train.ims_per_batch=3"], "not a multiple of the 2 workers"),
         (["train.steps=[50,20]"], r"train\.steps=\[50, 20\]: must be increasing"),
+        (["train.copy_paste_scale=[0.8,0.3]"], r"train\.copy_paste_scale=\[0\.8, 0\.3\]"),
         (["train.weights=/nowhere.pth"], "set train.backbone=resnet50"),
         (["train.backbone=resnet50", "train.weights=/nowhere.pth"], "checkpoint not found"),
         (["train.num_workers=8", "train.ims_per_batch=8"], "4 training images for 8 workers"),

@@ -222,8 +222,10 @@ def resolve(entry: str, run_dir: str) -> tuple[str, str]:
     manifest must exist) or a directory of predictions."""
     if "/" not in entry and ":" not in entry:
         stage = StageDir(run_dir, entry)
-        stage.manifest()  # an error naming the stage when it has not completed
-        return entry, stage.fs.unstrip_protocol(stage.path)
+        # An error naming the stage when it has not completed; a stage whose predictions
+        # lie in a subdirectory (self-train's last model) names it.
+        sub = stage.manifest().get("predictions")
+        return entry, stage.fs.unstrip_protocol(f"{stage.path}/{sub}" if sub else stage.path)
     fs, path = url_to_fs(entry)
     if not fs.isdir(path):
         raise PredictionError(f"prediction directory not found: {entry}")

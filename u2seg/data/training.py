@@ -24,7 +24,9 @@ from PIL import Image
 
 from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
 from u2seg.data.images import read_image
-from u2seg.ops.copy_paste import boxes_of
+from u2seg.ops.copy_paste import boxes_of, copy_paste
+
+SAMPLE_KEYS = ("image", "masks", "boxes", "labels", "semantic")
 
 
 class TrainingDataError(ValueError):
@@ -148,3 +150,17 @@ def training_sample(
         "labels": labels,
         "semantic": np.ascontiguousarray(semantic),
     }
+
+
+def paste_round_robin(
+    samples: list[dict[str, np.ndarray]],
+    rng: np.random.Generator,
+    scale: Sequence[float],
+    spare: dict[str, np.ndarray] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Copy-paste within a group: each sample gets instances of the next one (the last, of
+    the first) pasted; a lone sample gets those of `spare` (another image), or none."""
+    if len(samples) == 1:
+        return [copy_paste(samples[0], spare, rng, scale)] if spare is not None else samples
+    n = len(samples)
+    return [copy_paste(s, samples[(i + 1) % n], rng, scale) for i, s in enumerate(samples)]

@@ -77,7 +77,7 @@ def copy_paste(
     if not len(pasted):
         return target
 
-    union = pasted.any(axis=0)
+    union = np.any(pasted, axis=0).astype(bool)
     canvas = np.zeros_like(target["image"])
     canvas[top : top + size[0], left : left + size[1]] = _resized(
         np.ascontiguousarray(source["image"]), size, Image.Resampling.BILINEAR

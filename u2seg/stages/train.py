@@ -50,8 +50,13 @@ import torch
 from u2seg.artifacts import MANIFEST, StageDir, read_parquet
 from u2seg.config import ConfigError, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import list_images
-from u2seg.data.training import read_training_set, training_sample
-from u2seg.data.weights import write_model_file
+from u2seg.data.training import (
+    SAMPLE_KEYS,
+    paste_round_robin,
+    read_training_set,
+    training_sample,
+)
+from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file, write_model_file
 from u2seg.ops.schedule import clip_per_parameter, learning_rate, parameter_groups
 from u2seg.runtime import cluster_has_gpus, ray_session, resolve_device
 from u2seg.stages import _checkpoints as ckpt
@@ -82,10 +87,22 @@ def _check(cfg: PipelineConfig) -> int:
         raise ConfigError(f"bad value train.steps={list(train.steps)}: must be increasing")
     if not train.short_sides or min(train.short_sides) < 1:
         raise ConfigError(f"bad value train.short_sides={list(train.short_sides)}")
+    scale = list(train.copy_paste_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(
+            f"bad value train.copy_paste_scale={scale}: [low, high], 0 < low <= high <= 1"
+        )
     if train.weights and train.backbone != "resnet50":
         raise ConfigError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
     if train.weights and not Path(train.weights).is_file():
         raise ConfigError(f"train.weights: checkpoint not found: {train.weights}")
+    if train.init:
+        if train.weights:
+            raise ConfigError("train.init replaces every weight: leave train.weights empty")
+        try:
+            read_model_file(train.init)
+        except ModelFileError as exc:
+            raise ConfigError(f"train.init: {exc}") from None
     world = 1 if train.strategy == "local" else train.num_workers
     if train.ims_per_batch % world:
         raise ConfigError(
@@ -158,7 +175,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _throughput(progress: dict[str, Any]) -> dict[str, float]:
     """Images/s and the share of step time spent waiting for data, over all steps and over
-    the steps after the first progress line (the first waits for the pipeline to start)."""
+    the steps after the first progress line (the first waits for the pipeline to start);
+    rank 0's peak memory."""
     curve = progress["curve"]
     out: dict[str, float] = {
         "data_wait_s": sum(e["data_wait_s"] for e in curve),
@@ -170,6 +188,9 @@ def _throughput(progress: dict[str, Any]) -> dict[str, float]:
         if seconds:
             out[f"{name}images_per_s"] = sum(e["images"] for e in entries) / seconds
             out[f"{name}data_wait_share"] = sum(e["data_wait_s"] for e in entries) / seconds
+    for key in ("peak_rss_mib", "peak_gpu_mib"):  # rank 0's, as it logs the curve
+        if any(key in e for e in curve):
+            out[key] = max(e.get(key, 0.0) for e in curve)
     return out
 
 
@@ -315,6 +336,10 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
         torch.set_num_threads(train["torch_threads"])
     torch.manual_seed(train["seed"])  # the same initial weights on every rank
     model = build_from_spec(config["spec"], device, train["weights"])
+    if train["init"]:  # an earlier run's or round's weights (a checkpoint still wins below)
+        state, _ = read_model_file(train["init"])
+        check_state_dict(state, model.state_dict(), train["init"])
+        model.load_state_dict(state)
     if device.type == "cuda" and world > 1 and train["norm"] == "bn":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     groups = parameter_groups(model, train["weight_decay"], train["norm_weight_decay"])
@@ -469,9 +494,21 @@ class _Window:
             "data_wait_s": self.waited,
             "step_s": self.seconds,
             "images": batch * self.count,
+            **_peak_memory(),
         }
         self.reset()
         return entry
+
+
+def _peak_memory() -> dict[str, float]:
+    """This process's peak resident memory (MiB, Linux counts ru_maxrss in KiB), and its
+    GPU's peak allocation when it has one."""
+    import resource
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
 
 
 class _ProgressLog:
@@ -528,16 +565,22 @@ def _duration(seconds: float) -> str:
 
 
 class TrainingSamples:
-    """Ray Data row function: a training record -> the arrays of one sample (fresh
-    augmentation randomness per row)."""
+    """Ray Data batch function: a group of training records -> their samples (fresh
+    augmentation randomness per group), each with instances of the next one pasted when
+    `paste_scale` is set (copy-paste)."""
 
-    def __init__(self, short_sides: list[int], max_side: int, flip: bool, max_pixels: int):
-        self.args = (short_sides, max_side, flip)
+    def __init__(self, train: dict[str, Any], max_pixels: int):
+        self.args = (train["short_sides"], train["max_side"], train["flip"])
+        self.paste_scale = train["copy_paste_scale"] if train["copy_paste"] else None
         self.max_pixels = max_pixels
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
         rng = np.random.default_rng()
-        return training_sample(row, *self.args, rng, self.max_pixels)
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["path"]))]
+        samples = [training_sample(r, *self.args, rng, self.max_pixels) for r in rows]
+        if self.paste_scale is not None:
+            samples = paste_round_robin(samples, rng, self.paste_scale)
+        return {key: [s[key] for s in samples] for key in SAMPLE_KEYS}
 
 
 def _batches(
@@ -567,17 +610,27 @@ def _batches(
     per_epoch = (n // world) // per_worker
     if per_epoch == 0:
         raise ValueError(f"{n} training images for {world} x {per_worker} images per step")
+
+    def sample(epoch: int, i: int) -> dict[str, Any]:
+        rng = np.random.default_rng([train["seed"], epoch, i])
+        return training_sample(records[i], train["short_sides"], train["max_side"],
+                               train["flip"], rng, config["max_pixels"])  # fmt: skip
+
     while True:
         order = np.random.default_rng([train["seed"], epoch]).permutation(n)
         mine = order[rank::world][: per_epoch * per_worker]
         for position in range(done, per_epoch):
-            index = mine[position * per_worker : (position + 1) * per_worker]
-            samples = [
-                training_sample(records[i], train["short_sides"], train["max_side"],
-                                train["flip"], np.random.default_rng([train["seed"], epoch, i]),
-                                config["max_pixels"])
-                for i in index.tolist()
-            ]  # fmt: skip
+            index = mine[position * per_worker : (position + 1) * per_worker].tolist()
+            samples = [sample(epoch, i) for i in index]
+            if train["copy_paste"]:
+                rng = np.random.default_rng([train["seed"], epoch, index[0], 1])
+                # One image a step: the next record of this worker's order is the source.
+                spare = (
+                    sample(epoch, int(mine[(position + 1) % per_epoch]))
+                    if per_worker == 1
+                    else None
+                )
+                samples = paste_round_robin(samples, rng, train["copy_paste_scale"], spare)
             yield epoch, position + 1, samples
         epoch, done = epoch + 1, 0
 
@@ -650,10 +703,10 @@ def _fit_on_ray(cfg: PipelineConfig, loop: dict[str, Any], stage: StageDir) -> d
         datasets: dict[str, Any] = {}
         if train.loader == "ray-data":
             records = stage.read_table(RECORDS)
-            datasets["train"] = ray.data.from_arrow(records).map(
-                TrainingSamples(list(train.short_sides), train.max_side, train.flip,
-                                cfg.data.max_pixels),
-                num_cpus=train.data_num_cpus,
+            # Groups of 2 records: copy-paste pairs them (the step's batch may be 1 image).
+            datasets["train"] = ray.data.from_arrow(records).map_batches(
+                TrainingSamples(loop["train"], cfg.data.max_pixels),
+                batch_size=2, num_cpus=train.data_num_cpus,
             )  # fmt: skip
         storage = stage.fs.unstrip_protocol(stage.path)
         if "://" not in storage or storage.startswith("file://"):
