@@ -107,7 +107,7 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     < self_train.add_back_iou, train from the previous weights\n"
         "     (self_train.base_lr constant, self_train.max_iter steps, no DropLoss).\n"
         "out: <output>/self-train/round-<r>/{predict,panoptic,train}/ (each resumes),\n"
-        "     final/predict/ (the last model over predict.images; `u2seg evaluate` scores\n"
+        "     final-<R>/predict/ (the last model over predict.images; `u2seg evaluate` scores\n"
         "     it as the set self-train), manifest.json with each round's counts.",
     ),
     "evaluate": (

@@ -233,6 +233,13 @@ class TrainConfig:
     GPU, fp32 on CPU with gloo), "ddp" (Ray Train workers, torch DistributedDataParallel) or
     "local" (one process, no Ray: for debugging). `num_workers` Ray Train workers with
     `cpus_per_worker` CPUs and a GPU each when `use_gpu` (None: when the cluster has GPUs).
+    Elastic (`min_workers` set): Ray Train starts as soon as `min_workers` fit, grows to
+    `num_workers` as the cluster adds them and goes on with fewer after losing some, each
+    time from the last checkpoint; at another world size the weights are restored and the
+    optimizer starts anew (a ZeRO state is split per worker). `resize`: "fixed-batch" keeps
+    the global batch `ims_per_batch` (split over the workers there are) and the LR;
+    "linear" keeps `ims_per_batch / num_workers` images per worker, so the global batch
+    and the LR scale with the workers there are.
     `loader`: "ray-data" (samples decoded and augmented by Ray Data tasks of
     `data_num_cpus` CPUs, apart from the training workers) or "workers" (each worker decodes
     its own share; the local strategy always does). `ims_per_batch` is the global batch
@@ -259,6 +266,8 @@ class TrainConfig:
     strategy: str = "deepspeed"
     zero_stage: int = between(1, 2, 2)
     num_workers: int = at_least(1, 8)
+    min_workers: int | None = at_least(1, None)
+    resize: str = "fixed-batch"
     cpus_per_worker: float = above(0, 1.0)
     use_gpu: bool | None = None
     loader: str = "ray-data"

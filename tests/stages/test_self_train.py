@@ -25,6 +25,10 @@ LOCAL = ["train.strategy=local", "train.max_iter=2", "train.ims_per_batch=2", "t
          "predict.concurrency=1", "predict.num_cpus=0.5"]  # fmt: skip
 
 
+ROUNDS = ["self_train.max_iter=2", "self_train.base_lr=1e-12", "self_train.score_thresh=[0.0]",
+          "self_train.detections_per_image=5"]  # fmt: skip
+
+
 def _parameters(path: Path) -> dict[str, torch.Tensor]:
     state, meta = read_model_file(str(path))
     model = build_from_spec(meta["spec"], torch.device("cpu"))
@@ -36,9 +40,7 @@ def test_two_rounds_each_start_from_the_previous_weights(tmp_path: Path) -> None
     photos, run = write_trainset(tmp_path)
     u2seg.run_train(train_config(photos, run, *LOCAL))
     # A learning rate of ~0 in the rounds: their weights stay those they started from.
-    cfg = train_config(photos, run, *LOCAL, "self_train.rounds=2", "self_train.max_iter=2",
-                       "self_train.base_lr=1e-12", "self_train.score_thresh=[0.0]",
-                       "self_train.detections_per_image=5")  # fmt: skip
+    cfg = train_config(photos, run, *LOCAL, *ROUNDS, "self_train.rounds=2")
     manifest = u2seg.run_self_train(cfg)
     assert manifest["counts"]["rounds"] == 2
     first, second = manifest["rounds"]
@@ -62,9 +64,12 @@ def test_two_rounds_each_start_from_the_previous_weights(tmp_path: Path) -> None
         weights = _parameters(round_dir / f"round-{r}" / "train" / "model.pt")
         for key, value in round0.items():  # started from round 0 (then round 1), not afresh
             torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
-    assert (round_dir / "final" / "predict" / "instances.json").is_file()
+    assert (round_dir / "final-2" / "predict" / "instances.json").is_file()
     again = u2seg.run_self_train(cfg)  # everything complete: nothing is redone
     assert again["rounds"] == manifest["rounds"]
+    more = u2seg.run_self_train(train_config(photos, run, *LOCAL, *ROUNDS, "self_train.rounds=3"))
+    assert more["rounds"][:2] == manifest["rounds"] and more["rounds"][2]["round"] == 3
+    assert more["predictions"] == "final-3/predict"
 
 
 def _rle(box: tuple[int, int, int, int], image_id: int = 1) -> dict:

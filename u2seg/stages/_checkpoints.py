@@ -13,10 +13,12 @@ One checkpoint is one directory:
 
 Nothing is unpickled unsafely: before anything is loaded, every `.pt` file is read with
 `torch.load(weights_only=True)`, which allows tensors, plain containers and, for DeepSpeed,
-three of its plain record classes; a file that needs anything else, is cut short, was
-written by another world size or holds another architecture is a `CheckpointFileError`
-naming the file and what differs. DeepSpeed's own loader (which calls `torch.load` without
-`weights_only`) only ever sees files that passed that check.
+three of its plain record classes; a file that needs anything else, is cut short, lacks
+a ZeRO shard of the workers that wrote it or holds another architecture is a
+`CheckpointFileError` naming the file and what differs (a checkpoint of another world size
+is elastic training's: its weights are loaded, the optimizer starts anew). DeepSpeed's
+own loader (which calls `torch.load` without `weights_only`) only ever sees files that
+passed that check.
 """
 
 from __future__ import annotations
@@ -99,19 +101,14 @@ def verify(
             f"this run has {strategy}"
         )
     deepspeed = strategy == "deepspeed"
-    if deepspeed and progress["world_size"] != world_size:
-        raise CheckpointFileError(
-            f"{directory / PROGRESS}: written by {progress['world_size']} workers, this run "
-            f"has {world_size} (a DeepSpeed ZeRO state is split per worker)"
-        )
     loaded = {p: safe_load(p, deepspeed) for p in sorted(directory.rglob("*.pt"))}
     if deepspeed:
         folder = directory / str(progress["tag"])
         module_file = folder / DEEPSPEED_MODULE
         shards = sorted(p.name for p in folder.glob("*.pt") if _ZERO_SHARD.match(p.name))
-        if len(shards) != world_size:
+        if len(shards) != progress["world_size"]:  # one per worker that wrote it
             raise CheckpointFileError(
-                f"{folder}: {len(shards)} ZeRO optimizer shards, expected {world_size}"
+                f"{folder}: {len(shards)} ZeRO optimizer shards, expected {progress['world_size']}"
             )
         weights = loaded.get(module_file, {}).get("module") if module_file in loaded else None
     else:

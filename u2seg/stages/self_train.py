@@ -17,7 +17,7 @@ the ordinary stages, so each resumes as that stage does:
    `self_train.max_iter` steps at `self_train.base_lr` constant, DropLoss off, copy-paste
    scale `self_train.copy_paste_scale`.
 
-Then `self-train/final/predict/`: the last round's model over `predict.images` with the
+Then `self-train/final-<R>/predict/`: the last round's model over `predict.images` with the
 predict section's settings; `u2seg evaluate` scores it as the set `self-train`. The
 stage's manifest lists each round: predictions kept, masks added back, images that kept
 their old masks, the training summary.
@@ -261,12 +261,13 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                        "threshold": relabelled["threshold"], "predicted": predicted["counts"],
                        "labels": relabelled["counts"], "train": trained["counts"],
                        "loss": curve[-1]["loss"] if curve else None})  # fmt: skip
+    final_dir = f"{FINAL}-{len(rounds)}"  # one per round count: more rounds, new predictions
     final = dataclasses.replace(
-        cfg, output=f"{cfg.output_dir.rstrip('/')}/{STAGE}/{FINAL}",
+        cfg, output=f"{cfg.output_dir.rstrip('/')}/{STAGE}/{final_dir}",
         predict=dataclasses.replace(cfg.predict, model=model),
     )  # fmt: skip
     final_manifest = predict.run(final)
     counts = {"rounds": len(rounds), "images": final_manifest["counts"].get("images", 0)}
     empty = pa.table({"image_id": pa.array([], pa.int64())})
     return stage.finish(counts, empty, {"rounds": rounds, "model": model,
-                                        "predictions": f"{FINAL}/{predict.STAGE}"})  # fmt: skip
+                                        "predictions": f"{final_dir}/{predict.STAGE}"})  # fmt: skip

@@ -74,6 +74,7 @@ _CHOICES = {
     "loader": ("ray-data", "workers"),
     "backbone": ("resnet50", "vit"),
     "norm": ("bn", "frozen_bn"),
+    "resize": ("fixed-batch", "linear"),
 }
 
 
@@ -104,12 +105,31 @@ def _check(cfg: PipelineConfig) -> int:
         except ModelFileError as exc:
             raise ConfigError(f"train.init: {exc}") from None
     world = 1 if train.strategy == "local" else train.num_workers
-    if train.ims_per_batch % world:
-        raise ConfigError(
-            f"bad value train.ims_per_batch={train.ims_per_batch}: not a multiple of the "
-            f"{world} workers"
-        )
+    if train.min_workers is not None:
+        if train.strategy == "local":
+            raise ConfigError("train.min_workers (elastic training) needs Ray Train workers")
+        if train.min_workers > world:
+            raise ConfigError(
+                f"bad value train.min_workers={train.min_workers}: above train.num_workers={world}"
+            )
+    sizes = (
+        range(train.min_workers or world, world + 1) if train.resize == "fixed-batch" else [world]
+    )
+    for size in sizes:
+        if train.ims_per_batch % size:
+            raise ConfigError(
+                f"bad value train.ims_per_batch={train.ims_per_batch}: not a multiple of the "
+                f"{size} workers"
+            )
     return world
+
+
+def batch_rule(train: dict[str, Any], world: int) -> tuple[int, float]:
+    """(images per worker, LR factor) at `world` workers under `train.resize`."""
+    if train["resize"] == "linear":
+        per_worker = train["ims_per_batch"] // train["num_workers"]
+        return per_worker, world / train["num_workers"]
+    return train["ims_per_batch"] // world, 1.0
 
 
 def _has_checkpoint(stage: StageDir) -> bool:
@@ -148,7 +168,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     counts = {
         "images": len(training.records),
         "steps": progress["step"],
-        "world_size": world,
+        "world_size": progress["world_size"],  # at the end (elastic runs may have resized)
         "restarts": len(progress["attempts"]) - 1,
     }
     extra = {
@@ -345,7 +365,7 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
     groups = parameter_groups(model, train["weight_decay"], train["norm_weight_decay"])
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.SGD(groups, lr=train["base_lr"], momentum=train["momentum"])
-    per_worker = train["ims_per_batch"] // world
+    per_worker, lr_factor = batch_rule(train, world)
     bf16 = device.type == "cuda"
     engine: Any = None
     if strategy == "deepspeed":
@@ -367,10 +387,12 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
     with session.latest() as directory:
         if directory is not None:
             progress = _restore(directory, strategy, world, rank, model, optimizer, engine)
+            progress = _moved_position(progress, world, per_worker)
         else:
             torch.manual_seed(train["seed"] + 1 + rank)
     progress["precision"] = "bf16 autocast" if bf16 else "fp32"
-    progress["attempts"].append({"start_step": progress["step"], "world_size": world})
+    progress["attempts"].append({"start_step": progress["step"], "world_size": world,
+                                 "images_per_worker": per_worker})  # fmt: skip
     log = _ProgressLog(config, rank, echo=not session.ray)
     log.line(
         f"[train] {strategy}"
@@ -386,8 +408,10 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
         started = time.perf_counter()
         epoch, position, samples = next(batches)
         waited = time.perf_counter() - started
-        lr = learning_rate(step, train["base_lr"], train["warmup_iters"],
-                           train["warmup_factor"], train["steps"], train["gamma"])  # fmt: skip
+        lr = lr_factor * learning_rate(
+            step, train["base_lr"], train["warmup_iters"], train["warmup_factor"],
+            train["steps"], train["gamma"],
+        )  # fmt: skip
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, targets = _tensors(samples)
@@ -408,7 +432,7 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
                    time.perf_counter() - started)  # fmt: skip
         done = progress["step"] == train["max_iter"]
         if progress["step"] % train["log_every"] == 0 or done:
-            entry = window.flush(progress["step"], lr, train["ims_per_batch"])
+            entry = window.flush(progress["step"], lr, per_worker * world)
             progress["curve"].append(entry)
             log.step(entry, train["max_iter"])
         if done:
@@ -673,10 +697,15 @@ def _restore(
     optimizer: Any,
     engine: Any,
 ) -> dict[str, Any]:
-    """Load a checkpoint after `ckpt.verify` has checked every file of it."""
+    """Load a checkpoint after `ckpt.verify` has checked every file of it. A DeepSpeed
+    checkpoint of another world size (elastic training) gives its weights only: the ZeRO
+    optimizer state is split per worker, so the optimizer starts anew."""
     progress = ckpt.verify(directory, strategy, world, model.state_dict())
     if engine is not None:
-        engine.load_checkpoint(str(directory), tag=progress["tag"], load_module_strict=True)
+        engine.load_checkpoint(
+            str(directory), tag=progress["tag"], load_module_strict=True,
+            load_module_only=progress["world_size"] != world,
+        )  # fmt: skip
     else:
         state = ckpt.safe_load(directory / ckpt.STATE)
         model.load_state_dict(state["model"])
@@ -685,6 +714,18 @@ def _restore(
     if rng.exists():
         torch.set_rng_state(ckpt.safe_load(rng))
     return progress
+
+
+def _moved_position(progress: dict[str, Any], world: int, per_worker: int) -> dict[str, Any]:
+    """The progress record at `world` workers of `per_worker` images: the data position
+    of a checkpoint written at another world size is the same share of its epoch."""
+    before = progress.get("images_per_step", per_worker * progress["world_size"])
+    now = per_worker * world
+    if progress["world_size"] != world or before != now:
+        progress["batches"] = progress["batches"] * before // now
+        moved = {"step": progress["step"], "from": progress["world_size"], "to": world}
+        progress["resized"] = [*progress.get("resized", []), moved]
+    return {**progress, "world_size": world, "images_per_step": now}
 
 
 # -- Ray Train --------------------------------------------------------------------------
@@ -718,8 +759,10 @@ def _fit_on_ray(cfg: PipelineConfig, loop: dict[str, Any], stage: StageDir) -> d
             train_per_worker,
             train_loop_config=loop,
             scaling_config=ScalingConfig(
-                num_workers=train.num_workers, use_gpu=loop["use_gpu"],
-                resources_per_worker=resources,
+                # Ray Train V2's elastic range; its type hints predate it.
+                num_workers=(train.min_workers, train.num_workers)  # type: ignore[arg-type]
+                if train.min_workers else train.num_workers,
+                use_gpu=loop["use_gpu"], resources_per_worker=resources,
             ),
             torch_config=TorchConfig(
                 backend="nccl" if loop["use_gpu"] else "gloo", timeout_s=train.timeout_s
