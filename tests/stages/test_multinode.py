@@ -98,9 +98,10 @@ def test_losing_a_node_mid_stage_still_labels_every_image_once(
     _labelled_once(out)
 
 
-def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
-    """2 DeepSpeed workers on a 2-node cluster; the node of one of them is removed after
-    the first registered checkpoint: the group restarts there and finishes."""
+def _train_losing_a_node(tmp_path: Path, node_cpus: int, *overrides: str) -> tuple[dict, int]:
+    """2 DeepSpeed workers for 8 steps on a 2-node cluster (`node_cpus` each); the node of
+    one of them is removed after the first registered checkpoint. The manifest and the
+    step of that checkpoint."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
@@ -111,12 +112,12 @@ def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [nodes.add_node(num_cpus=2) for _ in range(2)]
+    workers = [nodes.add_node(num_cpus=node_cpus) for _ in range(2)]
     nodes.wait_for_nodes()
     ray.init(address=nodes.address)
     photos, run = write_trainset(tmp_path)
     cfg = train_config(photos, run, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2",
-                       "train.max_failures=2", "train.loader=workers")  # fmt: skip
+                       "train.max_failures=2", "train.loader=workers", *overrides)  # fmt: skip
     removed: dict[str, int] = {}
 
     def remove_a_training_node() -> bool:
@@ -136,56 +137,28 @@ def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
         ray.shutdown()
         nodes.shutdown()
     assert removed, "no node was removed"
+    return manifest, removed["after_step"]
+
+
+def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
+    """The group restarts on the node left (it holds both workers) and finishes."""
+    manifest, after_step = _train_losing_a_node(tmp_path, 2)
     assert manifest["counts"]["steps"] == 8 and manifest["counts"]["restarts"] == 1
-    assert manifest["attempts"][1]["start_step"] >= removed["after_step"]
+    assert manifest["attempts"][1]["start_step"] >= after_step
     assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
     assert manifest["training"]["ranks_agree"] is True
 
 
 def test_elastic_training_goes_on_with_fewer_workers_after_losing_a_node(tmp_path: Path) -> None:
-    """`train.min_workers=1`, `train.num_workers=2` on two nodes that hold one worker each:
-    one node is removed after the first registered checkpoint and the run finishes with
-    one worker, from that checkpoint, at the same global batch."""
-    import ray
-    from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
-
-    import u2seg
-    from tests.stages.test_train import DEEPSPEED_2, _registered_step
-    from tests.trainset import train_config, write_trainset
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address)
-    photos, run = write_trainset(tmp_path)
-    cfg = train_config(photos, run, *DEEPSPEED_2, "train.min_workers=1", "train.max_iter=8",
-                       "train.checkpoint_every=2", "train.max_failures=2",
-                       "train.loader=workers", "train.cpus_per_worker=1")  # fmt: skip
-    removed: dict[str, int] = {}
-
-    def remove_a_training_node() -> bool:
-        step = _registered_step(run)
-        if not step:
-            return False
-        alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-        used = {a.node_id for a in alive if "RayTrainWorker" in a.class_name}
-        removed["after_step"] = step
-        nodes.remove_node(next(n for n in workers if n.node_id in used))
-        return True
-
-    try:
-        with fault_when(remove_a_training_node):
-            manifest = u2seg.run_train(cfg)
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
-    assert removed, "no node was removed"
+    """`train.min_workers=1` on two nodes that hold one worker each: the run finishes with
+    one worker, from the last registered checkpoint, at the same global batch."""
+    manifest, after_step = _train_losing_a_node(
+        tmp_path, 1, "train.min_workers=1", "train.cpus_per_worker=1"
+    )
     first, *later = manifest["attempts"]
     assert first["world_size"] == 2 and later and later[-1]["world_size"] == 1
     assert later[-1]["images_per_worker"] == 2  # the global batch of 2 kept
-    assert later[0]["start_step"] >= removed["after_step"] > 0
+    assert later[0]["start_step"] >= after_step > 0
     assert manifest["counts"]["steps"] == 8 and manifest["counts"]["world_size"] == 1
     assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
     assert all(e["images"] == 2 for e in manifest["curve"])
