@@ -68,7 +68,7 @@ def test_demo_end_to_end(
     for name in ("predict", "self-train"):
         assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics[name])
     rounds = json.loads((out / "self-train" / "manifest.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1] and rounds[0]["train"]["steps"] == 20
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["train"]["steps"] == 10
     assert rounds[0]["from"] == f"file://{out / 'train' / 'model.pt'}"
     train = json.loads((out / "train" / "manifest.json").read_text())
     assert train["training"]["deepspeed"] and train["training"]["zero_stage"] == 2
