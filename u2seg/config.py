@@ -29,6 +29,13 @@ def _limited(default: Any, lo: float | None, hi: float | None, open_lo: bool = F
     return field(default=default, metadata={"range": (lo, hi, open_lo)})
 
 
+def check_scale_range(key: str, values: Sequence[float]) -> None:
+    """A ConfigError naming `key` unless `values` is [low, high] with 0 < low <= high <= 1."""
+    scale = list(values)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"bad value {key}={scale}: [low, high], 0 < low <= high <= 1")
+
+
 def at_least(lo: float, default: Any) -> Any:
     return _limited(default, lo, None)
 

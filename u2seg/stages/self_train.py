@@ -38,7 +38,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from u2seg.artifacts import StageDir, inputs_digest, png_bytes
-from u2seg.config import ConfigError, PipelineConfig, depends_on, to_dict
+from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
 from u2seg.data.coco import (
     id_to_rgb,
     instances_from_panoptic,
@@ -94,9 +94,7 @@ def _check(cfg: PipelineConfig) -> None:
         raise ConfigError(
             f"bad value self_train.score_thresh={list(st.score_thresh)}: values in [0, 1]"
         )
-    scale = list(st.copy_paste_scale)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"bad value self_train.copy_paste_scale={scale}: [low, high] in (0, 1]")
+    check_scale_range("self_train.copy_paste_scale", st.copy_paste_scale)
 
 
 def _mask_iou(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> np.ndarray:

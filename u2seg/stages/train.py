@@ -48,7 +48,7 @@ import pyarrow as pa
 import torch
 
 from u2seg.artifacts import MANIFEST, StageDir, read_parquet
-from u2seg.config import ConfigError, PipelineConfig, depends_on, to_dict
+from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
 from u2seg.data.images import list_images
 from u2seg.data.training import (
     SAMPLE_KEYS,
@@ -88,11 +88,7 @@ def _check(cfg: PipelineConfig) -> int:
         raise ConfigError(f"bad value train.steps={list(train.steps)}: must be increasing")
     if not train.short_sides or min(train.short_sides) < 1:
         raise ConfigError(f"bad value train.short_sides={list(train.short_sides)}")
-    scale = list(train.copy_paste_scale)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(
-            f"bad value train.copy_paste_scale={scale}: [low, high], 0 < low <= high <= 1"
-        )
+    check_scale_range("train.copy_paste_scale", train.copy_paste_scale)
     if train.weights and train.backbone != "resnet50":
         raise ConfigError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
     if train.weights and not Path(train.weights).is_file():
