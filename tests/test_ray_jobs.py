@@ -79,14 +79,14 @@ def test_features_job_submitted_to_cluster(
 def test_demo_job_submitted_to_cluster(
     ray_head: tuple[str, dict[str, str]], tmp_path: Path, weights_cache: Path
 ) -> None:
-    """The whole demo as one job, on smaller images and 4 training steps."""
+    """The whole demo as one job, on smaller images, 4 training steps and a 2-step round."""
     address, env = ray_head
     out = tmp_path / "demo"
     smaller = [
         "features.image_size=224", "maskcut.image_size=224", "embed.image_size=112",
         "semantic.image_size=112", "train.max_iter=4", "train.log_every=2",
         "train.checkpoint_every=2", "train.short_sides=[128]", "train.max_side=160",
-        "predict.short_side=128", "predict.max_side=160",
+        "predict.short_side=128", "predict.max_side=160", "self_train.max_iter=2",
     ]  # fmt: skip
     job = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--",
@@ -100,7 +100,7 @@ def test_demo_job_submitted_to_cluster(
     train = json.loads((out / "train" / "manifest.json").read_text())
     assert train["training"]["deepspeed"] and train["training"]["world_size"] == 2
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
-    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict"}
+    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict", "self-train"}
 
 
 @pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py")))

@@ -79,15 +79,27 @@ def merge_image(
         if category is not None:  # a mask whose embedding failed has no class
             masks.append(rle_to_mask(ann["segmentation"]))
             labels.append(category)
-    stuff = decode_labels(row["labels_png"])
+    return label_row(row, masks, labels, decode_labels(row["labels_png"]), cfg)
+
+
+def label_row(
+    image: dict[str, Any],
+    masks: list[np.ndarray],
+    labels: list[int],
+    stuff: np.ndarray,
+    cfg: dict[str, Any],
+) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """Thing masks with their classes over a stuff map (0..S-1, 255 void) -> (row of the
+    shard, panoptic RGB, semantic uint8), the pictures None when no instance is left.
+    `image`: image_id, file_name, width, height and png (its label PNGs' name)."""
     result = merge_panoptic(
         masks, labels, stuff, cfg["k"], cfg["s"], stuff_overlap=cfg["stuff_overlap"]
     )
-    out = {k: row[k] for k in ("image_id", "file_name", "width", "height")}
+    out = {k: image[k] for k in ("image_id", "file_name", "width", "height")}
     if not any(s["isthing"] for s in result.segments_info):
         return {**out, "png": None, "segments_info": "[]", "annotations": "[]"}, None, None
-    instances = instances_from_panoptic(result, row["image_id"], 0)
-    out["png"] = row["png"]
+    instances = instances_from_panoptic(result, image["image_id"], 0)
+    out["png"] = image["png"]
     out["segments_info"] = json.dumps(result.segments_info)
     out["annotations"] = json.dumps(instances)
     return out, id_to_rgb(result.segments), semantic_map(result)

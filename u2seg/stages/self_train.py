@@ -39,14 +39,7 @@ from pycocotools import mask as mask_utils
 
 from u2seg.artifacts import StageDir, inputs_digest, png_bytes
 from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
-from u2seg.data.coco import (
-    id_to_rgb,
-    instances_from_panoptic,
-    load_json,
-    panoptic_file_names,
-    rle_to_mask,
-)
-from u2seg.ops.panoptic import merge_panoptic, semantic_map
+from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
 from u2seg.runtime import ray_session
 from u2seg.stages import panoptic, predict, train
 from u2seg.stages.panoptic import ROW_SCHEMA, write_file, write_outputs
@@ -141,17 +134,12 @@ def relabel_shard(
             is_stuff = (old >= 1) & (old <= cfg["s"])
             stuff[is_stuff] = old[is_stuff] - 1
         masks = [rle_to_mask(a["segmentation"]) for a in instances]
-        result = merge_panoptic(masks, [int(a["category_id"]) for a in instances], stuff,
-                                cfg["k"], cfg["s"], stuff_overlap=cfg["stuff_overlap"])  # fmt: skip
-        row = {k: item[k] for k in ("image_id", "file_name", "width", "height")}
-        if not any(s["isthing"] for s in result.segments_info):
-            rows.append({**row, "png": None, "segments_info": "[]", "annotations": "[]"})
-            continue
-        write_file(f"{out_dir}/panoptic/{item['png']}", png_bytes(id_to_rgb(result.segments)))
-        write_file(f"{out_dir}/semantic/{item['png']}", png_bytes(semantic_map(result)))
-        anns = instances_from_panoptic(result, item["image_id"], 0)
-        rows.append({**row, "png": item["png"], "segments_info": json.dumps(result.segments_info),
-                     "annotations": json.dumps(anns)})  # fmt: skip
+        labels = [int(a["category_id"]) for a in instances]
+        row, rgb, semantic = panoptic.label_row(item, masks, labels, stuff, cfg)
+        rows.append(row)
+        if rgb is not None and semantic is not None:
+            write_file(f"{out_dir}/panoptic/{item['png']}", png_bytes(rgb))
+            write_file(f"{out_dir}/semantic/{item['png']}", png_bytes(semantic))
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), counts
 
 
