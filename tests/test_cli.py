@@ -52,36 +52,6 @@ def test_missing_source_is_a_clear_error(
     assert "data.source" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_demo_end_to_end(
-    tmp_path: Path, weights_cache: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", f"output={out}", f"backbone.cache_dir={weights_cache}"]) == 0
-    manifest = json.loads((out / "features" / "manifest.json").read_text())
-    assert manifest["counts"]["ok"] == manifest["counts"]["images"] >= 8
-    assert manifest["config"]["backbone"]["weights"] == "packaged"
-    assert (out / "data" / "annotations" / "instances.json").is_file()
-    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
-    assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict", "self-train"}
-    for name in ("predict", "self-train"):
-        assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics[name])
-    rounds = json.loads((out / "self-train" / "manifest.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1] and rounds[0]["train"]["steps"] == 10
-    assert rounds[0]["from"] == f"file://{out / 'train' / 'model.pt'}"
-    train = json.loads((out / "train" / "manifest.json").read_text())
-    assert train["training"]["deepspeed"] and train["training"]["zero_stage"] == 2
-    assert train["training"]["world_size"] == 2 and train["training"]["ranks_agree"]
-    assert [e["step"] for e in train["curve"]] == list(range(5, 41, 5))
-    assert (out / "visualize" / "predict" / "sheet.png").is_file()
-    assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics["panoptic"])
-    assert metrics["maskcut"]["images"]["scored"] == 3  # the photos with ground truth
-    printed = capsys.readouterr().out
-    assert "[features]" in printed and "[evaluate]" in printed
-    assert "| predictions | PQ |" in printed
-
-
 def test_run_until_stops_after_the_named_stage(capsys: pytest.CaptureFixture[str]) -> None:
     assert build_parser().parse_args(["run", "--until", "panoptic"]).until == "panoptic"
     assert build_parser().parse_args(["run"]).until == "self-train"  # every stage

@@ -79,7 +79,9 @@ def test_features_job_submitted_to_cluster(
 def test_demo_job_submitted_to_cluster(
     ray_head: tuple[str, dict[str, str]], tmp_path: Path, weights_cache: Path
 ) -> None:
-    """The whole demo as one job, on smaller images, 4 training steps and a 2-step round."""
+    """The whole demo (`u2seg demo` through its launcher) as one job, on smaller images, 4
+    training steps and a 2-step self-training round: every stage's artifact, the scores of
+    every prediction set, the progress lines and the tables reach the submitter."""
     address, env = ray_head
     out = tmp_path / "demo"
     smaller = [
@@ -94,13 +96,28 @@ def test_demo_job_submitted_to_cluster(
          f"backbone.cache_dir={weights_cache}", *smaller],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "succeeded" in job.stdout + job.stderr
-    assert "[train] step 4/4" in job.stdout  # the progress lines reach the submitter
+    printed = job.stdout
+    assert job.returncode == 0, printed[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in printed + job.stderr
+    assert "[train] step 4/4" in printed and "[features]" in printed and "[evaluate]" in printed
+    assert "| predictions | PQ |" in printed
+    features = json.loads((out / "features" / "manifest.json").read_text())
+    assert features["counts"]["ok"] == features["counts"]["images"] >= 8
+    assert features["config"]["backbone"]["weights"] == "packaged"
+    assert (out / "data" / "annotations" / "instances.json").is_file()
     train = json.loads((out / "train" / "manifest.json").read_text())
-    assert train["training"]["deepspeed"] and train["training"]["world_size"] == 2
+    assert train["training"]["deepspeed"] and train["training"]["zero_stage"] == 2
+    assert train["training"]["world_size"] == 2 and train["training"]["ranks_agree"]
+    assert [e["step"] for e in train["curve"]] == [2, 4]
+    rounds = json.loads((out / "self-train" / "manifest.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["train"]["steps"] == 2
+    assert rounds[0]["from"] == f"file://{out / 'train' / 'model.pt'}"
+    assert (out / "visualize" / "predict" / "sheet.png").is_file()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["predictions"]
     assert set(metrics) == {"maskcut", "semantic", "panoptic", "predict", "self-train"}
+    for name in ("panoptic", "predict", "self-train"):
+        assert {"class_agnostic", "instance", "semantic", "panoptic"} <= set(metrics[name])
+    assert metrics["maskcut"]["images"]["scored"] == 3  # the photos with ground truth
 
 
 @pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py")))
