@@ -10,7 +10,12 @@ Sections:
   heads) and of torchvision's `maskrcnn_resnet50_fpn` (the same ResNet-50 + FPN with
   BatchNorm, one box stage), on the same batch of demo photos with their ground-truth
   instances at the same size, in this process; the baseline is torchvision, the ratio is
-  u2seg / torchvision (1 - ratio is u2seg's overhead). On CUDA both run under bf16 autocast.
+  u2seg / torchvision (1 - ratio is u2seg's overhead). u2seg runs twice: with the paper's
+  adaptive RoIAlign sampling (`train.roi_sampling_ratio=0`, detectron2's) and with
+  torchvision's 2 samples per bin, and a third time with one box stage instead of the
+  cascade's three (still with the semantic head, which torchvision's model lacks): the
+  architecture nearest torchvision's, so its ratio is the implementation's overhead. On
+  CUDA every model runs under bf16 autocast.
 - `workers`: `u2seg train` (DeepSpeed ZeRO-2, the `ray-data` loader) on the labelled demo
   photos with 1 and with 2 Ray Train workers (1 image per worker and step), copy-paste on,
   and 1 worker with copy-paste off: steady images/s, the data-wait share of a step, rank
@@ -35,6 +40,7 @@ from u2seg.config import load_config
 from u2seg.data.coco import load_json, mask_to_annotation, panoptic_file_names, rle_to_mask
 from u2seg.data.demo import write_demo_dataset
 from u2seg.data.training import target_size
+from u2seg.models.cascade import CASCADE_IOUS, CASCADE_WEIGHTS
 from u2seg.ops.copy_paste import boxes_of
 from u2seg.stages._panoptic_model import build_from_spec, model_spec
 
@@ -107,9 +113,21 @@ def section_step(folder: Path, size: int, steps: int) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     images, targets = step_batch(folder, size, device)
-    cfg = load_config(overrides=["train.backbone=resnet50", "train.norm=bn"])
-    ours = build_from_spec(model_spec(cfg, 1, 1), device)
-    seconds = time_steps(ours, lambda: ours(images, targets), steps, device)
+    seconds = {}
+    one_stage = {"cascade_ious": CASCADE_IOUS[:1], "cascade_weights": CASCADE_WEIGHTS[:1]}
+    for name, ratio, heads in (("paper", 0, {}), ("sampling_2", 2, {}),
+                               ("one_stage", 2, one_stage)):  # fmt: skip
+        cfg = load_config(
+            overrides=[
+                "train.backbone=resnet50",
+                "train.norm=bn",
+                f"train.roi_sampling_ratio={ratio}",
+            ]
+        )
+        spec = model_spec(cfg, 1, 1)
+        spec["heads"].update(heads)
+        ours = build_from_spec(spec, device)
+        seconds[name] = time_steps(ours, lambda m=ours: m(images, targets), steps, device)
     long_side = max(max(im.shape[-2:]) for im in images)
     theirs = maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=2, trainable_backbone_layers=5,
@@ -123,9 +141,9 @@ def section_step(folder: Path, size: int, steps: int) -> dict[str, Any]:
         "device": device.type,
         "images": n,
         "size": [list(im.shape[-2:]) for im in images],
-        "u2seg_images_per_s": n / seconds,
         "torchvision_images_per_s": n / baseline,
-        "ratio": baseline / seconds,
+        **{f"u2seg_{k}_images_per_s": n / s for k, s in seconds.items()},
+        **{f"ratio_{k}": baseline / s for k, s in seconds.items()},
     }
 
 
@@ -197,9 +215,14 @@ def report_step(step: dict[str, Any]) -> None:
     print(f"training step, {step['images']} demo photos {step['size']}, {step['device']}:")
     print(f"  torchvision maskrcnn_resnet50_fpn: {step['torchvision_images_per_s']:7.3f} images/s"
           " (baseline)")  # fmt: skip
-    overhead = 100 * (1 - step["ratio"])
-    print(f"  u2seg Panoptic FPN + Cascade     : {step['u2seg_images_per_s']:7.3f} images/s"
-          f"  ratio {step['ratio']:.2f} (overhead {overhead:.0f} %)")  # fmt: skip
+    for name, key in (
+        ("u2seg Panoptic FPN + Cascade     ", "paper"),
+        ("  the same, RoIAlign sampling 2  ", "sampling_2"),
+        ("  and one box stage (no cascade) ", "one_stage"),
+    ):
+        ratio = step[f"ratio_{key}"]
+        print(f"  {name}: {step[f'u2seg_{key}_images_per_s']:7.3f} images/s  ratio {ratio:.2f}"
+              f" (overhead {100 * (1 - ratio):.0f} %)")  # fmt: skip
 
 
 def report_workers(work: dict[str, Any]) -> None:

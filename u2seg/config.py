@@ -267,7 +267,9 @@ class TrainConfig:
     Faults: a checkpoint every `checkpoint_every` steps (and at the end), the last
     `keep` kept; a failed worker restarts the group from the last one up to `max_failures`
     times; a collective that hangs `timeout_s` seconds fails. A progress line every
-    `log_every` steps.
+    `log_every` steps. `roi_sampling_ratio`: RoIAlign samples per bin side (0: adaptive,
+    detectron2's and the paper's; torchvision's Mask R-CNN uses 2, which makes the RoIAlign
+    backward of a CPU step ~4x cheaper, see benchmarks/train.py).
     """
 
     strategy: str = "deepspeed"
@@ -313,6 +315,7 @@ class TrainConfig:
     roi_batch_size_per_image: int = at_least(1, 512)
     roi_positive_fraction: float = between(0, 1, 0.25)
     box_head_dim: int = at_least(1, 1024)
+    roi_sampling_ratio: int = at_least(0, 0)
     drop_loss_iou: float = between(0, 1, 0.01)
     semantic_loss_weight: float = at_least(0, 0.5)
     checkpoint_every: int = at_least(1, 5000)

@@ -160,6 +160,7 @@ class CascadeROIHeads(nn.Module):
         detections_per_image: int = 100,
         drop_loss_iou: float = 0.0,
         fc_dim: int = 1024,
+        sampling_ratio: int = 0,
     ) -> None:
         super().__init__()
         if len(ious) != len(weights):
@@ -169,8 +170,8 @@ class CascadeROIHeads(nn.Module):
         self.coders = [BoxCoder(tuple(float(v) for v in w)) for w in weights]
         self.matchers = [Matcher(i, i, allow_low_quality_matches=False) for i in self.ious]
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
-        self.box_pooler = RoIPooler(7)
-        self.mask_pooler = RoIPooler(14)
+        self.box_pooler = RoIPooler(7, sampling_ratio)
+        self.mask_pooler = RoIPooler(14, sampling_ratio)
         self.stages = nn.ModuleList(BoxStage(in_channels, num_classes, fc_dim) for _ in self.ious)
         self.mask_head = MaskRCNNHeads(in_channels, [256] * 4, 1)
         self.mask_predictor = MaskRCNNPredictor(256, 256, num_classes + 1)

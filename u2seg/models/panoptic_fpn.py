@@ -107,6 +107,7 @@ class PanopticFPN(nn.Module):
         drop_loss_iou: float = 0.0,
         semantic_loss_weight: float = 0.5,
         box_head_dim: int = 1024,
+        roi_sampling_ratio: int = 0,
     ) -> None:
         super().__init__()
         if num_things < 1 or num_stuff < 0:
@@ -135,7 +136,7 @@ class PanopticFPN(nn.Module):
         self.roi_heads = CascadeROIHeads(
             num_things, channels, cascade_ious, cascade_weights, roi_batch_size_per_image,
             roi_positive_fraction, score_thresh, nms_thresh, detections_per_image, drop_loss_iou,
-            box_head_dim,
+            box_head_dim, roi_sampling_ratio,
         )  # fmt: skip
         self.sem_seg_head = SemanticFPNHead(
             num_stuff + 1, channels, loss_weight=semantic_loss_weight

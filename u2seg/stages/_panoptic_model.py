@@ -18,7 +18,7 @@ _HEADS = (
     "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
     "rpn_post_nms_top_n_test", "rpn_nms_thresh", "rpn_batch_size_per_image",
     "roi_batch_size_per_image", "roi_positive_fraction", "box_head_dim", "drop_loss_iou",
-    "semantic_loss_weight",
+    "semantic_loss_weight", "roi_sampling_ratio",
 )  # fmt: skip
 
 
