@@ -191,6 +191,8 @@ def test_chunked_cocoeval_equals_one_cocoeval(tmp_path: Path) -> None:
     assert 0 < ours["AP"] < 100
     expected = [v * 100 if v >= 0 else math.nan for v in reference.stats[:6]]
     assert [ours[k] for k in SUMMARY] == pytest.approx(expected, nan_ok=True)
+    recall = [v * 100 if v >= 0 else math.nan for v in reference.stats[6:9]]
+    assert [ours[k] for k in ("AR1", "AR10", "AR100")] == pytest.approx(recall, nan_ok=True)
     # Per category: COCOeval's precision of that category, all areas, maxDets 100.
     precision = reference.eval["precision"][:, :, :, 0, -1]
     for k, cat in enumerate((1, 2)):

@@ -58,10 +58,13 @@ class EvalImages:
         return self
 
     def summary(self) -> dict[str, Any]:
-        """AP, AP50, AP75, APs/m/l in %; NaN where no ground truth exists in the range.
-        With several categories also `per_category`: category id -> AP (all areas)."""
+        """AP, AP50, AP75, APs/m/l and the average recall at 1, 10 and `max_dets`
+        detections per image (AR1, AR10, AR100 for the default 100) in %; NaN where no
+        ground truth exists in the range. With several categories also `per_category`:
+        category id -> AP (all areas)."""
+        recall = ("AR1", "AR10", f"AR{self.max_dets}")
         if not self.entries:
-            return dict.fromkeys(SUMMARY, float("nan"))
+            return dict.fromkeys((*SUMMARY, *recall), float("nan"))
         params = _params(self.iou_type, list(self.entries), self.cat_ids, self.max_dets)
         areas = len(params.areaRng)
         ordered: list[Any] = []
@@ -74,8 +77,9 @@ class EvalImages:
         with _quiet():
             evaluator.accumulate()
             evaluator.summarize()
-        stats = evaluator.stats[: len(SUMMARY)]
-        pairs = zip(SUMMARY, stats, strict=True)
+        # COCOeval's stats: the 6 APs, then AR at each of maxDets (all areas), then ARs/m/l.
+        stats = evaluator.stats[: len(SUMMARY) + len(recall)]
+        pairs = zip((*SUMMARY, *recall), stats, strict=True)
         out: dict[str, Any] = {k: float(v * 100) if v >= 0 else float("nan") for k, v in pairs}
         if len(params.catIds) > 1:
             # precision: (IoU thresholds, recall points, categories, areas, maxDets).
