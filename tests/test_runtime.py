@@ -1,8 +1,16 @@
-"""The terminal filter for Ray's native noise, and actor pool sizes from config."""
+"""The terminal filter for Ray's native noise, actor pool sizes from config, and the local
+Ray a run starts."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +64,42 @@ def test_actor_pools_fixed_or_growing() -> None:
     assert (growing.min_size, growing.max_size) == (1, 8)
     with pytest.raises(ConfigError, match="maskcut.max_concurrency=2: below maskcut.concurrency=4"):
         load_config(None, ["maskcut.concurrency=4", "maskcut.max_concurrency=2"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_without_an_address_starts_its_own_ray_beside_a_local_head() -> None:
+    """`ray start --head` on this machine (what the README's cluster section has users do)
+    does not stop a run with no `ray.address`: it gets a Ray of its own (2 CPUs here,
+    where the head has 1) instead of joining the head and failing on `num_cpus`."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    # A short temp root of this test's own: the head's "current cluster" file, which a
+    # bare ray.init() looks for, and Ray's socket paths (length-limited) live there.
+    root = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": root, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    script = (
+        "import ray\n"
+        "from u2seg.config import load_config\n"
+        "from u2seg.runtime import ray_session\n"
+        "with ray_session(load_config(overrides=['ray.num_cpus=2']).ray):\n"
+        "    print('cpus', ray.cluster_resources()['CPU'])\n"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(root, "ray", "ray_current_cluster").exists():
+            assert head.poll() is None and time.monotonic() < deadline, "the head did not start"
+            time.sleep(0.5)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "cpus 2.0" in run.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

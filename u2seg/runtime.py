@@ -101,6 +101,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
                 _drop_token_banner
             )
             ray.init(
+                # "local": a cluster of this process's own even when `ray start` left one
+                # on this machine (which a bare init would join, refusing num_cpus).
+                address="local",
                 num_cpus=cfg.num_cpus,
                 _node_ip_address="127.0.0.1",
                 include_dashboard=False,
