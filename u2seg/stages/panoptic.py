@@ -67,11 +67,11 @@ def write_file(url: str, data: bytes) -> None:
 
 
 def merge_image(
-    row: dict[str, Any], classes: dict[int, int], first_id: int, cfg: dict[str, Any]
-) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    """One image: its maskcut row and stuff PNG -> (row of the shard, panoptic RGB (H, W, 3),
-    semantic uint8 (H, W)); the pictures are None when no instance is left. `row["png"]`:
-    the name of its label PNGs (`panoptic_file_names`)."""
+    row: dict[str, Any], classes: dict[int, int], first_id: int, cfg: dict[str, Any], out_dir: str
+) -> dict[str, Any]:
+    """One image: its maskcut row and stuff PNG -> its row of the shard (`label_row`, which
+    writes its label PNGs under `out_dir`). `row["png"]`: the name of its label PNGs
+    (`panoptic_file_names`)."""
     anns = json.loads(row["annotations"])
     masks, labels = [], []
     for k, ann in enumerate(anns):
@@ -79,7 +79,7 @@ def merge_image(
         if category is not None:  # a mask whose embedding failed has no class
             masks.append(rle_to_mask(ann["segmentation"]))
             labels.append(category)
-    return label_row(row, masks, labels, decode_labels(row["labels_png"]), cfg)
+    return label_row(row, masks, labels, decode_labels(row["labels_png"]), cfg, out_dir)
 
 
 def label_row(
@@ -88,21 +88,25 @@ def label_row(
     labels: list[int],
     stuff: np.ndarray,
     cfg: dict[str, Any],
-) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    """Thing masks with their classes over a stuff map (0..S-1, 255 void) -> (row of the
-    shard, panoptic RGB, semantic uint8), the pictures None when no instance is left.
+    out_dir: str,
+) -> dict[str, Any]:
+    """Thing masks with their classes over a stuff map (0..S-1, 255 void) -> the image's row
+    of the shard; its panoptic RGB and semantic PNGs are written under `out_dir`
+    (`panoptic/`, `semantic/`) unless no instance is left (then its png is None).
     `image`: image_id, file_name, width, height and png (its label PNGs' name)."""
     result = merge_panoptic(
         masks, labels, stuff, cfg["k"], cfg["s"], stuff_overlap=cfg["stuff_overlap"]
     )
     out = {k: image[k] for k in ("image_id", "file_name", "width", "height")}
     if not any(s["isthing"] for s in result.segments_info):
-        return {**out, "png": None, "segments_info": "[]", "annotations": "[]"}, None, None
+        return {**out, "png": None, "segments_info": "[]", "annotations": "[]"}
     instances = instances_from_panoptic(result, image["image_id"], 0)
+    write_file(f"{out_dir}/panoptic/{image['png']}", png_bytes(id_to_rgb(result.segments)))
+    write_file(f"{out_dir}/semantic/{image['png']}", png_bytes(semantic_map(result)))
     out["png"] = image["png"]
     out["segments_info"] = json.dumps(result.segments_info)
     out["annotations"] = json.dumps(instances)
-    return out, id_to_rgb(result.segments), semantic_map(result)
+    return out
 
 
 def merge_shard(
@@ -128,14 +132,10 @@ def merge_shard(
         start, first_id = first_id, first_id + row["num_masks"]
         if row["image_id"] not in stuff:
             continue  # the semantic stage could not read it: recorded in its error table
-        merged, panoptic, semantic = merge_image(
+        rows.append(merge_image(
             {**row, "labels_png": stuff[row["image_id"]], "png": pngs[row["file_name"]]},
-            classes, start, cfg,
-        )  # fmt: skip
-        if panoptic is not None and semantic is not None:
-            write_file(f"{out_dir}/panoptic/{merged['png']}", png_bytes(panoptic))
-            write_file(f"{out_dir}/semantic/{merged['png']}", png_bytes(semantic))
-        rows.append(merged)
+            classes, start, cfg, out_dir,
+        ))  # fmt: skip
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 

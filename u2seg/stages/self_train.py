@@ -37,12 +37,12 @@ import pyarrow as pa
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from u2seg.artifacts import StageDir, inputs_digest, png_bytes
+from u2seg.artifacts import StageDir, inputs_digest
 from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
 from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
 from u2seg.runtime import ray_session
 from u2seg.stages import panoptic, predict, train
-from u2seg.stages.panoptic import ROW_SCHEMA, write_file, write_outputs
+from u2seg.stages.panoptic import ROW_SCHEMA, write_outputs
 
 STAGE = "self-train"
 FINAL = "final"
@@ -135,11 +135,7 @@ def relabel_shard(
             stuff[is_stuff] = old[is_stuff] - 1
         masks = [rle_to_mask(a["segmentation"]) for a in instances]
         labels = [int(a["category_id"]) for a in instances]
-        row, rgb, semantic = panoptic.label_row(item, masks, labels, stuff, cfg)
-        rows.append(row)
-        if rgb is not None and semantic is not None:
-            write_file(f"{out_dir}/panoptic/{item['png']}", png_bytes(rgb))
-            write_file(f"{out_dir}/semantic/{item['png']}", png_bytes(semantic))
+        rows.append(panoptic.label_row(item, masks, labels, stuff, cfg, out_dir))
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), counts
 
 
