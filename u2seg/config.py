@@ -141,7 +141,15 @@ class MaskCutConfig(ActorConfig):
     backend "auto" (= "torch": the dense CRF in torch, on the ViT's device), "densecrf"
     (the same CRF from the `crf` extra, CPU), "guided" (a cheaper edge snap, not the CRF)
     or "none"; a mask whose IoU before/after refinement is
-    below `min_refine_iou` is dropped.
+    below `min_refine_iou` is dropped, or with `keep_unrefined` kept as it was before the
+    refinement.
+
+    `discovery`: "rounds" (the published MaskCut: `n_masks` iterated cuts, the options
+    above) or "pool" (u2seg.ops.discovery: candidates of recursive bisection `pool_depth`
+    levels deep and of k-means for k = 2..`pool_max_k`, on keys and tokens, components of at
+    least `pool_min_patches` patches, ranked by contrast * CLS attention * votes, mask NMS
+    at IoU `pool_nms_iou`, the best `n_masks` kept; `feature`, `tau` and the robust options
+    are not used).
     """
 
     image_size: int = at_least(1, 480)
@@ -156,6 +164,12 @@ class MaskCutConfig(ActorConfig):
     drop_covered: bool = False
     crf: str = "auto"
     min_refine_iou: float = between(0, 1, 0.5)
+    keep_unrefined: bool = False
+    discovery: str = "rounds"
+    pool_depth: int = at_least(1, 6)
+    pool_max_k: int = at_least(2, 12)
+    pool_min_patches: int = at_least(1, 3)
+    pool_nms_iou: float = between(0.01, 1, 0.4)
 
 
 @dataclass(frozen=True)

@@ -111,11 +111,14 @@ class ViTFeatures:
             with h = H / patch_size and w = W / patch_size.
         keys: (B, h, w, D) attention keys of the last block (all heads
             concatenated, head-major), or None when not requested.
+        attention: (B, h, w) the last block's attention of the CLS query to each patch
+            (softmax over all tokens, averaged over heads), with `keys`, else None.
     """
 
     cls: torch.Tensor
     patch_tokens: torch.Tensor
     keys: torch.Tensor | None
+    attention: torch.Tensor | None = None
 
 
 class ViTBackbone(torch.nn.Module):
@@ -211,7 +214,7 @@ class ViTBackbone(torch.nn.Module):
             *head_blocks, last = m.blocks
             for block in head_blocks:
                 x = block(x)
-            keys = self._last_keys(last, x, h, w) if want_keys else None
+            keys, attention = self._last_keys(last, x, h, w) if want_keys else (None, None)
             x = m.norm(last(x))
         p = self.num_prefix_tokens
         batch = x.shape[0]
@@ -219,6 +222,7 @@ class ViTBackbone(torch.nn.Module):
             cls=x[:, 0],
             patch_tokens=x[:, p:].reshape(batch, h, w, self.embed_dim),
             keys=keys,
+            attention=attention,
         )
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -231,15 +235,23 @@ class ViTBackbone(torch.nn.Module):
         x = m.norm(m.blocks(x))
         return x[:, self.num_prefix_tokens :].reshape(x.shape[0], h, w, self.embed_dim)
 
-    def _last_keys(self, block: torch.nn.Module, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Attention keys of ``block`` for input tokens x (B, P + h*w, D) -> (B, h, w, D)."""
+    def _last_keys(
+        self, block: torch.nn.Module, x: torch.Tensor, h: int, w: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention keys of ``block`` for input tokens x (B, P + h*w, D) -> (B, h, w, D), and
+        its CLS query's attention to the patches, averaged over heads, (B, h, w)."""
         # Recomputing the qkv projection costs one linear layer and avoids
         # forward hooks; timm lays qkv out as [q | k | v], heads contiguous.
         attn = cast(Attention, block.attn)
         qkv = attn.qkv(cast(torch.nn.Module, block.norm1)(x))
-        dim = self.embed_dim
-        keys = qkv[:, self.num_prefix_tokens :, dim : 2 * dim]
-        return keys.reshape(x.shape[0], h, w, dim)
+        dim, heads, p = self.embed_dim, attn.num_heads, self.num_prefix_tokens
+        batch = x.shape[0]
+        keys_all = qkv[..., dim : 2 * dim].reshape(batch, -1, heads, dim // heads)
+        query = qkv[:, 0, :dim].reshape(batch, heads, 1, dim // heads)
+        logits = query @ keys_all.permute(0, 2, 3, 1) * attn.scale
+        attention = logits.softmax(dim=-1)[:, :, 0, p:].mean(dim=1)
+        keys = qkv[:, p:, dim : 2 * dim]
+        return keys.reshape(batch, h, w, dim), attention.reshape(batch, h, w)
 
 
 def _options_message(name: str) -> str:

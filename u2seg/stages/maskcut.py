@@ -27,12 +27,11 @@ import torch
 from u2seg.artifacts import StageDir
 from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
 from u2seg.data.coco import mask_to_annotation
-from u2seg.models.vit import normalise
+from u2seg.models.vit import ViTFeatures, normalise
+from u2seg.ops.discovery import PoolOptions, discover
 from u2seg.ops.maskcut import (
-    MaskCutRound,
     discovery_score,
     maskcut_batch,
-    masks_of,
     nonfinite_images,
 )
 from u2seg.ops.refine import refine_stack, resize_mask, resolve_backend, upsample_mask
@@ -42,6 +41,7 @@ STAGE = "maskcut"
 INSTANCES = "instances.json"
 CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
 FEATURES = ("keys", "tokens")
+DISCOVERY = ("rounds", "pool")
 # Per-annotation fields kept in the shards; ids are given when instances.json is merged.
 _KEPT = ("segmentation", "bbox", "area", "iscrowd", "category_id", "score")
 
@@ -52,6 +52,10 @@ def check_options(cfg: MaskCutConfig) -> None:
         raise ValueError(f"maskcut.feature={cfg.feature!r} is not one of {', '.join(FEATURES)}")
     if cfg.n_masks < 1:
         raise ValueError(f"maskcut.n_masks={cfg.n_masks} must be >= 1")
+    if cfg.discovery not in DISCOVERY:
+        raise ValueError(
+            f"maskcut.discovery={cfg.discovery!r} is not one of {', '.join(DISCOVERY)}"
+        )
     resolve_backend(cfg.crf)
 
 
@@ -70,8 +74,9 @@ def refine_masks(
     device: torch.device | str = "cpu",
 ) -> list[np.ndarray | None]:
     """Patch masks (h, w) of one square frame `image` (S, S, 3) -> refined bool masks of the
-    original `size` (H, W), one per mask; None where the refinement drops or empties it.
-    The refinement runs on `device` (the ViT's) when the backend is "torch"."""
+    original `size` (H, W), one per mask; None where the refinement drops (unless
+    `cfg.keep_unrefined`: then the mask before refinement) or empties it. The refinement
+    runs on `device` (the ViT's) when the backend is "torch"."""
     if not masks:
         return []
     frames = np.stack([upsample_mask(mask, image.shape[:2]) for mask in masks])
@@ -79,10 +84,17 @@ def refine_masks(
         image, frames, backend=cfg.crf, min_iou=cfg.min_refine_iou, device=device
     )
     out: list[np.ndarray | None] = []
-    for mask in refined:
+    for frame, mask in zip(frames, refined, strict=True):
+        if mask is None and cfg.keep_unrefined:
+            mask = frame
         full = None if mask is None else resize_mask(mask, size)
         out.append(full if full is not None and full.any() else None)
     return out
+
+
+#: One found mask: bool (h, w) at patch resolution, whether its eigensolver converged, and
+#: its pool score (None: MaskCut rounds, scored by discovery order).
+Found = tuple[np.ndarray, bool, float | None]
 
 
 class MaskCutWorker(BackboneActor):
@@ -99,18 +111,51 @@ class MaskCutWorker(BackboneActor):
         # The backend this worker really runs ("auto" resolved): recorded in every row.
         self.cfg = replace(MaskCutConfig(**options), crf=resolve_backend(options["crf"]))
 
-    def cut(self, images: np.ndarray) -> list[list[MaskCutRound] | None]:
-        """uint8 (B, S, S, 3) -> per image, its MaskCut rounds (masks at patch resolution in
-        discovery order); None for an image whose features are not finite."""
+    def cut(self, images: np.ndarray) -> list[list[Found] | None]:
+        """uint8 (B, S, S, 3) -> per image, its masks at patch resolution, best first, each
+        with whether its eigensolver converged and its pool score (None for MaskCut rounds,
+        ranked by discovery order); None for an image whose features are not finite."""
         cfg = self.cfg
+        pool = cfg.discovery == "pool"
         with torch.inference_mode():
-            out = self.model(normalise(images, self.device), want_keys=cfg.feature == "keys")
-        grid = out.keys if cfg.feature == "keys" else out.patch_tokens
+            out = self.model(
+                normalise(images, self.device), want_keys=pool or cfg.feature == "keys"
+            )
+        grid = out.keys if cfg.feature == "keys" or pool else out.patch_tokens
         assert grid is not None
-        bad = set(nonfinite_images(grid))
+        checked = torch.cat([grid, out.patch_tokens], dim=-1) if pool else grid
+        bad = set(nonfinite_images(checked))
         good = [i for i in range(len(images)) if i not in bad]
-        found = iter(maskcut_batch(grid[good].float(), cfg.n_masks, cfg.tau, **cut_options(cfg)))
+        found = iter(self._pool(out, good) if pool else self._rounds(grid[good]))
         return [None if i in bad else next(found) for i in range(len(images))]
+
+    def _rounds(self, grid: torch.Tensor) -> list[list[Found]]:
+        """The published MaskCut rounds of a (B, h, w, d) batch: the masks they added."""
+        cfg = self.cfg
+        rounds = maskcut_batch(grid.float(), cfg.n_masks, cfg.tau, **cut_options(cfg))
+        return [
+            [(r.mask, r.converged, None) for r in image if r.mask is not None] for image in rounds
+        ]
+
+    def _pool(self, out: ViTFeatures, good: list[int]) -> list[list[Found]]:
+        """Candidate-pool discovery (u2seg.ops.discovery) of the images `good` of the batch."""
+        cfg = self.cfg
+        assert out.keys is not None and out.attention is not None
+        options = PoolOptions(
+            n_masks=cfg.n_masks,
+            depth=cfg.pool_depth,
+            max_k=cfg.pool_max_k,
+            min_patches=cfg.pool_min_patches,
+            nms_iou=cfg.pool_nms_iou,
+        )
+        keys = out.keys.float().cpu().numpy()
+        tokens = out.patch_tokens.float().cpu().numpy()
+        attention = out.attention.float().cpu().numpy()
+        found: list[list[Found]] = []
+        for i in good:
+            ranked = discover([keys[i], tokens[i]], attention[i], options)
+            found.append([(mask, True, value) for mask, value in ranked])
+        return found
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = batch["error"].copy()
@@ -118,24 +163,26 @@ class MaskCutWorker(BackboneActor):
         annotations = np.full(len(errors), "[]", dtype=object)
         converged = np.full(len(errors), "[]", dtype=object)
         if len(ok):
-            for i, rounds in zip(ok, self.cut(batch["image"][ok]), strict=True):
-                if rounds is None:
+            for i, found in zip(ok, self.cut(batch["image"][ok]), strict=True):
+                if found is None:
                     errors[i] = "non-finite backbone features (NaN or inf)"
                     continue
                 size = (int(batch["height"][i]), int(batch["width"][i]))
-                added = [r for r in rounds if r.mask is not None]
                 refined = refine_masks(
-                    batch["image"][i], masks_of(added), size, self.cfg, self.device
+                    batch["image"][i], [m for m, _, _ in found], size, self.cfg, self.device
                 )
                 kept = [
-                    (m, r.converged) for m, r in zip(refined, added, strict=True) if m is not None
+                    (m, flag, value)
+                    for m, (_, flag, value) in zip(refined, found, strict=True)
+                    if m is not None
                 ]
+                # Rounds: scores rank the kept masks in discovery order; pool: its scores.
                 anns = [
-                    mask_to_annotation(m, 0, 0, score=discovery_score(k))
-                    for k, (m, _) in enumerate(kept)
+                    mask_to_annotation(m, 0, 0, score=discovery_score(k) if v is None else v)
+                    for k, (m, _, v) in enumerate(kept)
                 ]
                 annotations[i] = json.dumps([{k: a[k] for k in _KEPT} for a in anns])
-                converged[i] = json.dumps([flag for _, flag in kept])
+                converged[i] = json.dumps([flag for _, flag, _ in kept])
         result = {k: v for k, v in batch.items() if k != "image"}
         result["annotations"] = annotations
         result["converged"] = converged

@@ -1,0 +1,92 @@
+"""Candidate-pool discovery on hand-made patch grids: several objects of one kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from u2seg.ops import discovery
+
+H = W = 24
+SQUARES = [(slice(3, 9), slice(3, 9)), (slice(3, 9), slice(14, 20)), (slice(15, 21), slice(8, 14))]
+
+
+def three_of_a_kind(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """An (H, W, 16) grid: three separate squares sharing one feature (three instances of a
+    kind) on a two-tone background (a sky above, a floor below), with noise; a CLS
+    attention that is higher on the squares; and the squares' masks."""
+    rng = np.random.default_rng(seed)
+    kinds = rng.normal(size=(3, 16))
+    features = np.empty((H, W, 16))
+    features[: H // 2] = kinds[0]
+    features[H // 2 :] = kinds[1]
+    truth = []
+    for rows, cols in SQUARES:
+        features[rows, cols] = kinds[2]
+        mask = np.zeros((H, W), dtype=bool)
+        mask[rows, cols] = True
+        truth.append(mask)
+    features += 0.3 * rng.normal(size=features.shape)
+    attention = np.full((H, W), 1.0)
+    for mask in truth:
+        attention[mask] = 20.0  # DINO attention is peaked on objects
+    return features.astype(np.float32), attention / attention.sum(), truth
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_discover_finds_each_instance_first_and_keeps_the_rules() -> None:
+    features, attention, truth = three_of_a_kind()
+    options = discovery.PoolOptions(n_masks=6, depth=4, max_k=5, nms_iou=0.4)
+    found = discovery.discover([features, features[..., ::-1].copy()], attention, options)
+    assert 1 <= len(found) <= 6
+    masks = [m for m, _ in found]
+    scores = [s for _, s in found]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+    # The three instances are the three best masks, each on its own.
+    for mask in masks[:3]:
+        assert max(iou(mask, t) for t in truth) > 0.9
+    assert {max(range(3), key=lambda k: iou(m, truth[k])) for m in masks[:3]} == {0, 1, 2}
+    # Pairwise IoU under the NMS threshold.
+    for i in range(len(masks)):
+        for j in range(i):
+            assert iou(masks[i], masks[j]) < 0.4
+
+
+def test_bisection_separates_the_kinds_and_kmeans_the_instances() -> None:
+    features, _, truth = three_of_a_kind(1)
+    tree = discovery.bisection_candidates(features, depth=3, min_patches=3)
+    assert tree and all(m.sum() >= 3 and m.shape == (H, W) for m in tree)
+    assert all(max(iou(m, t) for m in tree) > 0.8 for t in truth)
+    clusters = discovery.kmeans_candidates(features, max_k=4, min_patches=3)
+    # k = 3 puts the squares in one cluster; its connected components are the instances.
+    assert all(max(iou(m, t) for m in clusters) > 0.9 for t in truth)
+    # A 6 x 6 grid has 36 patches, fewer than faiss's 39 per centroid for k = 2: no k-means.
+    assert discovery.kmeans_candidates(features[:6, :6], max_k=4, min_patches=1) == []
+
+
+def test_score_ranks_an_object_over_background_and_zeroes_no_contrast() -> None:
+    features, attention, truth = three_of_a_kind(2)
+    sky = np.zeros((H, W), dtype=bool)
+    sky[: H // 2] = True
+    sky &= ~(truth[0] | truth[1])
+    noise = np.zeros((H, W), dtype=bool)
+    noise[::2, ::2] = True  # a scatter of patches of every kind: not alike inside
+    masks = np.stack([truth[0], sky, noise])
+    scores = discovery.score(masks, features, attention)
+    assert scores[0] > scores[1] > 0
+    assert scores[2] < 0.01 * scores[0]
+
+
+def test_bad_inputs_are_refused() -> None:
+    features, attention, _ = three_of_a_kind()
+    with pytest.raises(ValueError, match="grid"):
+        discovery.discover([features], attention[:-1])
+    with pytest.raises(ValueError, match="at least one"):
+        discovery.discover([], attention)
+    with pytest.raises(ValueError, match="nms_iou"):
+        discovery.PoolOptions(nms_iou=0.0)
+    with pytest.raises(ValueError, match="invalid"):
+        discovery.PoolOptions(max_k=1)
