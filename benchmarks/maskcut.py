@@ -45,10 +45,10 @@ from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
 from u2seg.models.vit import ViTFeatures, load_backbone, normalise
 from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
-from u2seg.ops.discovery import PoolOptions, discover
+from u2seg.ops.discovery import discover
 from u2seg.ops.maskcut import discovery_score, maskcut_batch, masks_of
 from u2seg.ops.refine import crf_refine, has_densecrf, mask_iou, upsample_mask
-from u2seg.stages.maskcut import cut_options, refine_masks
+from u2seg.stages.maskcut import cut_options, pool_options, refine_masks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -80,13 +80,7 @@ def _found(out: ViTFeatures, cfg: MaskCutConfig) -> list[list[tuple[np.ndarray, 
         assert grid is not None
         return [[(m, discovery_score(k)) for k, m in enumerate(ms)] for ms in _cut(grid, cfg)]
     assert out.keys is not None and out.attention is not None
-    options = PoolOptions(
-        n_masks=cfg.n_masks,
-        depth=cfg.pool_depth,
-        max_k=cfg.pool_max_k,
-        min_patches=cfg.pool_min_patches,
-        nms_iou=cfg.pool_nms_iou,
-    )
+    options = pool_options(cfg)
     maps = (out.keys.numpy(), out.patch_tokens.numpy())
     return [
         discover([maps[0][j], maps[1][j]], out.attention[j].numpy(), options)
@@ -181,12 +175,19 @@ def refine_section(tmp: Path) -> None:
         ratio = f", {base / value:.2f}x pydensecrf" if base else ""
         print(f"  {name:20s} {value:6.3f} s/image{ratio}")
     if has_densecrf:
-        ious = [
-            mask_iou(a, b)
+        pairs = [
+            (a, b)
             for ref, got in zip(outputs["densecrf"], outputs["torch"], strict=True)
             for a, b in zip(ref, got, strict=True)
         ]
-        print(f"  torch vs densecrf: mean mask IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}")
+        # Two empty masks (the CRF erased a small mask in both) agree: IoU 1, not 0.
+        ious = [mask_iou(a, b) if (a | b).any() else 1.0 for a, b in pairs]
+        erased = sum(not (a | b).any() for a, b in pairs)
+        same = sum(np.array_equal(a, b) for a, b in pairs)
+        print(
+            f"  torch vs densecrf: mean mask IoU {np.mean(ious):.4f}, min {np.min(ious):.4f}; "
+            f"{same} of {len(pairs)} masks identical, {erased} erased by both"
+        )
 
 
 def stage_time(tmp: Path) -> None:

@@ -37,9 +37,12 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
     "maskcut": (
         "class-agnostic pseudo masks by MaskCut (iterated normalized cuts of ViT patches)",
         "in:  images from data.source (as for `features`); the backbone of backbone.*.\n"
-        "     maskcut.feature=keys|tokens picks what feeds the cut; maskcut.n_masks rounds,\n"
-        "     maskcut.tau (published 0.15) or maskcut.tau_quantile with maskcut.center=true\n"
-        "     (robust, for DINOv2), maskcut.max_ncut adaptive stop, maskcut.crf backend.\n"
+        "     maskcut.discovery=rounds (published: maskcut.n_masks iterated cuts) or pool\n"
+        "     (recursive cuts + k-means components, ranked, NMS, the best n_masks kept).\n"
+        "     Rounds: maskcut.feature=keys|tokens picks what feeds the cut, maskcut.tau\n"
+        "     (published 0.15) or maskcut.tau_quantile with maskcut.center=true (robust, for\n"
+        "     DINOv2), maskcut.max_ncut adaptive stop. maskcut.crf: auto|torch (the dense\n"
+        "     CRF in torch, on the ViT's device), densecrf (pydensecrf), guided, none.\n"
         "out: <output>/maskcut/: instances.json (COCO instances, category 'fg', RLE masks,\n"
         "     file_name relative to the image root), part-*.parquet (per image: size,\n"
         "     error, num_masks, annotations), errors.parquet, manifest.json. Resumable.",

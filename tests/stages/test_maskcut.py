@@ -71,10 +71,10 @@ def test_stage_writes_coco_finds_the_quokka_and_resumes_identically(
     assert (images["voc.jpg"]["width"], images["voc.jpg"]["height"]) == (500, 375)
     anns = coco.dataset["annotations"]
     assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))
-    # Scores rank each image's masks in discovery order: 1, 1/2, 1/3, ...
+    # The demo's candidate pool: each image's masks best first, by their (positive) scores.
     for image_id in coco.imgs:
         scores = [a["score"] for a in anns if a["image_id"] == image_id]
-        assert scores == [1 / (1 + k) for k in range(len(scores))]
+        assert scores and scores == sorted(scores, reverse=True) and scores[-1] > 0
     for ann in anns:
         assert isinstance(ann["segmentation"]["counts"], str)
         image = coco.imgs[ann["image_id"]]
@@ -134,10 +134,12 @@ def test_refine_masks_returns_original_size() -> None:
 def test_cuts_whose_eigensolver_did_not_converge_are_recorded_and_counted(
     photos: tuple[Path, dict], tmp_path: Path, weights_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The worker in this process, with a tolerance no residual can meet: every cut is the
-    # best Ritz vector after the last restart. Each mask says so; the stage counts them.
+    # The worker in this process running robust MaskCut rounds, with a tolerance no residual
+    # can meet: every cut is the best Ritz vector after the last restart. Each mask says so;
+    # the stage counts them.
     folder, _ = photos
-    cfg = demo_config(folder, tmp_path / "run", weights_cache)
+    rounds = ["discovery=rounds", "n_masks=3", "center=true", "tau_quantile=0.5"]
+    cfg = demo_config(folder, tmp_path / "run", weights_cache, *(f"maskcut.{o}" for o in rounds))
     monkeypatch.setattr(maskcut_ops, "FIEDLER_TOL", -1.0)
     refs = plan_shards(list_images(str(folder)), 8)
     batch = {name: refs.column(name).to_numpy(zero_copy_only=False) for name in refs.column_names}
@@ -148,6 +150,10 @@ def test_cuts_whose_eigensolver_did_not_converge_are_recorded_and_counted(
     assert [len(f) for f in flags] == table.column("num_masks").to_pylist()
     assert sum(table.column("num_masks").to_pylist()) >= 2
     assert not any(flag for f in flags for flag in f)
+    # Rounds rank each image's masks in discovery order: 1, 1/2, 1/3, ...
+    for row in table.column("annotations").to_pylist():
+        scores = [a["score"] for a in json.loads(row)]
+        assert scores == [1 / (1 + k) for k in range(len(scores))]
     stage = StageDir(str(tmp_path / "run"), "maskcut")
     stage.write_table(StageDir.shard_name(0), table.drop_columns(["shard", "order"]), "x")
     assert shard_tallies(stage)[1] == sum(table.column("num_masks").to_pylist())

@@ -66,6 +66,17 @@ def cut_options(cfg: MaskCutConfig) -> dict[str, Any]:
     return {p.name: getattr(cfg, p.name) for p in params if p.kind is p.KEYWORD_ONLY}
 
 
+def pool_options(cfg: MaskCutConfig) -> PoolOptions:
+    """The candidate pool's options (`discovery: pool`) taken from `cfg`."""
+    return PoolOptions(
+        n_masks=cfg.n_masks,
+        depth=cfg.pool_depth,
+        max_k=cfg.pool_max_k,
+        min_patches=cfg.pool_min_patches,
+        nms_iou=cfg.pool_nms_iou,
+    )
+
+
 def refine_masks(
     image: np.ndarray,
     masks: list[np.ndarray],
@@ -139,15 +150,8 @@ class MaskCutWorker(BackboneActor):
 
     def _pool(self, out: ViTFeatures, good: list[int]) -> list[list[Found]]:
         """Candidate-pool discovery (u2seg.ops.discovery) of the images `good` of the batch."""
-        cfg = self.cfg
         assert out.keys is not None and out.attention is not None
-        options = PoolOptions(
-            n_masks=cfg.n_masks,
-            depth=cfg.pool_depth,
-            max_k=cfg.pool_max_k,
-            min_patches=cfg.pool_min_patches,
-            nms_iou=cfg.pool_nms_iou,
-        )
+        options = pool_options(self.cfg)
         keys = out.keys.float().cpu().numpy()
         tokens = out.patch_tokens.float().cpu().numpy()
         attention = out.attention.float().cpu().numpy()
