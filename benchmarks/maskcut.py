@@ -45,10 +45,9 @@ from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
 from u2seg.models.vit import ViTFeatures, load_backbone, normalise
 from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
-from u2seg.ops.discovery import discover
 from u2seg.ops.maskcut import discovery_score, maskcut_batch, masks_of
 from u2seg.ops.refine import crf_refine, has_densecrf, mask_iou, upsample_mask
-from u2seg.stages.maskcut import cut_options, pool_options, refine_masks
+from u2seg.stages.maskcut import cut_options, pool_masks, refine_masks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -79,13 +78,7 @@ def _found(out: ViTFeatures, cfg: MaskCutConfig) -> list[list[tuple[np.ndarray, 
         grid = out.keys if cfg.feature == "keys" else out.patch_tokens
         assert grid is not None
         return [[(m, discovery_score(k)) for k, m in enumerate(ms)] for ms in _cut(grid, cfg)]
-    assert out.keys is not None and out.attention is not None
-    options = pool_options(cfg)
-    maps = (out.keys.numpy(), out.patch_tokens.numpy())
-    return [
-        discover([maps[0][j], maps[1][j]], out.attention[j].numpy(), options)
-        for j in range(len(out.keys))
-    ]
+    return pool_masks(out, range(len(out.patch_tokens)), cfg)
 
 
 def quality(tmp: Path) -> None:

@@ -162,20 +162,20 @@ def score(
     """Scores (C,) of candidate masks (C, h, w) on an (h, w, d) grid with CLS attention (h, w):
     contrast * attention * (1 + votes) (module docstring, step 2)."""
     count, h, w = masks.shape
-    flat = masks.reshape(count, h * w).astype(np.float32)
-    ious = _iou_matrix(flat) if ious is None else ious
+    flat = masks.reshape(count, h * w).astype(np.float64)
+    ious = _iou_matrix(flat.astype(np.float32)) if ious is None else ious
     x = _centred_unit(np.asarray(features).reshape(h * w, -1))
     similarity = x @ x.T
     ring = np.stack([ndimage.binary_dilation(m, iterations=2) & ~m for m in masks])
     ring_flat = ring.reshape(count, h * w).astype(np.float64)
-    through = flat.astype(np.float64) @ similarity  # (C, n): summed similarity to each patch
-    size = flat.sum(axis=1).astype(np.float64)
+    through = flat @ similarity  # (C, n): summed similarity to each patch
+    size = flat.sum(axis=1)
     inner = (through * flat).sum(axis=1) / size**2
     ring_size = ring_flat.sum(axis=1)
     outer = (through * ring_flat).sum(axis=1) / np.maximum(size * ring_size, 1.0)
     contrast = np.maximum(inner - np.where(ring_size > 0, outer, 0.0), 0.0)
     att = np.asarray(attention, dtype=np.float64).reshape(h * w)
-    share = flat.astype(np.float64) @ att / max(float(att.sum()), 1e-12)
+    share = flat @ att / max(float(att.sum()), 1e-12)
     attended = share / np.sqrt(size / (h * w))
     others = np.where(ious >= VOTE_IOU, ious, 0.0)
     votes = others.sum(axis=1) - np.diag(others)

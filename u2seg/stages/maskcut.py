@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -66,15 +66,24 @@ def cut_options(cfg: MaskCutConfig) -> dict[str, Any]:
     return {p.name: getattr(cfg, p.name) for p in params if p.kind is p.KEYWORD_ONLY}
 
 
-def pool_options(cfg: MaskCutConfig) -> PoolOptions:
-    """The candidate pool's options (`discovery: pool`) taken from `cfg`."""
-    return PoolOptions(
+def pool_masks(
+    out: ViTFeatures, images: Sequence[int], cfg: MaskCutConfig
+) -> list[list[tuple[np.ndarray, float]]]:
+    """Candidate-pool discovery (`discovery: pool`, u2seg.ops.discovery) of the images
+    `images` of a ViT batch `out`: per image, its masks at patch resolution with their
+    scores, best first."""
+    assert out.keys is not None and out.attention is not None
+    options = PoolOptions(
         n_masks=cfg.n_masks,
         depth=cfg.pool_depth,
         max_k=cfg.pool_max_k,
         min_patches=cfg.pool_min_patches,
         nms_iou=cfg.pool_nms_iou,
     )
+    keys = out.keys.float().cpu().numpy()
+    tokens = out.patch_tokens.float().cpu().numpy()
+    attention = out.attention.float().cpu().numpy()
+    return [discover([keys[i], tokens[i]], attention[i], options) for i in images]
 
 
 def refine_masks(
@@ -134,8 +143,9 @@ class MaskCutWorker(BackboneActor):
             )
         grid = out.keys if cfg.feature == "keys" or pool else out.patch_tokens
         assert grid is not None
-        checked = torch.cat([grid, out.patch_tokens], dim=-1) if pool else grid
-        bad = set(nonfinite_images(checked))
+        bad = set(nonfinite_images(grid))
+        if pool:  # the pool reads the tokens too
+            bad |= set(nonfinite_images(out.patch_tokens))
         good = [i for i in range(len(images)) if i not in bad]
         found = iter(self._pool(out, good) if pool else self._rounds(grid[good]))
         return [None if i in bad else next(found) for i in range(len(images))]
@@ -149,17 +159,8 @@ class MaskCutWorker(BackboneActor):
         ]
 
     def _pool(self, out: ViTFeatures, good: list[int]) -> list[list[Found]]:
-        """Candidate-pool discovery (u2seg.ops.discovery) of the images `good` of the batch."""
-        assert out.keys is not None and out.attention is not None
-        options = pool_options(self.cfg)
-        keys = out.keys.float().cpu().numpy()
-        tokens = out.patch_tokens.float().cpu().numpy()
-        attention = out.attention.float().cpu().numpy()
-        found: list[list[Found]] = []
-        for i in good:
-            ranked = discover([keys[i], tokens[i]], attention[i], options)
-            found.append([(mask, True, value) for mask, value in ranked])
-        return found
+        """Candidate-pool discovery of the images `good` of the batch (always converged)."""
+        return [[(m, True, v) for m, v in ranked] for ranked in pool_masks(out, good, self.cfg)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = batch["error"].copy()
