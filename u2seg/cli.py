@@ -74,8 +74,9 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
     "panoptic": (
         "panoptic pseudo labels: pseudo things (maskcut + cluster) over pseudo stuff",
         "in:  <output>/maskcut/, cluster/, semantic/. Instances are painted by descending\n"
-        "     box area; a stuff class more than panoptic.stuff_overlap under instances is\n"
-        "     skipped; images without an instance are left out.\n"
+        "     box area (one keeping less than panoptic.min_visible of its mask is dropped);\n"
+        "     a stuff class more than panoptic.stuff_overlap under instances is skipped;\n"
+        "     images without an instance are left out.\n"
         "out: <output>/panoptic/: panoptic/*.png (RGB-encoded ids) + panoptic.json (COCO\n"
         "     panoptic; things 1..K, stuff K+1..K+S), semantic/*.png (things 0, stuff\n"
         "     1..S, void 255), instances.json (COCO instances with pseudo classes).",

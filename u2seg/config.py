@@ -240,10 +240,19 @@ class PanopticConfig:
     """Merge of thing instances and stuff classes into panoptic pseudo labels.
 
     A stuff class whose pixels are more than `stuff_overlap` painted by instances is
-    skipped in that image.
+    skipped in that image. `min_visible`: an instance that keeps less than this share of
+    its mask under the smaller instances painted over it is dropped, its pixels left to
+    the ones below (0: METHOD.md's merge, which drops only instances left with no pixel;
+    for overlapping pseudo masks such as the candidate pool's, whose groups hold their
+    members, 0.5 keeps the members whole instead of the group's fragments).
+    `paint`: the painting order. "area": METHOD.md's, larger boxes first, smaller on top;
+    "score": the instances' own ranking, the best on top (MaskCut's order, best first; in
+    self-training the kept predictions by score, then the old masks added back).
     """
 
     stuff_overlap: float = between(0, 1, 0.7)
+    min_visible: float = between(0, 1, 0.0)
+    paint: str = "area"
 
 
 @dataclass(frozen=True)

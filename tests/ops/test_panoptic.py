@@ -116,6 +116,34 @@ def test_painting_order_is_bbox_area_not_pixel_area() -> None:
     assert paint_instances([block, frame], areas=[200.0, 10.0]).order == (0, 1)
 
 
+def test_min_visible_drops_a_group_left_as_fragments_and_gives_its_pixels_below() -> None:
+    shape = (20, 20)
+    scene = box(shape, (0, 20), (0, 20))  # bbox 400: under everything
+    group = box(shape, (2, 12), (2, 18))  # 160 px holding its two members
+    left, right = box(shape, (2, 12), (2, 9)), box(shape, (2, 12), (11, 18))  # 70 px each
+    masks = [scene, group, left, right]
+    # METHOD.md's merge keeps the group as the 20 px strip between its members.
+    plain = paint_instances(masks)
+    assert plain.order == (0, 1, 2, 3) and np.count_nonzero(plain.index_map == 1) == 20
+    painting = paint_instances(masks, min_visible=0.5)
+    assert painting.order == (0, 2, 3) and painting.dropped == (1,)
+    # The strip between the members goes to the scene below the group, not to void.
+    assert np.all(painting.index_map[group & ~left & ~right] == 0)
+    assert np.array_equal(painting.index_map == 2, left)
+    # Exactly min_visible is kept: the group with 20 of 160 px visible at 0.125.
+    assert paint_instances(masks, min_visible=0.125).order == (0, 1, 2, 3)
+    assert paint_instances(masks, min_visible=0.126).dropped == (1,)
+    # Decided from the top down: a dropped instance does not hide the ones under it. The
+    # scene keeps 400 - 140 = 260 px (0.65) once the group is gone, 240 (0.6) with it.
+    assert paint_instances(masks, min_visible=0.62).order == (0, 2, 3)
+    result = merge_panoptic(masks, [1, 2, 3, 3], np.zeros(shape, dtype=np.int64), K, S,
+                            min_visible=0.5)  # fmt: skip
+    assert result.dropped == (1,) and result.instance_index == (0, 2, 3)
+    assert [info["category_id"] for info in result.segments_info] == [1, 3, 3]
+    with pytest.raises(ValueError, match="min_visible"):
+        paint_instances(masks, min_visible=1.5)
+
+
 def test_instance_covered_by_smaller_ones_and_empty_instance_are_dropped() -> None:
     shape = (10, 10)
     background = box(shape, (0, 10), (0, 10))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from u2seg.artifacts import StageDir, png_bytes
-from u2seg.config import load_config
+from u2seg.config import ConfigError, load_config
 from u2seg.data.coco import mask_to_annotation, panoptic_file_names, rgb_to_id
 from u2seg.stages import panoptic
 
@@ -74,3 +74,34 @@ def test_label_png_names_are_unique_and_stem_based_otherwise() -> None:
         "b/x.jpg": "b/x.png",
         "y.jpeg": "y.png",
     }
+
+
+def test_paint_score_puts_the_first_listed_mask_on_top(tmp_path: Path) -> None:
+    """Maskcut lists masks best first: with paint=score a large best mask keeps its pixels
+    over a small later one, which min_visible then drops as mostly hidden."""
+    big, small = np.zeros((H, W), dtype=bool), np.zeros((H, W), dtype=bool)
+    big[2:20, 2:28] = True
+    small[4:10, 4:10] = True
+    stuff = np.zeros((H, W), dtype=np.uint8)
+    image = {"image_id": 1, "file_name": "a.jpg", "width": W, "height": H, "png": "a.png"}
+
+    def segments(**options: object) -> list[dict[str, object]]:
+        cfg = panoptic.merge_options(
+            load_config(None, [f"{k}={v}" for k, v in options.items()]), 2, 1
+        )
+        row = panoptic.label_row(image, [big, small], [1, 2], stuff, cfg, str(tmp_path))
+        return [s for s in json.loads(row["segments_info"]) if s["isthing"]]
+
+    area = segments()  # METHOD.md: the smaller box on top
+    assert [(s["category_id"], s["area"]) for s in area] == [(1, 18 * 26 - 36), (2, 36)]
+    score = segments(**{"panoptic.paint": "score"})  # the best on top: the small one hidden
+    assert [(s["category_id"], s["area"]) for s in score] == [(1, 18 * 26)]
+    half = np.zeros((H, W), dtype=bool)
+    half[18:24, 4:10] = True  # 24 of its 36 px outside the big mask: kept at min_visible 0.5
+    cfg = panoptic.merge_options(load_config(None, ["panoptic.paint=score",
+                                                    "panoptic.min_visible=0.5"]), 2, 1)  # fmt: skip
+    row = panoptic.label_row(image, [big, small, half], [1, 2, 2], stuff, cfg, str(tmp_path))
+    kept = [s for s in json.loads(row["segments_info"]) if s["isthing"]]
+    assert sorted((s["category_id"], s["area"]) for s in kept) == [(1, 18 * 26), (2, 24)]
+    with pytest.raises(ConfigError, match=r"panoptic\.paint='biggest'"):
+        panoptic.merge_options(load_config(None, ["panoptic.paint=biggest"]), 2, 1)

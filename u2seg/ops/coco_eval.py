@@ -128,8 +128,19 @@ def instance_record(
     """The `InstanceRecord` of one (height, width) image: its COCO GT annotations and
     detections (RLE or polygon `segmentation`; `bbox`, GT `area` and detection masks are
     derived when absent, as pycocotools does). `masks` False: box-only detections (no
-    `segmentation`), the box IoU alone."""
-    gt_rles = [_rle(a["segmentation"], height, width) for a in ground_truth]
+    `segmentation`), the box IoU alone; then ground truth with `bbox` and `area` needs no
+    `segmentation` either (a box-only dataset)."""
+    gt_rles = []
+    for a in ground_truth:
+        if masks or "bbox" not in a or "area" not in a:
+            if not a.get("segmentation"):
+                raise ValueError(
+                    f"image {image_id}: ground-truth annotation {a.get('id')} has no "
+                    "segmentation (box-only ground truth is scored by box AP alone)"
+                )
+            gt_rles.append(_rle(a["segmentation"], height, width))
+        else:
+            gt_rles.append(None)
     det_rles = [_rle(d["segmentation"], height, width) if masks else None for d in detections]
     gts = [
         {"category_id": int(a["category_id"]), "iscrowd": int(a.get("iscrowd", 0)),
@@ -252,7 +263,7 @@ def evaluate_images(
     annotations (see `instance_record`).
     """
     records = [
-        instance_record(i, h, w, gts, dets)
+        instance_record(i, h, w, gts, dets, masks=iou_type == "segm")
         for (i, h, w), gts, dets in zip(images, ground_truth, detections, strict=True)
     ]
     return evaluate_records(records, cat_ids, max_dets)[iou_type]

@@ -53,8 +53,8 @@ class Painting:
 
     index_map: int32 (H, W), the input index of the instance owning each pixel, -1 for none.
     order: input indices of the instances left with pixels, in painting order.
-    dropped: input indices of the instances left with no pixel (empty or fully covered by
-        smaller ones), ascending.
+    dropped: input indices of the instances left with no pixel (empty, fully covered by
+        smaller ones, or under `min_visible`), ascending.
     """
 
     index_map: np.ndarray
@@ -104,6 +104,7 @@ def paint_instances(
     masks: Sequence[np.ndarray],
     areas: Sequence[float] | np.ndarray | None = None,
     shape: tuple[int, int] | None = None,
+    min_visible: float = 0.0,
 ) -> Painting:
     """Paint N bool masks (H, W) largest bbox first, so smaller instances overwrite larger.
 
@@ -111,7 +112,15 @@ def paint_instances(
     masks by `box_areas` when None. Equal areas keep the input order (stable sort), so the
     later instance paints over the earlier one. shape (H, W) is needed only when there are
     no masks.
+    min_visible: an instance is painted only if at least this share of its mask stays
+    visible above the instances painted over it, and is dropped otherwise, so that its
+    pixels go to the instances under it (or to stuff). Decided from the top (smallest box)
+    down, each instance seeing only the kept ones above it. 0 keeps every instance, as
+    METHOD.md stage 5 does; a mask that holds several smaller ones (a group beside its
+    members) is then left as the fragments between them.
     """
+    if not 0.0 <= min_visible <= 1.0:
+        raise ValueError(f"min_visible must be in [0, 1], got {min_visible}")
     if not len(masks):
         if shape is None:
             raise ValueError("paint_instances needs `shape` when there are no masks")
@@ -126,6 +135,16 @@ def paint_instances(
     if area.shape != (len(masks),):
         raise ValueError(f"{len(masks)} masks but areas of shape {area.shape}")
     painting_order = np.argsort(-area, kind="stable")
+    if min_visible > 0.0:
+        free = np.ones((height, width), dtype=bool)
+        kept = []
+        for i in painting_order[::-1]:
+            mask = np.asarray(masks[i], dtype=bool)
+            size = np.count_nonzero(mask)
+            if size and np.count_nonzero(mask & free) >= min_visible * size:
+                kept.append(i)
+                free &= ~mask
+        painting_order = np.asarray(kept[::-1], dtype=np.int64)
 
     index_map = np.full((height, width), -1, dtype=np.int32)
     for i in painting_order:
@@ -210,6 +229,7 @@ def merge_panoptic(
     stuff_overlap: float = 0.7,
     void: int = 255,
     areas: Sequence[float] | np.ndarray | None = None,
+    min_visible: float = 0.0,
 ) -> PanopticResult:
     """Merge thing instances and a stuff map into one panoptic label (METHOD.md stage 5).
 
@@ -218,7 +238,8 @@ def merge_panoptic(
     order (see `paint_instances`).
 
     1. Instances are painted by descending bbox area; each instance left with pixels is a
-       segment (ids 1..n in painting order), the others are dropped.
+       segment (ids 1..n in painting order), the others are dropped, and so is one that
+       keeps less than `min_visible` of its mask (see `paint_instances`).
     2. For each stuff cluster c, in increasing c: if the painted share of its pixels,
        |stuff == c and painted| / |stuff == c|, is greater than `stuff_overlap` (strictly:
        exactly 0.7 is kept), c is skipped and its free pixels stay void; otherwise its
@@ -232,7 +253,7 @@ def merge_panoptic(
     if not 0.0 <= stuff_overlap <= 1.0:
         raise ValueError(f"stuff_overlap must be in [0, 1], got {stuff_overlap}")
     labels = _check_stuff(stuff, num_stuff, void)
-    painting = paint_instances(instance_masks, areas, shape=labels.shape)
+    painting = paint_instances(instance_masks, areas, labels.shape, min_visible)
 
     # Segment id of each instance, looked up by index_map + 1 so that -1 (none) reads 0.
     thing_ids = np.zeros(len(instance_masks) + 1, dtype=np.int32)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from u2seg.artifacts import StageDir, inputs_digest, png_bytes, read_parquet
-from u2seg.config import PipelineConfig, depends_on, to_dict
+from u2seg.config import ConfigError, PipelineConfig, depends_on, to_dict
 from u2seg.data.coco import (
     id_to_rgb,
     instances_from_panoptic,
@@ -82,6 +82,16 @@ def merge_image(
     return label_row(row, masks, labels, decode_labels(row["labels_png"]), cfg, out_dir)
 
 
+PAINT = ("area", "score")
+
+
+def merge_options(cfg: PipelineConfig, k: int, s: int) -> dict[str, Any]:
+    """What `label_row` needs of the config: K, S and the `panoptic` section (checked)."""
+    if cfg.panoptic.paint not in PAINT:
+        raise ConfigError(f"panoptic.paint={cfg.panoptic.paint!r} is not one of {', '.join(PAINT)}")
+    return {"k": k, "s": s, **to_dict(cfg.panoptic)}
+
+
 def label_row(
     image: dict[str, Any],
     masks: list[np.ndarray],
@@ -95,7 +105,15 @@ def label_row(
     (`panoptic/`, `semantic/`) unless no instance is left (then its png is None).
     `image`: image_id, file_name, width, height and png (its label PNGs' name)."""
     result = merge_panoptic(
-        masks, labels, stuff, cfg["k"], cfg["s"], stuff_overlap=cfg["stuff_overlap"]
+        masks,
+        labels,
+        stuff,
+        cfg["k"],
+        cfg["s"],
+        stuff_overlap=cfg["stuff_overlap"],
+        # "score": listed best first, so the first has the smallest key and is painted last.
+        areas=np.arange(len(masks), dtype=np.float64) if cfg["paint"] == "score" else None,
+        min_visible=cfg["min_visible"],
     )
     out = {k: image[k] for k in ("image_id", "file_name", "width", "height")}
     if not any(s["isthing"] for s in result.segments_info):
@@ -202,6 +220,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         raise ValueError(
             "panoptic: maskcut and semantic shards differ: run both with the same data.*"
         )
+    merge_cfg = merge_options(cfg, cfg.cluster.k, cfg.semantic.num_classes)
     stage = StageDir(cfg.output_dir, STAGE)
     depends = ("data", "backbone", "maskcut", "embed", "cluster", "semantic", "panoptic")
     stage.start(to_dict(cfg), depends_on(cfg, depends))
@@ -232,11 +251,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         for r in plan.to_pylist()
     }
     done = stage.reusable_shards(digests)
-    merge_cfg = {
-        "k": cfg.cluster.k,
-        "s": cfg.semantic.num_classes,
-        "stuff_overlap": cfg.panoptic.stuff_overlap,
-    }
     out_dir = stage.fs.unstrip_protocol(stage.path)
     todo = [r for r in plan.to_pylist() if r["shard"] not in done]
     if todo:

@@ -184,7 +184,7 @@ def relabel(cfg: PipelineConfig, r: int, old_dir: StageDir) -> dict[str, Any]:
     stage = StageDir(round_cfg_dir, panoptic.STAGE)
     threshold = _threshold(cfg, r)
     depends = {"round": r, "threshold": threshold, "add_back_iou": cfg.self_train.add_back_iou,
-               "stuff_overlap": cfg.panoptic.stuff_overlap,
+               **to_dict(cfg.panoptic),
                "previous": old_dir.fs.unstrip_protocol(old_dir.path)}  # fmt: skip
     stage.start({"self_train": to_dict(cfg.self_train), **depends}, depends)
     if stage.exists("manifest.json"):
@@ -198,7 +198,7 @@ def relabel(cfg: PipelineConfig, r: int, old_dir: StageDir) -> dict[str, Any]:
     digests = {i: inputs_digest([json.dumps(part, sort_keys=True)]) for i, part in shards.items()}
     done = stage.reusable_shards(digests)
     options = {"threshold": threshold, "add_back_iou": cfg.self_train.add_back_iou,
-               "k": k, "s": s, "stuff_overlap": cfg.panoptic.stuff_overlap}  # fmt: skip
+               **panoptic.merge_options(cfg, k, s)}  # fmt: skip
     out_dir = stage.fs.unstrip_protocol(stage.path)
     totals = {"kept": 0, "added_back": 0, "kept_old": 0}
     todo = {i: part for i, part in shards.items() if i not in done}
