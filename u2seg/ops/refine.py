@@ -16,6 +16,7 @@ filter is *not* the dense CRF: a cheaper edge snap, kept as an option.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,23 @@ except ImportError:
 
 
 BACKENDS = ("auto", "torch", "densecrf", "guided", "none")
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Dense-CRF settings: mean-field iterations, the Gaussian (smoothness) kernel's sxy and
+    compat, the bilateral (appearance) kernel's sxy, srgb and compat. The defaults are
+    MaskCut's (METHOD.md stage 2); the stuff labels use STEGO's (`u2seg.ops.stuff.STEGO_CRF`)."""
+
+    iterations: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 7.0
+    bilateral_sxy: float = 50.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 10.0
+
+
+MASKCUT_CRF = CRFParams()
 
 
 CRF_EXTRA_HINT = (
@@ -127,12 +145,7 @@ def _spatial_lattice(height: int, width: int, sxy: float, device: str) -> Permut
 def lattice_crf_refine(
     image: np.ndarray,
     masks: np.ndarray,
-    iterations: int,
-    gaussian_sxy: float,
-    gaussian_compat: float,
-    bilateral_sxy: float,
-    bilateral_srgb: float,
-    bilateral_compat: float,
+    params: CRFParams = MASKCUT_CRF,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """The dense CRF of `densecrf_refine` in torch, for K masks of one image at once.
@@ -160,13 +173,14 @@ def lattice_crf_refine(
     height, width = image.shape[:2]
     position = _pixel_positions(height, width, str(device))
     colour = torch.from_numpy(np.array(image, dtype=np.float32).reshape(-1, 3)).to(device)
+    p = params
     kernels = [
-        (_spatial_lattice(height, width, gaussian_sxy, str(device)), gaussian_compat),
+        (_spatial_lattice(height, width, p.gaussian_sxy, str(device)), p.gaussian_compat),
         (
             PermutohedralLattice(
-                torch.cat([position / bilateral_sxy, colour / bilateral_srgb], dim=-1)
+                torch.cat([position / p.bilateral_sxy, colour / p.bilateral_srgb], dim=-1)
             ),
-            bilateral_compat,
+            p.bilateral_compat,
         ),
     ]
     ones = position.new_ones(1, height * width)
@@ -177,7 +191,7 @@ def lattice_crf_refine(
     fg = torch.as_tensor(masks.reshape(len(masks), -1), device=device).float()  # (K, N)
     unary = 2.0 * fg - 1.0
     q = torch.sigmoid(unary)
-    for _ in range(iterations):
+    for _ in range(p.iterations):
         logit = unary.clone()
         for lattice, compat, norm, filtered_norm in normalised:
             logit += compat * norm * (2.0 * lattice.filter(norm * q) - filtered_norm)
@@ -186,14 +200,7 @@ def lattice_crf_refine(
 
 
 def densecrf_refine(
-    image: np.ndarray,
-    mask: np.ndarray,
-    iterations: int,
-    gaussian_sxy: float,
-    gaussian_compat: float,
-    bilateral_sxy: float,
-    bilateral_srgb: float,
-    bilateral_compat: float,
+    image: np.ndarray, mask: np.ndarray, params: CRFParams = MASKCUT_CRF
 ) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl and Koltun) on uint8 RGB (H, W, 3): bool (H, W).
 
@@ -205,15 +212,15 @@ def densecrf_refine(
     height, width = mask.shape
     crf = dcrf.DenseCRF2D(width, height, 2)
     crf.setUnaryEnergy(softmax_unary(mask))
-    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(
-        sxy=bilateral_sxy,
-        srgb=bilateral_srgb,
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
         # The Cython binding takes a writable C-contiguous buffer (a PIL array is read-only).
         rgbim=np.require(image, dtype=np.uint8, requirements=["C", "W"]),
-        compat=bilateral_compat,
+        compat=params.bilateral_compat,
     )
-    q = np.asarray(crf.inference(iterations)).reshape(2, height, width)
+    q = np.asarray(crf.inference(params.iterations)).reshape(2, height, width)
     # argmax breaks a tie towards label 0 (background), as upstream does.
     return np.asarray(q.argmax(axis=0) == 1)
 
@@ -276,12 +283,7 @@ def guided_refine(
 def crf_refine(
     image: np.ndarray,
     masks: np.ndarray,
-    iterations: int = 10,
-    gaussian_sxy: float = 3,
-    gaussian_compat: float = 7,
-    bilateral_sxy: float = 50,
-    bilateral_srgb: float = 5,
-    bilateral_compat: float = 10,
+    params: CRFParams = MASKCUT_CRF,
     backend: str = "auto",
     guided_radius: int = 8,
     guided_eps: float = 1e-3,
@@ -292,8 +294,8 @@ def crf_refine(
 
     backend: "torch" (`lattice_crf_refine`, the whole stack at once on `device`),
     "densecrf" (the C++ dense CRF, mask by mask; ImportError naming the extra when it is not
-    installed), "guided" (`guided_refine`, using `iterations`, `bilateral_compat`,
-    `guided_radius` and `guided_eps`), "none" (the masks unchanged), or "auto" ("torch").
+    installed), "guided" (`guided_refine`, using the iterations and bilateral compat of
+    `params`, `guided_radius` and `guided_eps`), "none" (the masks unchanged), or "auto" ("torch").
     The guided defaults: a radius of one ViT-B/8 patch, because a patch-snapped edge is off
     by at most a patch; eps 1e-3 keeps edges of ~0.03 contrast.
     """
@@ -305,15 +307,15 @@ def crf_refine(
         raise ValueError(f"mask shape {masks.shape} does not match image {image.shape[:2]}")
     stack = masks.reshape(-1, *image.shape[:2])
     chosen = resolve_backend(backend)
-    crf = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
     if chosen == "torch":
-        out = lattice_crf_refine(image, stack, iterations, *crf, device=device)
+        out = lattice_crf_refine(image, stack, params, device=device)
     elif chosen == "densecrf":
-        out = np.stack([densecrf_refine(image, m, iterations, *crf) for m in stack])
+        out = np.stack([densecrf_refine(image, m, params) for m in stack])
     elif chosen == "guided":
+        p = params
         out = np.stack(
             [
-                guided_refine(image, m, iterations, bilateral_compat, guided_radius, guided_eps)
+                guided_refine(image, m, p.iterations, p.bilateral_compat, guided_radius, guided_eps)
                 for m in stack
             ]
         )

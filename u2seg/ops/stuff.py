@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from u2seg.ops import refine
+from u2seg.ops.refine import CRFParams
 
 Seed = int | Sequence[int]
 
@@ -233,19 +234,15 @@ def flip_average(
     return (out + mirrored) / 2
 
 
-@dataclass(frozen=True)
-class CRFParams:
-    """Dense-CRF settings; the defaults are STEGO's inference values (METHOD.md stage 4)."""
-
-    iterations: int = 10
-    gaussian_sxy: float = 1.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 67.0
-    bilateral_srgb: float = 3.0
-    bilateral_compat: float = 4.0
-
-
-STEGO_CRF = CRFParams()
+# STEGO's inference values (METHOD.md stage 4).
+STEGO_CRF = CRFParams(
+    iterations=10,
+    gaussian_sxy=1.0,
+    gaussian_compat=3.0,
+    bilateral_sxy=67.0,
+    bilateral_srgb=3.0,
+    bilateral_compat=4.0,
+)
 
 
 def densecrf_probabilities(
