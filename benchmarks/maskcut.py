@@ -22,8 +22,9 @@ time: seconds per image of the whole stage (decode, ViT, MaskCut, refinement, CO
 memory: peak resident memory of the driver and of all Ray worker processes for growing
     numbers of synthetic images (should stay flat).
 gpu: with CUDA, images/s of ViT-B/8 at 480 px (random weights: speed does not depend on
-    them) + batched MaskCut, end to end on batches of 64; and images/s of the torch dense CRF
-    on the GPU (480 px demo photos, 3 masks each).
+    them) + batched MaskCut, end to end on batches of 64; images/s of the torch dense CRF
+    on the GPU (480 px demo photos, 3 masks each); and images/s of the demo config's
+    candidate-pool discovery on the GPU against the same run on the CPU.
 """
 
 from __future__ import annotations
@@ -360,6 +361,27 @@ def memory(tmp: Path, counts: list[int]) -> None:
         )
 
 
+def _pool_rates(frames: list[np.ndarray]) -> tuple[float, float]:
+    """Images/s of the demo config's candidate-pool discovery (ViT outputs given) on the GPU
+    and, as the baseline, on this machine's CPU, on the same photos' DINOv2 features."""
+    cfg = load_config(DEMO).maskcut
+    squares = np.stack([resize_square(f, cfg.image_size) for f in frames])
+    model = load_backbone("dinov2_vits14", weights="packaged").cuda()
+    with torch.inference_mode():
+        out = model(normalise(squares, torch.device("cuda")))
+    on_cpu = ViTFeatures(**{k: None if v is None else v.cpu() for k, v in vars(out).items()})
+    rates = []
+    for features in (out, on_cpu):
+        for _ in range(2):  # the second pass counts
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            pool_masks(features, range(len(squares)), cfg)
+            torch.cuda.synchronize()
+            rate = len(squares) / (time.perf_counter() - start)
+        rates.append(rate)
+    return rates[0], rates[1]
+
+
 def gpu() -> dict[str, float | str]:
     """Images/s of ViT-B/8 at 480 px + MaskCut on the GPU (empty without CUDA)."""
     if not torch.cuda.is_available():
@@ -395,9 +417,16 @@ def gpu() -> dict[str, float | str]:
         torch.cuda.synchronize()
         crf_rate = len(frames) / (time.perf_counter() - start)
     print(f"gpu: torch dense CRF, 480 px, 3 masks per image: {crf_rate:.1f} images/s")
+    pool_rate, pool_cpu_rate = _pool_rates(frames)
+    print(
+        f"gpu: candidate-pool discovery (demo config, 8 demo photos): {pool_rate:.1f} images/s"
+        f" on the GPU, {pool_cpu_rate:.2f} on the CPU ({pool_rate / pool_cpu_rate:.1f}x)"
+    )
     return {
         "maskcut_vitb8_480_images_per_s": rate,
         "crf_480_3_masks_images_per_s": crf_rate,
+        "pool_discovery_images_per_s": pool_rate,
+        "pool_discovery_cpu_images_per_s": pool_cpu_rate,
         "gpu": torch.cuda.get_device_name(),
     }
 

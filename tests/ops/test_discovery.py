@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from u2seg.ops import discovery
 
@@ -37,10 +38,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
+def t(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def test_discover_finds_each_instance_first_and_keeps_the_rules() -> None:
     features, attention, truth = three_of_a_kind()
     options = discovery.PoolOptions(n_masks=6, depth=4, max_k=5, nms_iou=0.4)
-    found = discovery.discover([features, features[..., ::-1].copy()], attention, options)
+    maps = [t(features)[None], t(features[..., ::-1])[None]]
+    (found,) = discovery.discover(maps, t(attention)[None], options)
     assert 1 <= len(found) <= 6
     masks = [m for m, _ in found]
     scores = [s for _, s in found]
@@ -57,14 +63,14 @@ def test_discover_finds_each_instance_first_and_keeps_the_rules() -> None:
 
 def test_bisection_separates_the_kinds_and_kmeans_the_instances() -> None:
     features, _, truth = three_of_a_kind(1)
-    tree = discovery.bisection_candidates(features, depth=3, min_patches=3)
+    (tree,) = discovery.bisection_candidates([t(features)], depth=3, min_patches=3)
     assert tree and all(m.sum() >= 3 and m.shape == (H, W) for m in tree)
     assert all(max(iou(m, t) for m in tree) > 0.8 for t in truth)
-    clusters = discovery.kmeans_candidates(features, max_k=4, min_patches=3)
+    clusters = discovery.kmeans_candidates(t(features), max_k=4, min_patches=3)
     # k = 3 puts the squares in one cluster; its connected components are the instances.
     assert all(max(iou(m, t) for m in clusters) > 0.9 for t in truth)
     # A 6 x 6 grid has 36 patches, fewer than faiss's 39 per centroid for k = 2: no k-means.
-    assert discovery.kmeans_candidates(features[:6, :6], max_k=4, min_patches=1) == []
+    assert discovery.kmeans_candidates(t(features[:6, :6]), max_k=4, min_patches=1) == []
 
 
 def test_score_ranks_an_object_over_background_and_zeroes_no_contrast() -> None:
@@ -75,7 +81,7 @@ def test_score_ranks_an_object_over_background_and_zeroes_no_contrast() -> None:
     noise = np.zeros((H, W), dtype=bool)
     noise[::2, ::2] = True  # a scatter of patches of every kind: not alike inside
     masks = np.stack([truth[0], sky, noise])
-    scores = discovery.score(masks, features, attention)
+    scores = discovery.score(t(masks), t(features), t(attention)).numpy()
     assert scores[0] > scores[1] > 0
     assert scores[2] < 0.01 * scores[0]
 
@@ -83,10 +89,39 @@ def test_score_ranks_an_object_over_background_and_zeroes_no_contrast() -> None:
 def test_bad_inputs_are_refused() -> None:
     features, attention, _ = three_of_a_kind()
     with pytest.raises(ValueError, match="grid"):
-        discovery.discover([features], attention[:-1])
+        discovery.discover([t(features)[None]], t(attention[:-1])[None])
     with pytest.raises(ValueError, match="at least one"):
-        discovery.discover([], attention)
+        discovery.discover([], t(attention)[None])
     with pytest.raises(ValueError, match="nms_iou"):
         discovery.PoolOptions(nms_iou=0.0)
     with pytest.raises(ValueError, match="invalid"):
         discovery.PoolOptions(max_k=1)
+
+
+def test_a_batch_finds_what_each_image_finds_alone() -> None:
+    # The bisections of a level are solved in padded batches across images and maps; the
+    # padding must not change any region's cut.
+    scenes = [three_of_a_kind(seed) for seed in (3, 4)]
+    features = t(np.stack([f for f, _, _ in scenes]))
+    attention = t(np.stack([a for _, a, _ in scenes]))
+    maps = [features, features.flip(-1).contiguous()]
+    options = discovery.PoolOptions(n_masks=8, depth=4, max_k=5)
+    together = discovery.discover(maps, attention, options)
+    for b in range(2):
+        (alone,) = discovery.discover([m[b : b + 1] for m in maps], attention[b : b + 1], options)
+        assert len(alone) == len(together[b]) > 3
+        for (m, s), (n, u) in zip(alone, together[b], strict=True):
+            assert np.array_equal(m, n) and s == pytest.approx(u, rel=1e-5)
+
+
+def test_padded_eigen_solves_match_single_ones() -> None:
+    rng = np.random.default_rng(5)
+    regions = [discovery._centred_unit(t(rng.normal(size=(n, 8)))) for n in (40, 36, 31, 12)]
+    batched = discovery._fiedler_batch(regions)
+    assert [len(v) for v in batched] == [40, 36, 31, 12]
+    for region, vector in zip(regions, batched, strict=True):
+        (single,) = discovery._fiedler_batch([region])
+        # Eigenvectors are defined up to sign.
+        sign = torch.sign((single * vector).sum())
+        assert torch.allclose(vector * sign, single, atol=1e-4)
+        assert not torch.allclose(vector, torch.zeros_like(vector))

@@ -30,8 +30,11 @@ patch graph, a score that ranks objects first, and mask non-maximum suppression:
      feature maps of one model).
 3. Greedy mask NMS at IoU `nms_iou`, best first, at most `n_masks` kept.
 
-Everything runs on CPU in numpy (the partitions are small: n = h * w patches); the ViT
-before and the CRF after run on the actor's device.
+Everything but the k-means and the connected components runs in torch on the device of the
+features (the MaskCut actor's, beside the ViT and the CRF), in float32, every image of a
+batch together: the bisections of one level are grouped by size into padded batches of one
+`torch.linalg.eigh` each; faiss k-means (CPU) and the 4-connected components (scipy, on
+the small patch grids) are the only host work.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 from numpy.typing import NDArray
-from scipy import linalg, ndimage
+from scipy import ndimage
 
 __all__ = ["PoolOptions", "bisection_candidates", "discover", "kmeans_candidates", "score"]
 
@@ -52,6 +56,17 @@ EPS = 1e-5
 VOTE_IOU = 0.5
 #: faiss wants this many points per centroid; smaller k are used on small grids.
 _POINTS_PER_CENTROID = 39
+#: Regions of one padded eigen-solve: none smaller than this share of the largest, and at
+#: most this many matrix entries in all.
+_BUCKET_SHARE = 0.75
+_BUCKET_ENTRIES = 1 << 23
+#: The padding's eigenvalue, below every eigenvalue of a normalised affinity ([-1, 1]).
+_PAD_EIGENVALUE = -2.0
+#: The ring around a candidate for its contrast: the patches within 2 steps (4-connected),
+#: as two binary dilations with the cross.
+_RING = torch.tensor(
+    [[abs(i) + abs(j) <= 2 for j in range(-2, 3)] for i in range(-2, 3)], dtype=torch.float32
+)
 
 
 @dataclass(frozen=True)
@@ -72,25 +87,64 @@ class PoolOptions:
             raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
 
 
-def _centred_unit(features: NDArray[np.floating]) -> NDArray[np.float64]:
-    """(n, d) features minus their mean, L2-normalised (a zero row stays zero)."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x - x.mean(axis=0)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
+def _centred_unit(x: torch.Tensor) -> torch.Tensor:
+    """(n, d) features minus their mean, L2-normalised (a zero row stays zero), float32."""
+    x = x.float()
+    x = x - x.mean(dim=0)
+    norm = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _fiedler(similarity: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Fiedler vector (n,) of the graph A = [similarity > median pair similarity] (eps
-    elsewhere), from the normalised affinity D^-1/2 A D^-1/2 (dense: the regions are small)."""
-    n = len(similarity)
-    pairs = similarity[np.triu_indices(n, 1)]
-    tau = float(np.quantile(pairs, 0.5, method="lower"))
-    affinity = np.where(similarity > tau, 1.0, EPS)
-    inv_sqrt = 1.0 / np.sqrt(affinity.sum(axis=1))
-    normalised = inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
-    _, vectors = linalg.eigh(normalised, subset_by_index=[n - 2, n - 1], driver="evr")
-    return np.asarray(vectors[:, 0] * inv_sqrt)  # the second largest; x = D^-1/2 y
+def _buckets(sizes: Sequence[int]) -> list[list[int]]:
+    """Indices of `sizes` grouped for padded solves: largest first, each group's sizes within
+    `_BUCKET_SHARE` of its first, its padded entries under `_BUCKET_ENTRIES`."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        top = sizes[group[0]] if group else 0
+        if (
+            group
+            and sizes[i] >= _BUCKET_SHARE * top
+            and (len(group) + 1) * top**2 <= _BUCKET_ENTRIES
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _fiedler_batch(regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fiedler vectors of regions' graphs: for each (n_i, d) centred unit feature matrix, the
+    graph A = [similarity > the lower median pair similarity] (eps elsewhere), the second
+    largest eigenvector y of D^-1/2 A D^-1/2, returned as x = D^-1/2 y (n_i,).
+
+    Regions of similar size share one batched `eigh`: each is padded to the group's largest
+    n with a diagonal of -2, whose eigenvalues sit below the region's, so the two largest
+    are the region's own."""
+    vectors: list[torch.Tensor] = [torch.empty(0)] * len(regions)
+    for group in _buckets([len(r) for r in regions]):
+        n = len(regions[group[0]])
+        device = regions[group[0]].device
+        sizes = torch.tensor([len(regions[i]) for i in group], device=device)
+        x = torch.zeros(len(group), n, regions[group[0]].shape[1], device=device)
+        for row, i in enumerate(group):
+            x[row, : len(regions[i])] = regions[i]
+        valid = torch.arange(n, device=device)[None, :] < sizes[:, None]  # (g, n)
+        pair_valid = valid[:, :, None] & valid[:, None, :]
+        similarity = x @ x.transpose(1, 2)
+        upper = pair_valid & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+        pairs = torch.where(upper, similarity, torch.inf).flatten(1).sort(dim=1).values
+        count = sizes * (sizes - 1) // 2
+        tau = pairs.gather(1, ((count - 1) // 2)[:, None])  # numpy's "lower" median
+        affinity = torch.where(similarity > tau[:, :, None], 1.0, EPS) * pair_valid
+        inv_sqrt = torch.where(valid, affinity.sum(dim=2).clamp_min(EPS).rsqrt(), 0.0)
+        normalised = inv_sqrt[:, :, None] * affinity * inv_sqrt[:, None, :]
+        normalised = normalised + torch.diag_embed(torch.where(valid, 0.0, _PAD_EIGENVALUE))
+        second = torch.linalg.eigh(normalised).eigenvectors[:, :, n - 2] * inv_sqrt
+        for row, i in enumerate(group):
+            vectors[i] = second[row, : len(regions[i])]
+    return vectors
 
 
 def _components(region: NDArray[np.bool_], min_patches: int) -> list[NDArray[np.bool_]]:
@@ -101,40 +155,46 @@ def _components(region: NDArray[np.bool_], min_patches: int) -> list[NDArray[np.
 
 
 def bisection_candidates(
-    features: NDArray[np.floating], depth: int, min_patches: int
-) -> list[NDArray[np.bool_]]:
-    """Candidates of recursive normalized-cut bisection of an (h, w, d) patch grid: bool
-    (h, w) masks, parents before their children (module docstring, step 1)."""
-    h, w, d = features.shape
-    flat = np.asarray(features, dtype=np.float64).reshape(h * w, d)
-    found: list[NDArray[np.bool_]] = []
-
-    def split(region: NDArray[np.bool_], levels: int) -> None:
-        index = np.flatnonzero(region.ravel())
-        if levels == 0 or len(index) < max(2 * min_patches, 3):
-            return
-        x = _centred_unit(flat[index])
-        vector = _fiedler(x @ x.T)
-        side = vector > vector.mean()
-        for part in (side, ~side):
-            grid = np.zeros(h * w, dtype=bool)
-            grid[index[part]] = True
-            for component in _components(grid.reshape(h, w), min_patches):
-                found.append(component)
-                split(component, levels - 1)
-
-    split(np.ones((h, w), dtype=bool), depth)
+    grids: Sequence[torch.Tensor], depth: int, min_patches: int
+) -> list[list[NDArray[np.bool_]]]:
+    """Candidates of recursive normalized-cut bisection of (h, w, d) patch grids (one list
+    of bool (h, w) masks per grid, parents before their children; module docstring, step
+    1). Every region of one level, over all grids, is solved in one pass."""
+    found: list[list[NDArray[np.bool_]]] = [[] for _ in grids]
+    # (grid, region) pairs to split at this level.
+    level = [(g, np.ones(grid.shape[:2], dtype=bool)) for g, grid in enumerate(grids)]
+    for _ in range(depth):
+        level = [(g, r) for g, r in level if r.sum() >= max(2 * min_patches, 3)]
+        if not level:
+            break
+        flat = [grids[g].reshape(-1, grids[g].shape[-1]) for g in range(len(grids))]
+        index = [np.flatnonzero(r.ravel()) for _, r in level]
+        device = grids[0].device
+        picked = torch.from_numpy(np.concatenate(index)).to(device).split([len(i) for i in index])
+        regions = [_centred_unit(flat[g][p]) for (g, _), p in zip(level, picked, strict=True)]
+        vectors = _fiedler_batch(regions)
+        sides = torch.cat([v > v.mean() for v in vectors]).cpu().numpy()
+        sides_of = np.split(sides, np.cumsum([len(i) for i in index])[:-1])
+        following = []
+        for (g, region), at, side in zip(level, index, sides_of, strict=True):
+            for part in (side, ~side):
+                grid = np.zeros(region.size, dtype=bool)
+                grid[at[part]] = True
+                for component in _components(grid.reshape(region.shape), min_patches):
+                    found[g].append(component)
+                    following.append((g, component))
+        level = following
     return found
 
 
 def kmeans_candidates(
-    features: NDArray[np.floating], max_k: int, min_patches: int, seed: int = 0
+    features: torch.Tensor, max_k: int, min_patches: int, seed: int = 0
 ) -> list[NDArray[np.bool_]]:
     """Candidates of spherical k-means of an (h, w, d) patch grid's centred features, k =
     2..max_k (capped so that each centroid has 39 points, faiss's minimum): the 4-connected
     components of every cluster, bool (h, w)."""
     h, w, d = features.shape
-    x = np.ascontiguousarray(_centred_unit(features.reshape(h * w, d)), dtype=np.float32)
+    x = np.ascontiguousarray(_centred_unit(features.reshape(h * w, d)).cpu().numpy())
     found: list[NDArray[np.bool_]] = []
     for k in range(2, min(max_k, (h * w) // _POINTS_PER_CENTROID) + 1):
         km = faiss.Kmeans(d, k, niter=20, seed=seed + k, spherical=True, verbose=False)
@@ -146,70 +206,47 @@ def kmeans_candidates(
     return found
 
 
-def _iou_matrix(masks: NDArray[np.float32]) -> NDArray[np.float32]:
-    """(C, n) 0/1 masks -> (C, C) pairwise IoU."""
+def _iou_matrix(masks: torch.Tensor) -> torch.Tensor:
+    """(C, n) 0/1 float masks -> (C, C) pairwise IoU."""
     inter = masks @ masks.T
-    area = masks.sum(axis=1)
-    return np.asarray(inter / (area[:, None] + area[None, :] - inter))
+    area = masks.sum(dim=1)
+    return inter / (area[:, None] + area[None, :] - inter)
 
 
 def score(
-    masks: NDArray[np.bool_],
-    features: NDArray[np.floating],
-    attention: NDArray[np.floating],
-    ious: NDArray[np.float32] | None = None,
-) -> NDArray[np.float64]:
-    """Scores (C,) of candidate masks (C, h, w) on an (h, w, d) grid with CLS attention (h, w):
-    contrast * attention * (1 + votes) (module docstring, step 2)."""
+    masks: torch.Tensor,
+    features: torch.Tensor,
+    attention: torch.Tensor,
+    ious: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scores (C,) of candidate masks (bool C, h, w) on an (h, w, d) grid with CLS attention
+    (h, w), all on one device: contrast * attention * (1 + votes) (module docstring, step
+    2)."""
     count, h, w = masks.shape
-    flat = masks.reshape(count, h * w).astype(np.float64)
-    ious = _iou_matrix(flat.astype(np.float32)) if ious is None else ious
-    x = _centred_unit(np.asarray(features).reshape(h * w, -1))
-    similarity = x @ x.T
-    ring = np.stack([ndimage.binary_dilation(m, iterations=2) & ~m for m in masks])
-    ring_flat = ring.reshape(count, h * w).astype(np.float64)
-    through = flat @ similarity  # (C, n): summed similarity to each patch
-    size = flat.sum(axis=1)
-    inner = (through * flat).sum(axis=1) / size**2
-    ring_size = ring_flat.sum(axis=1)
-    outer = (through * ring_flat).sum(axis=1) / np.maximum(size * ring_size, 1.0)
-    contrast = np.maximum(inner - np.where(ring_size > 0, outer, 0.0), 0.0)
-    att = np.asarray(attention, dtype=np.float64).reshape(h * w)
-    share = flat @ att / max(float(att.sum()), 1e-12)
-    attended = share / np.sqrt(size / (h * w))
-    others = np.where(ious >= VOTE_IOU, ious, 0.0)
-    votes = others.sum(axis=1) - np.diag(others)
-    return np.asarray(contrast * attended * (1.0 + votes))
+    flat = masks.reshape(count, h * w).float()
+    ious = _iou_matrix(flat) if ious is None else ious
+    x = _centred_unit(features.reshape(h * w, -1))
+    through = (flat @ x) @ x.T  # (C, n): summed similarity to each patch
+    ring_kernel = _RING.to(masks.device)[None, None]
+    dilated = torch.nn.functional.conv2d(flat.reshape(count, 1, h, w), ring_kernel, padding=2)
+    ring_flat = ((dilated.reshape(count, h * w) > 0.5) & ~masks.reshape(count, h * w)).float()
+    size = flat.sum(dim=1)
+    inner = (through * flat).sum(dim=1) / size**2
+    ring_size = ring_flat.sum(dim=1)
+    outer = (through * ring_flat).sum(dim=1) / (size * ring_size).clamp_min(1.0)
+    contrast = (inner - torch.where(ring_size > 0, outer, 0.0)).clamp_min(0.0)
+    att = attention.float().reshape(h * w)
+    share = flat @ att / att.sum().clamp_min(1e-12)
+    attended = share / (size / (h * w)).sqrt()
+    others = torch.where(ious >= VOTE_IOU, ious, 0.0)
+    votes = others.sum(dim=1) - others.diagonal()
+    return contrast * attended * (1.0 + votes)
 
 
-def discover(
-    feature_maps: Sequence[NDArray[np.floating]],
-    attention: NDArray[np.floating],
-    options: PoolOptions = PoolOptions(),
-) -> list[tuple[NDArray[np.bool_], float]]:
-    """Ranked object masks of one image: (bool (h, w) mask, score), best first, at most
-    `options.n_masks`, pairwise IoU below `options.nms_iou`.
-
-    Args:
-        feature_maps: (h, w, d) patch grids of one image (e.g. keys, then tokens); the first
-            one gives the contrast term.
-        attention: (h, w) CLS attention of the last block (`ViTFeatures.attention`).
-        options: :class:`PoolOptions`.
-    """
-    if not feature_maps:
-        raise ValueError("discover needs at least one feature map")
-    h, w = feature_maps[0].shape[:2]
-    if any(f.shape[:2] != (h, w) for f in feature_maps) or attention.shape != (h, w):
-        raise ValueError("feature maps and attention must share one (h, w) grid")
-    candidates: list[NDArray[np.bool_]] = []
-    for features in feature_maps:
-        candidates += bisection_candidates(features, options.depth, options.min_patches)
-        candidates += kmeans_candidates(features, options.max_k, options.min_patches, options.seed)
-    if not candidates:
-        return []
-    masks = np.stack(candidates)
-    ious = _iou_matrix(masks.reshape(len(masks), -1).astype(np.float32))
-    scores = score(masks, feature_maps[0], attention, ious)
+def _suppress(
+    scores: NDArray[np.float32], ious: NDArray[np.float32], options: PoolOptions
+) -> list[int]:
+    """Greedy mask NMS: indices of the kept candidates, best first (step 3)."""
     kept: list[int] = []
     for i in np.argsort(-scores, kind="stable"):
         if scores[i] <= 0:
@@ -218,4 +255,45 @@ def discover(
             kept.append(int(i))
             if len(kept) == options.n_masks:
                 break
-    return [(masks[i], float(scores[i])) for i in kept]
+    return kept
+
+
+def discover(
+    feature_maps: Sequence[torch.Tensor],
+    attention: torch.Tensor,
+    options: PoolOptions = PoolOptions(),
+) -> list[list[tuple[NDArray[np.bool_], float]]]:
+    """Ranked object masks of each image of a batch: per image, (bool (h, w) mask, score)
+    pairs, best first, at most `options.n_masks`, pairwise IoU below `options.nms_iou`.
+
+    Args:
+        feature_maps: (B, h, w, d) patch grids of the batch on one device (e.g. keys, then
+            tokens); the first one gives the contrast term.
+        attention: (B, h, w) CLS attention of the last block (`ViTFeatures.attention`).
+        options: :class:`PoolOptions`.
+    """
+    if not feature_maps:
+        raise ValueError("discover needs at least one feature map")
+    shape = tuple(feature_maps[0].shape[:3])
+    if any(tuple(f.shape[:3]) != shape for f in feature_maps) or tuple(attention.shape) != shape:
+        raise ValueError("feature maps and attention must share one (B, h, w) grid")
+    grids = [f[b] for b in range(shape[0]) for f in feature_maps]
+    trees = bisection_candidates(grids, options.depth, options.min_patches)
+    ranked: list[list[tuple[NDArray[np.bool_], float]]] = []
+    for b in range(shape[0]):
+        candidates: list[NDArray[np.bool_]] = []
+        for m, features in enumerate(feature_maps):
+            candidates += trees[b * len(feature_maps) + m]
+            candidates += kmeans_candidates(
+                features[b], options.max_k, options.min_patches, options.seed
+            )
+        if not candidates:
+            ranked.append([])
+            continue
+        masks = np.stack(candidates)
+        on_device = torch.from_numpy(masks).to(attention.device)
+        ious = _iou_matrix(on_device.reshape(len(masks), -1).float())
+        scores = score(on_device, feature_maps[0][b], attention[b], ious)
+        kept = _suppress(scores.cpu().numpy(), ious.cpu().numpy(), options)
+        ranked.append([(masks[i], float(scores[i])) for i in kept])
+    return ranked

@@ -80,10 +80,10 @@ def pool_masks(
         min_patches=cfg.pool_min_patches,
         nms_iou=cfg.pool_nms_iou,
     )
-    keys = out.keys.float().cpu().numpy()
-    tokens = out.patch_tokens.float().cpu().numpy()
-    attention = out.attention.float().cpu().numpy()
-    return [discover([keys[i], tokens[i]], attention[i], options) for i in images]
+    chosen = list(images)
+    if not chosen:
+        return []
+    return discover([out.keys[chosen], out.patch_tokens[chosen]], out.attention[chosen], options)
 
 
 def refine_masks(
