@@ -134,9 +134,10 @@ def _fiedler_batch(regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         pair_valid = valid[:, :, None] & valid[:, None, :]
         similarity = x @ x.transpose(1, 2)
         upper = pair_valid & torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-        pairs = torch.where(upper, similarity, torch.inf).flatten(1).sort(dim=1).values
-        count = sizes * (sizes - 1) // 2
-        tau = pairs.gather(1, ((count - 1) // 2)[:, None])  # numpy's "lower" median
+        pairs = torch.where(upper, similarity, torch.inf).flatten(1)
+        # numpy's "lower" median of each region's pairs (the padding's inf sort last)
+        ranks = [(len(regions[i]) * (len(regions[i]) - 1) // 2 - 1) // 2 + 1 for i in group]
+        tau = torch.stack([pairs[row].kthvalue(k).values for row, k in enumerate(ranks)])[:, None]
         affinity = torch.where(similarity > tau[:, :, None], 1.0, EPS) * pair_valid
         inv_sqrt = torch.where(valid, affinity.sum(dim=2).clamp_min(EPS).rsqrt(), 0.0)
         normalised = inv_sqrt[:, :, None] * affinity * inv_sqrt[:, None, :]
@@ -294,6 +295,7 @@ def discover(
         on_device = torch.from_numpy(masks).to(attention.device)
         ious = _iou_matrix(on_device.reshape(len(masks), -1).float())
         scores = score(on_device, feature_maps[0][b], attention[b], ious)
-        kept = _suppress(scores.cpu().numpy(), ious.cpu().numpy(), options)
-        ranked.append([(masks[i], float(scores[i])) for i in kept])
+        on_host = scores.cpu().numpy()
+        kept = _suppress(on_host, ious.cpu().numpy(), options)
+        ranked.append([(masks[i], float(on_host[i])) for i in kept])
     return ranked
