@@ -148,8 +148,8 @@ class MaskCutConfig(ActorConfig):
     above) or "pool" (u2seg.ops.discovery: candidates of recursive bisection `pool_depth`
     levels deep and of k-means for k = 2..`pool_max_k`, on keys and tokens, components of at
     least `pool_min_patches` patches, ranked by contrast * CLS attention * votes, mask NMS
-    at IoU `pool_nms_iou`, the best `n_masks` kept; `feature`, `tau` and the robust options
-    are not used).
+    at IoU `pool_nms_iou`, the best `n_masks` kept, in torch on the ViT's device; `feature`,
+    `tau` and the robust options are not used).
     """
 
     image_size: int = at_least(1, 480)
