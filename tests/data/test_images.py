@@ -179,6 +179,22 @@ def test_16_bit_grey_png_is_scaled_to_8_bits(tmp_path: Path) -> None:
     assert (rgb[..., 0] == rgb[..., 2]).all() and rgb.std() > 50  # not a white frame
 
 
+@pytest.mark.parametrize(("top", "full"), [(235, 255), (3500, 4095), (1023, 1023)])
+def test_grey_data_of_fewer_bits_in_a_16_bit_file_keeps_its_contrast(
+    tmp_path: Path, top: int, full: int
+) -> None:
+    # 8-bit nuclei in a 16-bit TIFF (as the 2018 Data Science Bowl's), a 12-bit camera: the
+    # range is the smallest sample depth that holds the largest value, not 16 bits.
+    ramp = np.linspace(0, top, 48 * 64).round().reshape(48, 64).astype(np.uint16)
+    path = tmp_path / "cells.tif"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    rgb = read_image(str(path), 10_000_000)
+    expected = np.round(ramp.astype(np.int64) * 255 / full).astype(np.uint8)
+    np.testing.assert_array_equal(rgb[..., 1], expected)
+    assert rgb.max() >= round(top * 255 / full) > 200
+
+
 def test_absolute_file_names_of_a_coco_source_stay_absolute(folder: Path, tmp_path: Path) -> None:
     source = tmp_path / "instances.json"
     photo = str(folder / "a.jpg")

@@ -162,13 +162,22 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return np.asarray(upright.convert("RGB"))
 
 
+#: Sample depths of grey images in 16-bit containers: 8-bit data (microscopy exports), the
+#: 10 / 12 / 14-bit cameras, full 16 bits.
+_GREY_BITS = (8, 10, 12, 14, 16)
+
+
 def _grey_to_rgb8(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """uint8 (H, W, 3) of a high-bit-depth grey image: the 16-bit range scaled to 8 bits
-    (Pillow's own conversion clips it, so a 16-bit photo would come out white)."""
+    """uint8 (H, W, 3) of a high-bit-depth grey image: the range of the smallest sample depth
+    that holds its largest value (8, 10, 12, 14 or 16 bits) scaled to 8 bits. Pillow's own
+    conversion clips it (a 16-bit photo comes out white), and scaling every image from 16
+    bits would turn 8- or 12-bit data in a 16-bit file (as microscopes write) black."""
     values = pixels.astype(np.int64)
     if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
         raise ImageError(f"{mode} image with values outside 0..65535: not a photo")
-    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    top = int(values.max(initial=0))
+    full = next((1 << bits) - 1 for bits in _GREY_BITS if top < 1 << bits)
+    grey = ((values * 255 + full // 2) // full).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
 
