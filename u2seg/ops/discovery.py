@@ -162,16 +162,16 @@ def bisection_candidates(
     of bool (h, w) masks per grid, parents before their children; module docstring, step
     1). Every region of one level, over all grids, is solved in one pass."""
     found: list[list[NDArray[np.bool_]]] = [[] for _ in grids]
+    flat = [grid.reshape(-1, grid.shape[-1]) for grid in grids]
     # (grid, region) pairs to split at this level.
     level = [(g, np.ones(grid.shape[:2], dtype=bool)) for g, grid in enumerate(grids)]
     for _ in range(depth):
         level = [(g, r) for g, r in level if r.sum() >= max(2 * min_patches, 3)]
         if not level:
             break
-        flat = [grids[g].reshape(-1, grids[g].shape[-1]) for g in range(len(grids))]
         index = [np.flatnonzero(r.ravel()) for _, r in level]
-        device = grids[0].device
-        picked = torch.from_numpy(np.concatenate(index)).to(device).split([len(i) for i in index])
+        at_device = torch.from_numpy(np.concatenate(index)).to(grids[0].device)
+        picked = at_device.split([len(i) for i in index])
         regions = [_centred_unit(flat[g][p]) for (g, _), p in zip(level, picked, strict=True)]
         vectors = _fiedler_batch(regions)
         sides = torch.cat([v > v.mean() for v in vectors]).cpu().numpy()

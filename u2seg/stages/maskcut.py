@@ -81,8 +81,6 @@ def pool_masks(
         nms_iou=cfg.pool_nms_iou,
     )
     chosen = list(images)
-    if not chosen:
-        return []
     return discover([out.keys[chosen], out.patch_tokens[chosen]], out.attention[chosen], options)
 
 
