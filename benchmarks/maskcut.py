@@ -159,6 +159,15 @@ def quality(tmp: Path) -> None:
         print(f"{name:48s} {line}")
 
 
+def _package_dir(name: str, missing: str) -> Path:
+    """The folder of an installed package whose data files only are read (it is not
+    imported); exits with `missing` when it is not installed."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(missing)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def read_voc_boxes(xml_files: list[Path]) -> dict[str, Any]:
     """Pascal VOC annotation files (boxes) -> a COCO instances dict (boxes only, one class).
 
@@ -190,28 +199,38 @@ def trees(tmp: Path) -> None:
     """Class-agnostic box AP of each setting on the NEON aerial photos of tree crowns that the
     deepforest package ships with their Pascal VOC box annotations (OSBS_029: 61 crowns,
     SOAP_061: 37; 400 x 400 px; the 2 larger YELL crops with 279 and 574 are left out)."""
-    spec = importlib.util.find_spec("deepforest")  # its data files only: not imported
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("trees: pip install --no-deps deepforest==2.1.0 (its photos and boxes)")
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    data = _package_dir("deepforest", "trees: pip install --no-deps deepforest==2.1.0") / "data"
     gt = read_voc_boxes([data / "OSBS_029.xml", data / "SOAP_061.xml"])
+    title = f"{len(gt['annotations'])} tree crowns (boxes) on 2 deepforest photos"
+    score_labelled_set(title, gt, data, masks=False)
+
+
+def score_labelled_set(title: str, gt: dict[str, Any], root: Path, masks: bool) -> None:
+    """Print class-agnostic box AP / AP50 (and mask AP / AP50 when the ground truth has
+    masks), AR@10 / AR@100 (of masks, else boxes), masks per image and seconds per image of
+    each setting, with the demo config's refinement, on the labelled photos `gt` under
+    `root`; box AP50 photo by photo when there are several."""
     demo_cfg = load_config(DEMO).maskcut
-    photos = Photos(gt, data, demo_cfg)
-    print(f"\n{len(photos.ids)} deepforest photos, {len(gt['annotations'])} tree crowns "
-          "(boxes): class-agnostic box AP of the masks' boxes")  # fmt: skip
-    head = ("box AP", "AP50", "AR@10", "AR@100", "masks/im", "s/im")
+    photos = Photos(gt, root, demo_cfg)
+    print(f"\n{title}: class-agnostic AP")
+    head = ("box AP", "AP50") + (("mask AP", "AP50") if masks else ()) + (
+        "AR@10", "AR@100", "masks/im", "s/im")  # fmt: skip
     print(f"{'setting':48s} {'refine':8s} " + " ".join(f"{h:>8s}" for h in head))
     for name, options in _settings(demo_cfg).items():
         cfg = MaskCutConfig(**{**options, "crf": demo_cfg.crf})
         anns, _, seconds = photos.predict(cfg)
         box = class_agnostic_ap(gt, anns, "bbox")
-        per = "  ".join(
-            f"{photos.names[i]} {class_agnostic_ap(gt, anns, 'bbox', image_ids=[i])['AP50']:.1f}"
-            for i in photos.ids
-        )
-        row = (box["AP"], box["AP50"], box["AR10"], box["AR100"], len(anns) / len(photos.ids),
-               seconds)  # fmt: skip
-        print(f"{name:48s} {cfg.crf:8s} " + " ".join(f"{v:8.2f}" for v in row) + f"  {per}")
+        recall = class_agnostic_ap(gt, anns) if masks else box
+        row = [box["AP"], box["AP50"]] + ([recall["AP"], recall["AP50"]] if masks else []) + [
+            recall["AR10"], recall["AR100"], len(anns) / len(photos.ids), seconds]  # fmt: skip
+        per = ""
+        if len(photos.ids) > 1:
+            per = "".join(
+                f"  {photos.names[i]}"
+                f" {class_agnostic_ap(gt, anns, 'bbox', image_ids=[i])['AP50']:.1f}"
+                for i in photos.ids
+            )
+        print(f"{name:48s} {cfg.crf:8s} " + " ".join(f"{v:8.2f}" for v in row) + per)
 
 
 def label_image_instances(labels: np.ndarray, file_name: str) -> dict[str, Any]:
@@ -228,24 +247,12 @@ def nuclei(tmp: Path) -> None:
     """Class-agnostic box and mask AP of each setting on the fluorescence photo of cell
     nuclei (2018 Data Science Bowl) that the stardist package ships with its instance label
     image (`img2d.tif`, `mask2d.tif`: 512 x 512, 8-bit grey in 16-bit TIFFs, 125 nuclei)."""
-    spec = importlib.util.find_spec("stardist")  # its data files only: not imported
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("nuclei: pip install --no-deps stardist==0.9.2 (its photo and labels)")
-    data = Path(next(iter(spec.submodule_search_locations))) / "data" / "images"
+    missing = "nuclei: pip install --no-deps stardist==0.9.2"
+    data = _package_dir("stardist", missing) / "data" / "images"
     labels = np.asarray(Image.open(data / "mask2d.tif"))
     gt = label_image_instances(labels, "img2d.tif")
-    demo_cfg = load_config(DEMO).maskcut
-    photos = Photos(gt, data, demo_cfg)
-    print(f"\nstardist's nuclei photo, {len(gt['annotations'])} nuclei (masks): class-agnostic AP")
-    head = ("box AP", "AP50", "mask AP", "AP50", "AR@10", "AR@100", "masks/im", "s/im")
-    print(f"{'setting':48s} {'refine':8s} " + " ".join(f"{h:>8s}" for h in head))
-    for name, options in _settings(demo_cfg).items():
-        cfg = MaskCutConfig(**{**options, "crf": demo_cfg.crf})
-        anns, _, seconds = photos.predict(cfg)
-        box, seg = class_agnostic_ap(gt, anns, "bbox"), class_agnostic_ap(gt, anns)
-        row = (box["AP"], box["AP50"], seg["AP"], seg["AP50"], seg["AR10"], seg["AR100"],
-               len(anns), seconds)  # fmt: skip
-        print(f"{name:48s} {cfg.crf:8s} " + " ".join(f"{v:8.2f}" for v in row))
+    title = f"{len(gt['annotations'])} nuclei (masks) on stardist's photo"
+    score_labelled_set(title, gt, data, masks=True)
 
 
 def refine_section(tmp: Path) -> None:
