@@ -99,29 +99,54 @@ def test_bad_inputs_are_refused() -> None:
 
 
 def test_a_batch_finds_what_each_image_finds_alone() -> None:
-    # The bisections of a level are solved in padded batches across images and maps; the
-    # padding must not change any region's cut.
-    scenes = [three_of_a_kind(seed) for seed in (3, 4)]
-    features = t(np.stack([f for f, _, _ in scenes]))
-    attention = t(np.stack([a for _, a, _ in scenes]))
-    maps = [features, features.flip(-1).contiguous()]
+    # The bisections of a level are solved in padded batches across images and maps. The
+    # padding leaves each region's eigenproblem as it is, but float rounding differs with the
+    # batch's shape and with the CPU's kernels (an AVX2-only MKL path splits otherwise than
+    # AVX-512). A region with a clear cut is cut the same; a region with no structure left
+    # (noise of one kind) has no preferred cut, any rounding may pick another, and its
+    # pieces are low-ranked candidates. So the objects and the clear background regions
+    # (every mask scored at least a fifth of the best) are the same masks at the same ranks.
     options = discovery.PoolOptions(n_masks=8, depth=4, max_k=5)
-    together = discovery.discover(maps, attention, options)
-    for b in range(2):
-        (alone,) = discovery.discover([m[b : b + 1] for m in maps], attention[b : b + 1], options)
-        assert len(alone) == len(together[b]) > 3
-        for (m, s), (n, u) in zip(alone, together[b], strict=True):
-            assert np.array_equal(m, n) and s == pytest.approx(u, rel=1e-5)
+    for seeds in ((3, 4), (21, 28)):
+        scenes = [three_of_a_kind(seed) for seed in seeds]
+        features = t(np.stack([f for f, _, _ in scenes]))
+        attention = t(np.stack([a for _, a, _ in scenes]))
+        maps = [features, features.flip(-1).contiguous()]
+        together = discovery.discover(maps, attention, options)
+        for b, (_, _, truth) in enumerate(scenes):
+            (alone,) = discovery.discover(
+                [m[b : b + 1] for m in maps], attention[b : b + 1], options
+            )
+            assert len(alone) == len(together[b]) == options.n_masks
+            clear = [k for k, (_, s) in enumerate(alone) if s >= 0.2 * alone[0][1]]
+            assert len(clear) >= 3 and clear == list(range(len(clear)))
+            for k in clear:
+                (m, s), (n, u) = alone[k], together[b][k]
+                assert np.array_equal(m, n) and s == pytest.approx(u, rel=1e-4)
+            for instance in truth:  # each instance is one of the clear masks
+                assert max(iou(alone[k][0], instance) for k in clear) > 0.9
+
+
+def two_kinds(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """(n, 8) centred unit features of a region holding two kinds (every third row the
+    other): a graph with one clear cut."""
+    kinds = rng.normal(size=(2, 8))
+    x = kinds[(np.arange(n) % 3 == 0).astype(int)] + 0.3 * rng.normal(size=(n, 8))
+    return discovery._centred_unit(t(x))
 
 
 def test_padded_eigen_solves_match_single_ones() -> None:
     rng = np.random.default_rng(5)
-    regions = [discovery._centred_unit(t(rng.normal(size=(n, 8)))) for n in (40, 36, 31, 12)]
+    # 40, 36, 31 and 30 share one padded solve; 12 is below 3/4 of 40 and solved apart.
+    regions = [two_kinds(rng, n) for n in (40, 36, 31, 30, 12)]
     batched = discovery._fiedler_batch(regions)
-    assert [len(v) for v in batched] == [40, 36, 31, 12]
+    assert [len(v) for v in batched] == [40, 36, 31, 30, 12]
     for region, vector in zip(regions, batched, strict=True):
         (single,) = discovery._fiedler_batch([region])
-        # Eigenvectors are defined up to sign.
+        # Eigenvectors are defined up to sign; rounding differs with the padded shape.
         sign = torch.sign((single * vector).sum())
-        assert torch.allclose(vector * sign, single, atol=1e-4)
-        assert not torch.allclose(vector, torch.zeros_like(vector))
+        assert torch.allclose(vector * sign, single, atol=1e-2 * single.abs().max().item())
+        # The cut itself: the two kinds, whatever the batch.
+        kind = torch.from_numpy(np.arange(len(region)) % 3 == 0)
+        side = vector > vector.mean()
+        assert torch.equal(side, kind) or torch.equal(side, ~kind)
