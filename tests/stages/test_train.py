@@ -116,12 +116,16 @@ def test_predictions_load_in_evaluate_and_pycocotools(trained) -> None:
     assert again["counts"]["resumed_shards"] == manifest["counts"]["shards"] == 2
 
 
-def _first_step(tmp: Path, *strategy: str) -> dict[str, float]:
+def _first_step(tmp: Path, *strategy: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The losses of one step from the same start, and the weights after it (full learning
+    rate from step 0, so that the update is large enough to show how it was clipped)."""
     photos, run = write_trainset(tmp, images=2)
     cfg = train_config(photos, run, *strategy, "train.max_iter=1", "train.ims_per_batch=2",
-                       "train.loader=workers", "train.flip=false")  # fmt: skip
+                       "train.loader=workers", "train.flip=false",
+                       "train.warmup_iters=0")  # fmt: skip
     (entry,) = u2seg.run_train(cfg)["curve"]
-    return {k: v for k, v in entry.items() if k.startswith("loss_")}
+    weights, _ = read_model_file(str(run / "train" / "model.pt"))
+    return {k: v for k, v in entry.items() if k.startswith("loss_")}, weights
 
 
 @pytest.mark.slow
@@ -159,14 +163,23 @@ def test_ray_data_pastes_instances_between_the_records_of_a_pair(tmp_path: Path)
 @pytest.mark.slow
 @pytest.mark.ray
 def test_every_strategy_computes_the_same_first_step(tmp_path: Path) -> None:
-    local = _first_step(tmp_path / "local", "train.strategy=local")
+    # The same losses, and the same update: each gradient tensor clipped to norm 1.0 on its
+    # own (detectron2's rule) under DeepSpeed ZeRO-2 too, not one global norm over them.
+    local, after = _first_step(tmp_path / "local", "train.strategy=local")
     ddp = _first_step(tmp_path / "ddp", "train.strategy=ddp", "train.num_workers=1")
     deepspeed = _first_step(tmp_path / "ds", "train.strategy=deepspeed", "train.num_workers=1")
     assert len(local) == 10 and local["loss_sem_seg"] > 0
-    for other in (ddp, deepspeed):
-        assert other.keys() == local.keys()
+    _, meta = read_model_file(str(tmp_path / "local" / "run" / "train" / "model.pt"))
+    torch.manual_seed(0)  # train.seed: the initial weights of every strategy
+    start = build_from_spec(meta["spec"], torch.device("cpu")).state_dict()
+    moved = [k for k in after if not torch.equal(after[k], start[k])]
+    assert len(moved) > 20  # the step changed the heads' weights
+    for losses, weights in (ddp, deepspeed):
+        assert losses.keys() == local.keys()
         for key, value in local.items():
-            assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+            assert losses[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        for key in moved:
+            assert torch.allclose(weights[key], after[key], rtol=1e-4, atol=1e-6), key
 
 
 def _train_workers(pid: int, since: float) -> list[psutil.Process]:

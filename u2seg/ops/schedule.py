@@ -47,6 +47,13 @@ def clip_per_parameter(parameters: Iterable[torch.nn.Parameter], max_norm: float
             torch.nn.utils.clip_grad_norm_([p], max_norm)
 
 
+def clipped(gradient: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """One parameter's whole gradient scaled down to L2 norm `max_norm` where it is larger
+    (`clip_per_parameter`'s rule, for gradients held outside `param.grad`)."""
+    norm = torch.linalg.vector_norm(gradient.float())
+    return gradient * (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
 def parameter_groups(
     module: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
