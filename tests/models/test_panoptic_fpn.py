@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
 
 from u2seg.models.panoptic_fpn import PanopticFPN, build_model
-from u2seg.models.pyramid import CheckpointError, ResNetFPN, load_resnet_checkpoint
+from u2seg.models.pyramid import STRIDES, CheckpointError, ResNetFPN, load_resnet_checkpoint
 from u2seg.models.vit import load_backbone
 from u2seg.ops.schedule import clip_per_parameter
 
@@ -132,3 +133,29 @@ def test_an_image_without_instances_trains_on_background() -> None:
     assert values["loss_cls_stage0"] > 0  # every RoI is background, still scored
     sum(losses.values()).backward()
     assert model.roi_heads.stages[0].cls_score.weight.grad is not None
+
+
+def test_boxes_stay_float32_under_bf16_autocast() -> None:
+    # torchvision builds anchors in the features' dtype and decodes boxes in the deltas':
+    # under bf16 autocast (training on GPU) both were rounded, by up to 7 px at 800 x 1344.
+    torch.manual_seed(0)
+    model = build_model("resnet50", 3, 2, **SMALL).train()
+    images = ImageList(torch.zeros(1, 3, 800, 1344), [(800, 1344)])
+    shapes = [torch.zeros(1, 1, 800 // s, 1344 // s) for s in STRIDES]
+    small = [torch.randn(1, 256, 8, 8) for _ in STRIDES]
+    proposals = torch.tensor([[1001.3, 602.7, 1301.9, 797.1], [3.2, 5.9, 40.1, 77.7]])
+    deltas = torch.randn(2, 4) * 0.1
+    with torch.no_grad():
+        reference = model.rpn.anchor_generator(images, shapes)[0]
+        expected = model.roi_heads._predict_boxes(0, deltas, [proposals])[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            anchors = model.rpn.anchor_generator(images, [f.bfloat16() for f in shapes])[0]
+            logits, rpn_deltas = model.rpn.head([f.bfloat16() for f in small])
+            decoded = model.roi_heads._predict_boxes(0, deltas.bfloat16(), [proposals])[0]
+    assert anchors.dtype == torch.float32 and torch.equal(anchors, reference)
+    assert reference.abs().max() > 1000  # anchors where bf16 steps are 8 px
+    assert all(t.dtype == torch.float32 for t in [*logits, *rpn_deltas])
+    assert decoded.dtype == torch.float32
+    # The deltas' own bf16 rounding stays; the boxes are not rounded on top of it.
+    assert torch.allclose(decoded, expected, atol=0.5)
+    assert not torch.equal(decoded, decoded.bfloat16().float())

@@ -230,8 +230,9 @@ class CascadeROIHeads(nn.Module):
     def _predict_boxes(
         self, stage: int, deltas: torch.Tensor, boxes: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Each image's boxes as the stage predicts them (detached, not clipped)."""
-        decoded = self.coders[stage].decode_single(deltas.detach(), torch.cat(boxes))
+        """Each image's boxes as the stage predicts them (detached, not clipped), decoded in
+        float32 whatever the deltas' dtype (bf16 under autocast)."""
+        decoded = self.coders[stage].decode_single(deltas.detach().float(), torch.cat(boxes))
         return list(decoded.split([len(b) for b in boxes]))
 
     @staticmethod

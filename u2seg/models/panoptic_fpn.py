@@ -82,6 +82,30 @@ class SemanticFPNHead(nn.Module):
         return self.loss_weight * F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
 
+class FP32AnchorGenerator(AnchorGenerator):
+    """torchvision's anchors, always in float32. torchvision builds them in the dtype of the
+    feature maps, so under bf16 autocast every anchor was rounded (up to 7 px at 800 x 1344,
+    two in three of them moved), and so were the proposals and the ground truth added to
+    them; detectron2 keeps boxes in fp32."""
+
+    def forward(
+        self, image_list: ImageList, feature_maps: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        # Zero-stride stand-ins: the generator reads only their shapes and device.
+        shapes = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class FP32RPNHead(RPNHead):
+    """torchvision's RPN head with float32 outputs, so that proposals are decoded in fp32
+    under autocast (torchvision's BoxCoder decodes in the deltas' dtype; detectron2: "ensure
+    fp32 for decoding precision")."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 class PanopticFPN(nn.Module):
     """Pyramid + RPN + Cascade ROI heads + semantic head (module docstring)."""
 
@@ -115,13 +139,13 @@ class PanopticFPN(nn.Module):
         self.num_things, self.num_stuff = num_things, num_stuff
         self.backbone = backbone
         channels = backbone.out_channels
-        anchors = AnchorGenerator(
+        anchors = FP32AnchorGenerator(
             sizes=tuple((s,) for s in (32, 64, 128, 256, 512)),
             aspect_ratios=((0.5, 1.0, 2.0),) * 5,
         )
         self.rpn = RegionProposalNetwork(
             anchors,
-            RPNHead(channels, 3),
+            FP32RPNHead(channels, 3),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=rpn_batch_size_per_image,
