@@ -26,6 +26,7 @@ SHARED_CLAIM = "u2seg-shared"  # a ReadWriteMany volume: runs and data under /da
 CONFIG = "configs/coco.yaml"
 OUTPUT = "/data/runs/coco"
 SOURCE = "/data/coco/train2017"
+WEIGHTS = "/data/weights/dino_resnet50_pretrain.pth"  # the DINO ResNet-50 training starts from
 MANIFESTS = (
     "shared-storage.yaml", "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
     "rayjob-self-train.yaml",
@@ -152,7 +153,9 @@ def manifests() -> dict[str, dict[str, Any]]:
         "rayjob-labels.yaml": _job(
             "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72
         ),
-        "rayjob-train.yaml": _job("u2seg-train", f"python ray_jobs/train.py {args}", 240),
+        "rayjob-train.yaml": _job(
+            "u2seg-train", f"python ray_jobs/train.py {args} train.weights={WEIGHTS}", 240
+        ),
         "rayjob-self-train.yaml": _job(
             "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240
         ),

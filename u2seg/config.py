@@ -276,9 +276,10 @@ class TrainConfig:
     its own share; the local strategy always does). `ims_per_batch` is the global batch
     (a multiple of the world size).
     Model: `backbone` "resnet50" (`weights`: a DINO / torchvision ResNet-50 checkpoint
-    file, "" for random init; `norm` "bn" or "frozen_bn"; BatchNorm becomes SyncBatchNorm
-    on distributed GPUs) or "vit" (the `backbone` section's ViT behind a simple feature
-    pyramid, frozen unless `vit_trainable`); `init`: a u2seg model file (`train/model.pt`
+    file, or "random" to train from scratch: left empty it is refused; `norm` "bn" or
+    "frozen_bn"; BatchNorm becomes SyncBatchNorm on distributed GPUs) or "vit" (the
+    `backbone` section's ViT behind a simple feature pyramid, frozen unless
+    `vit_trainable`); `init`: a u2seg model file (`train/model.pt`
     of an earlier run or self-training round) whose weights the model starts from (the
     architecture must match). Schedule: SGD `momentum`, `base_lr`, linear
     warm-up over `warmup_iters` from `warmup_factor` x, x `gamma` at each of `steps`,

@@ -21,9 +21,10 @@ from pycocotools.cocoeval import COCOeval
 import u2seg
 from tests.helpers import DEMO_CONFIG, REPO, fault_when
 from tests.trainset import SMALL_TRAIN, train_config, write_trainset
-from u2seg.config import ConfigError
+from u2seg.config import ConfigError, load_config
 from u2seg.data.weights import read_model_file
 from u2seg.stages import _checkpoints as ckpt
+from u2seg.stages import train as train_stage
 from u2seg.stages._panoptic_model import build_from_spec
 
 DEEPSPEED_2 = ["train.strategy=deepspeed", "train.zero_stage=2", "train.num_workers=2",
@@ -333,6 +334,7 @@ def test_a_checkpoint_holding_pickled_objects_is_not_loaded(tmp_path: Path) -> N
         (["train.copy_paste_scale=[0.8,0.3]"], r"train\.copy_paste_scale=\[0\.8, 0\.3\]"),
         (["train.weights=/nowhere.pth"], "set train.backbone=resnet50"),
         (["train.backbone=resnet50", "train.weights=/nowhere.pth"], "checkpoint not found"),
+        (["train.backbone=resnet50"], "would start from random weights"),
         (["train.num_workers=8", "train.ims_per_batch=8"], "4 training images for 8 workers"),
     ],
 )
@@ -343,3 +345,13 @@ def test_bad_training_settings_are_refused_by_name(
     with pytest.raises(ConfigError, match=message):
         u2seg.run_train(train_config(photos, run, *overrides))
     assert not (run / "train").exists()  # refused before anything was written
+
+
+def test_paper_configs_name_the_resnet_checkpoint_and_random_init_is_asked_for() -> None:
+    # A paper config without a train section trained ResNet-50 from random weights, silently.
+    for name in ("coco", "cityscapes", "imagenet"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.train.backbone == "resnet50", name
+        assert cfg.train.weights.endswith(".pth"), name
+    scratch = load_config(overrides=["train.backbone=resnet50", "train.weights=random"])
+    assert train_stage._check(scratch) == scratch.train.num_workers

@@ -36,11 +36,16 @@ def model_spec(cfg: PipelineConfig, num_things: int, num_stuff: int) -> dict[str
     }
 
 
+#: `train.weights` that asks for a randomly initialised ResNet-50 (an empty one is refused).
+RANDOM_INIT = "random"
+
+
 def build_from_spec(
     spec: dict[str, Any], device: torch.device, weights: str = "", **inference: Any
 ) -> PanopticFPN:
     """The model of `spec` on `device`. A ViT backbone loads its self-supervised weights
-    (the run's `backbone` section); `weights`: a ResNet-50 checkpoint to start from.
+    (the run's `backbone` section); `weights`: a ResNet-50 checkpoint to start from ("" or
+    `RANDOM_INIT`: random).
     `inference`: PanopticFPN options that only change inference (score / NMS thresholds,
     detections per image) and override the spec's."""
     vit = None
@@ -52,7 +57,7 @@ def build_from_spec(
         spec["backbone"], spec["num_things"], spec["num_stuff"], vit=vit, norm=spec["norm"],
         vit_trainable=spec["vit_trainable"], **heads,
     )  # fmt: skip
-    if weights:
+    if weights and weights != RANDOM_INIT:
         if spec["backbone"] != "resnet50":
             raise ValueError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
         assert isinstance(model.backbone, ResNetFPN)

@@ -60,7 +60,7 @@ from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
 from u2seg.runtime import cluster_has_gpus, ray_session, resolve_device
 from u2seg.stages import _checkpoints as ckpt
-from u2seg.stages._panoptic_model import build_from_spec, model_spec
+from u2seg.stages._panoptic_model import RANDOM_INIT, build_from_spec, model_spec
 
 STAGE = "train"
 MODEL_FILE = "model.pt"
@@ -91,7 +91,13 @@ def _check(cfg: PipelineConfig) -> int:
     check_scale_range("train.copy_paste_scale", train.copy_paste_scale)
     if train.weights and train.backbone != "resnet50":
         raise ConfigError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
-    if train.weights and not Path(train.weights).is_file():
+    if train.backbone == "resnet50" and not (train.weights or train.init):
+        raise ConfigError(
+            "train.weights is empty: train.backbone=resnet50 would start from random weights "
+            "(U2Seg starts from DINO ResNet-50); give a checkpoint file, or "
+            f"train.weights={RANDOM_INIT} to train from scratch"
+        )
+    if train.weights not in ("", RANDOM_INIT) and not Path(train.weights).is_file():
         raise ConfigError(f"train.weights: checkpoint not found: {train.weights}")
     if train.init:
         if train.weights:
