@@ -75,7 +75,9 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "panoptic pseudo labels: pseudo things (maskcut + cluster) over pseudo stuff",
         "in:  <output>/maskcut/, cluster/, semantic/. Instances are painted by descending\n"
         "     box area (one keeping less than panoptic.min_visible of its mask is dropped);\n"
-        "     a stuff class more than panoptic.stuff_overlap under instances is skipped;\n"
+        "     a mask along more than panoptic.stuff_border of the frame's border (but the\n"
+        "     first) is background, left to stuff; a stuff class more than\n"
+        "     panoptic.stuff_overlap under instances is skipped;\n"
         "     images without an instance are left out.\n"
         "out: <output>/panoptic/: panoptic/*.png (RGB-encoded ids) + panoptic.json (COCO\n"
         "     panoptic; things 1..K, stuff K+1..K+S), semantic/*.png (things 0, stuff\n"

@@ -248,11 +248,17 @@ class PanopticConfig:
     `paint`: the painting order. "area": METHOD.md's, larger boxes first, smaller on top;
     "score": the instances' own ranking, the best on top (MaskCut's order, best first; in
     self-training the kept predictions by score, then the old masks added back).
+    `stuff_border`: a pseudo mask covering at least this share of the frame's border pixels
+    is background, not a thing: it is left out of the things and its pixels go to the stuff
+    map, except the image's first (best-ranked) mask (0: off, METHOD.md's merge). For
+    discovery that finds the background too (the candidate pool's sky, floor and table
+    masks); the published rounds keep only the foreground side and leave it off.
     """
 
     stuff_overlap: float = between(0, 1, 0.7)
     min_visible: float = between(0, 1, 0.0)
     paint: str = "area"
+    stuff_border: float = between(0, 1, 0.0)
 
 
 @dataclass(frozen=True)

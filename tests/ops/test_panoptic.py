@@ -28,6 +28,8 @@ from u2seg.data.coco import (
 )
 from u2seg.ops.panoptic import (
     PanopticResult,
+    background_masks,
+    border_share,
     box_areas,
     combine_predictions,
     has_things,
@@ -413,3 +415,44 @@ def test_model_outputs_merge_by_score_with_overlap_and_stuff_area_rules() -> Non
     assert info[3]["area"] == 50 * 100 and not info[3]["isthing"]
     assert (result.segments[:50, 80:] == 0).all()  # skipped stuff stays void
     assert semantic_map(result)[60, 10] == 1 and semantic_map(result)[5, 5] == 0
+
+
+def test_background_masks_are_those_along_the_frame_except_the_first() -> None:
+    close_up = np.ones((40, 40), dtype=bool)  # a cat's face filling the frame: the first mask
+    sky = np.zeros((40, 40), dtype=bool)
+    sky[:10] = True  # the top row and 9 rows down both sides: 58 of the 156 border pixels
+    person = np.zeros((40, 40), dtype=bool)
+    person[20:, 15:25] = True  # cut by the bottom edge: 10 + 0 border pixels
+    cup = np.zeros((40, 40), dtype=bool)
+    cup[12:20, 12:20] = True
+    assert border_share(close_up) == 1.0 and border_share(cup) == 0.0
+    assert border_share(sky) == pytest.approx(58 / 156)
+    assert border_share(person) == pytest.approx(10 / 156)
+    masks = [close_up, sky, person, cup, close_up]
+    assert background_masks(masks, 0.15).tolist() == [False, True, False, False, True]
+    assert background_masks(masks, 0.0).tolist() == [False] * 5  # off: METHOD.md's merge
+    assert background_masks(masks, 0.5).tolist() == [False, False, False, False, True]
+    assert background_masks([], 0.15).tolist() == []
+
+
+def test_background_masks_hide_what_they_cover_then_go_to_stuff() -> None:
+    cup = np.zeros((20, 20), dtype=bool)
+    cup[14:18, 4:8] = True
+    sky = np.zeros((20, 20), dtype=bool)
+    sky[:10] = True
+    cloud = np.zeros((20, 20), dtype=bool)
+    cloud[2:5, 2:5] = True  # a fragment ranked below the sky, inside it
+    stuff = np.zeros((20, 20), dtype=np.int64)
+    options = {"areas": np.arange(3.0), "min_visible": 0.5}  # best first, best on top
+    plain = merge_panoptic([cup, sky, cloud], [1, 2, 3], stuff, 3, 1, **options)
+    assert [s["category_id"] for s in plain.segments_info if s["isthing"]] == [2, 1]
+    result = merge_panoptic(
+        [cup, sky, cloud], [1, 2, 3], stuff, 3, 1, **options, background=[False, True, False]
+    )
+    # The sky still hid the cloud under it, then gave its pixels to the stuff map.
+    assert [(s["category_id"], s["isthing"]) for s in result.segments_info] == [(1, 1), (4, 0)]
+    assert result.instance_index == (0,) and result.dropped == (1, 2)
+    assert np.array_equal(result.segments == 1, cup)
+    assert np.array_equal(result.segments == 2, ~cup)
+    with pytest.raises(ValueError, match="3 masks but 2 background flags"):
+        merge_panoptic([cup, sky, cloud], [1, 2, 3], stuff, 3, 1, background=[False, True])

@@ -155,6 +155,28 @@ def paint_instances(
     return Painting(index_map, order, dropped)
 
 
+def border_share(mask: np.ndarray) -> float:
+    """The share of the frame's border pixels (outermost rows and columns of a bool (H, W)
+    mask's frame) that the mask covers."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape[0] < 3 or mask.shape[1] < 3:
+        return float(mask.mean()) if mask.size else 0.0
+    edges = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    return float(edges.mean())
+
+
+def background_masks(masks: Sequence[np.ndarray], max_border: float) -> np.ndarray:
+    """Which of one image's masks, listed best first, are background (bool (N,)): those
+    covering at least `max_border` of the frame's border (sky, wall, floor, table run off
+    the frame on several sides), except the first, the image's most object-like region (a
+    close-up that fills the frame stays a thing). `max_border` 0 marks none."""
+    flags = np.zeros(len(masks), dtype=bool)
+    if max_border > 0:
+        for i, mask in enumerate(masks[1:], start=1):
+            flags[i] = border_share(mask) >= max_border
+    return flags
+
+
 def segment_boxes(segments: np.ndarray, num_ids: int) -> np.ndarray:
     """COCO boxes [x, y, w, h], int64 (num_ids + 1, 4), of ids 0..num_ids in an int (H, W) map.
 
@@ -230,12 +252,15 @@ def merge_panoptic(
     void: int = 255,
     areas: Sequence[float] | np.ndarray | None = None,
     min_visible: float = 0.0,
+    background: Sequence[bool] | np.ndarray | None = None,
 ) -> PanopticResult:
     """Merge thing instances and a stuff map into one panoptic label (METHOD.md stage 5).
 
     instance_masks: N bool (H, W) masks; instance_classes: their thing classes, 1..K.
     stuff: int (H, W) stuff clusters 0..S-1, or `void`. areas: bbox areas for the painting
-    order (see `paint_instances`).
+    order (see `paint_instances`). background: N bools (`background_masks`); a background
+    mask is painted in its place like the others, so that it hides what it covers, but the
+    pixels it keeps are then left to the stuff map, and it is dropped.
 
     1. Instances are painted by descending bbox area; each instance left with pixels is a
        segment (ids 1..n in painting order), the others are dropped, and so is one that
@@ -254,6 +279,10 @@ def merge_panoptic(
         raise ValueError(f"stuff_overlap must be in [0, 1], got {stuff_overlap}")
     labels = _check_stuff(stuff, num_stuff, void)
     painting = paint_instances(instance_masks, areas, labels.shape, min_visible)
+    if background is not None:
+        if len(background) != len(instance_masks):
+            raise ValueError(f"{len(instance_masks)} masks but {len(background)} background flags")
+        painting = _release(painting, np.asarray(background, dtype=bool))
 
     # Segment id of each instance, looked up by index_map + 1 so that -1 (none) reads 0.
     thing_ids = np.zeros(len(instance_masks) + 1, dtype=np.int32)
@@ -288,6 +317,16 @@ def merge_panoptic(
         instance_index=painting.order,
         dropped=painting.dropped,
         skipped_stuff=tuple(int(c) for c in np.flatnonzero(skipped)),
+    )
+
+
+def _release(painting: Painting, background: np.ndarray) -> Painting:
+    """`painting` with the pixels of the `background` instances unpainted, and those dropped."""
+    released = np.append(background, False)[painting.index_map]  # index -1 reads False
+    return Painting(
+        np.where(released, -1, painting.index_map).astype(np.int32),
+        tuple(i for i in painting.order if not background[i]),
+        tuple(sorted({*painting.dropped, *np.flatnonzero(background).tolist()})),
     )
 
 

@@ -35,7 +35,7 @@ from u2seg.data.coco import (
     panoptic_file_names,
     rle_to_mask,
 )
-from u2seg.ops.panoptic import merge_panoptic, semantic_map
+from u2seg.ops.panoptic import background_masks, merge_panoptic, semantic_map
 from u2seg.runtime import ray_session
 from u2seg.stages.embed import shard_plan
 from u2seg.stages.semantic import decode_labels
@@ -73,13 +73,18 @@ def merge_image(
     writes its label PNGs under `out_dir`). `row["png"]`: the name of its label PNGs
     (`panoptic_file_names`)."""
     anns = json.loads(row["annotations"])
-    masks, labels = [], []
-    for k, ann in enumerate(anns):
-        category = classes.get(first_id + k)
-        if category is not None:  # a mask whose embedding failed has no class
-            masks.append(rle_to_mask(ann["segmentation"]))
-            labels.append(category)
-    return label_row(row, masks, labels, decode_labels(row["labels_png"]), cfg, out_dir)
+    masks = [rle_to_mask(ann["segmentation"]) for ann in anns]
+    background = background_masks(masks, cfg["stuff_border"])
+    kept = [k for k in range(len(anns)) if first_id + k in classes]  # embedded: classified
+    return label_row(
+        row,
+        [masks[k] for k in kept],
+        [classes[first_id + k] for k in kept],
+        decode_labels(row["labels_png"]),
+        cfg,
+        out_dir,
+        background[kept],
+    )
 
 
 PAINT = ("area", "score")
@@ -99,11 +104,13 @@ def label_row(
     stuff: np.ndarray,
     cfg: dict[str, Any],
     out_dir: str,
+    background: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Thing masks with their classes over a stuff map (0..S-1, 255 void) -> the image's row
     of the shard; its panoptic RGB and semantic PNGs are written under `out_dir`
     (`panoptic/`, `semantic/`) unless no instance is left (then its png is None).
-    `image`: image_id, file_name, width, height and png (its label PNGs' name)."""
+    `image`: image_id, file_name, width, height and png (its label PNGs' name).
+    `background`: which masks are background (`merge_panoptic`)."""
     result = merge_panoptic(
         masks,
         labels,
@@ -114,6 +121,7 @@ def label_row(
         # "score": listed best first, so the first has the smallest key and is painted last.
         areas=np.arange(len(masks), dtype=np.float64) if cfg["paint"] == "score" else None,
         min_visible=cfg["min_visible"],
+        background=background,
     )
     out = {k: image[k] for k in ("image_id", "file_name", "width", "height")}
     if not any(s["isthing"] for s in result.segments_info):
