@@ -26,6 +26,7 @@ from typing import Any
 
 import u2seg
 from u2seg.config import load_config
+from u2seg.runtime import ray_session
 
 
 def _resolved(run: Path) -> dict[str, Any]:
@@ -97,10 +98,12 @@ def main() -> None:
     args = parser.parse_args()
     baseline = _scores(json.loads((args.run / "evaluate" / "metrics.json").read_text()),
                        "panoptic")  # fmt: skip
-    points = [
-        point(args.run, args.out / f"steps-{n}", int(n), args.overrides)
-        for n in args.steps.split(",")
-    ]
+    # One Ray for every stage of every point (a start per stage is slow on a small machine).
+    with ray_session(load_config(overrides=args.overrides).ray):
+        points = [
+            point(args.run, args.out / f"steps-{n}", int(n), args.overrides)
+            for n in args.steps.split(",")
+        ]
     print("\nclass-agnostic AP50 against the pseudo labels (fit) and the ground truth (gt)")
     print(
         "| steps | train s | instances | fit box | fit mask | gt box | gt mask | gt mIoU "
