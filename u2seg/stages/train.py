@@ -450,18 +450,48 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
 
 def _clip_gradients(model: torch.nn.Module, engine: Any, max_norm: float) -> None:
     """detectron2's clipping, each parameter tensor to L2 norm `max_norm` (0: off), on the
-    reduced gradients, under every strategy. Under DeepSpeed ZeRO the gradients sit in
-    partitions: DeepSpeed's own API assembles each one whole (one all-reduce of its size,
-    as much traffic as DDP's gradient reduction) and writes the clipped partition back."""
+    reduced gradients, under every strategy (`_clip_partitions` under DeepSpeed ZeRO)."""
     if max_norm <= 0:
         return
-    if engine is None:
-        clip_per_parameter(model.parameters(), max_norm)
-        return
-    from deepspeed.utils import safe_update_full_grad_vectorized
-
     trainable = [p for p in model.parameters() if p.requires_grad]
-    safe_update_full_grad_vectorized(trainable, lambda grad, _: clipped(grad, max_norm))
+    if engine is None:
+        clip_per_parameter(trainable, max_norm)
+    elif all(p.grad is None and hasattr(p, "_hp_mapping") for p in trainable):
+        _clip_partitions(trainable, max_norm)
+    else:  # DeepSpeed's general path: one all-reduce of each whole gradient
+        from deepspeed.utils import safe_update_full_grad_vectorized
+
+        safe_update_full_grad_vectorized(trainable, lambda grad, _: clipped(grad, max_norm))
+
+
+def _clip_partitions(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Per-tensor clipping of ZeRO-1/2 gradients, which sit in partitions (each rank holds a
+    fragment of some tensors): every rank's squared norms of its fragments, summed over the
+    ranks in one all-reduce of one value per tensor, give each tensor's norm; each rank then
+    scales its own fragments. The fragments are what DeepSpeed's `safe_get_full_grad`
+    assembles (one all-reduce of each whole gradient: 4 s a step for this model on 2 CPU
+    workers)."""
+    fragments: list[torch.Tensor | None] = []
+    for p in params:
+        mapping = p._hp_mapping  # type: ignore[attr-defined]
+        if mapping is None:  # no part of this tensor on this rank
+            fragments.append(None)
+            continue
+        fragment = mapping.get_lp_grad_fragment(p._index_in_param_group)  # type: ignore[attr-defined]
+        address = mapping.lp_fragment_address
+        if fragment.numel() == p.numel() != address.numel:  # a whole buffer: this rank's part
+            fragment = fragment.view(-1).narrow(0, address.start, address.numel)
+        fragments.append(fragment)
+    device = params[0].device
+    squares = torch.stack([
+        f.float().pow(2).sum() if f is not None else torch.zeros((), device=device)
+        for f in fragments
+    ])  # fmt: skip
+    torch.distributed.all_reduce(squares, group=params[0]._dp_group)  # type: ignore[attr-defined]
+    scales = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for fragment, scale in zip(fragments, scales, strict=True):
+        if fragment is not None:
+            fragment.mul_(scale.to(fragment.dtype))
 
 
 def _ranks_agree(model: torch.nn.Module) -> bool:
