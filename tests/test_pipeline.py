@@ -131,6 +131,11 @@ def test_panoptic_outputs_agree(run_dir: tuple[Path, PipelineConfig]) -> None:
     assert coco.getCatIds() == list(range(1, K + 1))
     for ann in coco.dataset["annotations"]:
         assert 1 <= ann["category_id"] <= K and coco.annToMask(ann).sum() == ann["area"] > 0
+    # Things and stuff: the pool's background masks are left to the stuff map, so every
+    # photo keeps a thing and has stuff segments (with them as things, none had any).
+    for ann in dataset["annotations"]:
+        kinds = {s["isthing"] for s in ann["segments_info"]}
+        assert kinds == {0, 1}, ann["file_name"]
 
 
 def test_panoptic_resumes_to_the_same_files(run_dir: tuple[Path, PipelineConfig]) -> None:
