@@ -451,9 +451,9 @@ def train_loop(config: dict[str, Any], session: _Session) -> dict[str, Any]:
 def _clip_gradients(model: torch.nn.Module, engine: Any, max_norm: float) -> None:
     """detectron2's clipping, each parameter tensor to L2 norm `max_norm` (0: off), on the
     reduced gradients, under every strategy (`_clip_partitions` under DeepSpeed ZeRO)."""
-    if max_norm <= 0:
-        return
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if max_norm <= 0 or not trainable:
+        return
     if engine is None:
         clip_per_parameter(trainable, max_norm)
     elif all(p.grad is None and hasattr(p, "_hp_mapping") for p in trainable):
