@@ -282,7 +282,8 @@ def merge_panoptic(
     if background is not None:
         if len(background) != len(instance_masks):
             raise ValueError(f"{len(instance_masks)} masks but {len(background)} background flags")
-        painting = _release(painting, np.asarray(background, dtype=bool))
+        if np.any(background):  # the rule off (or nothing along the frame): nothing to undo
+            painting = _release(painting, np.asarray(background, dtype=bool))
 
     # Segment id of each instance, looked up by index_map + 1 so that -1 (none) reads 0.
     thing_ids = np.zeros(len(instance_masks) + 1, dtype=np.int32)
