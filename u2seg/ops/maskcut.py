@@ -341,6 +341,8 @@ def _lanczos_largest(
         return w - known * (known * w).sum(dim=-1, keepdim=True)
 
     for _ in range(_MAX_RESTARTS + 1):
+        if bool(done.all()):  # a restart only for images whose pair has not converged
+            break
         basis = torch.zeros(batch, dim + 1, n, dtype=torch.float64, device=known.device)
         alpha = torch.zeros(batch, dim, dtype=torch.float64, device=known.device)
         beta = torch.zeros(batch, dim, dtype=torch.float64, device=known.device)
