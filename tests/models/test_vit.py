@@ -173,6 +173,34 @@ def test_frozen_and_eval(packaged: ViTBackbone) -> None:
 
 
 @needs_packaged
+def test_bf16_autocast_stays_close_to_fp32(packaged: ViTBackbone, cache_dir: Path) -> None:
+    # "bf16" runs the forward under autocast on any device (on a GPU, "auto" does): fp32
+    # outputs, products rounded to bf16, the features' directions kept.
+    fast = load_backbone("dinov2_vits14", weights="packaged", cache_dir=cache_dir,
+                         precision="bf16")  # fmt: skip
+    assert fast.autocast == torch.bfloat16 and packaged.autocast is None
+    images = smooth_images(2, 224, 224, seed=3)
+    ref, out = packaged(images), fast(images)
+    assert out.keys is not None and ref.keys is not None
+    assert out.attention is not None and ref.attention is not None
+    for a, b in ((out.cls, ref.cls), (out.patch_tokens, ref.patch_tokens), (out.keys, ref.keys)):
+        assert a.dtype == torch.float32 and not torch.equal(a, b)  # rounded, not skipped
+        cosine = F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), -1)
+        assert cosine.min() > 0.98, float(cosine.min())
+    assert out.attention.dtype == torch.float32
+    assert torch.allclose(out.attention, ref.attention, atol=0.1 * float(ref.attention.max()))
+
+
+def test_precision_choices() -> None:
+    assert bb.autocast_dtype("auto", "cpu") is None
+    assert bb.autocast_dtype("auto", "cuda") == torch.bfloat16
+    assert bb.autocast_dtype("fp32", "cuda") is None
+    assert bb.autocast_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"backbone.precision='fp16' is not one of auto, fp32"):
+        bb.autocast_dtype("fp16", "cuda")
+
+
+@needs_packaged
 def test_image_size_must_be_a_patch_multiple(packaged: ViTBackbone) -> None:
     with pytest.raises(ValueError, match=r"30x28 is not a multiple of the patch size 14"):
         packaged(torch.zeros(1, 3, 30, 28))

@@ -121,11 +121,31 @@ class ViTFeatures:
     attention: torch.Tensor | None = None
 
 
+#: `backbone.precision`: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16"
+#: (autocast on any device, the CPU included).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a `backbone.precision` that is not one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"backbone.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None: fp32)."""
+    check_precision(precision)
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 class ViTBackbone(torch.nn.Module):
     """Frozen ViT feature extractor around a timm ``VisionTransformer``.
 
     Inputs must already be normalised with :attr:`mean` / :attr:`std`, and
-    their height and width must be multiples of :attr:`patch_size`.
+    their height and width must be multiples of :attr:`patch_size`. `autocast`: the dtype
+    :meth:`forward` runs its matrix products in (None: fp32); its outputs are fp32 either way.
     """
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -143,6 +163,7 @@ class ViTBackbone(torch.nn.Module):
         self.num_prefix_tokens: int = int(model.num_prefix_tokens)
         self.model.eval()
         self.model.requires_grad_(False)
+        self.autocast: torch.dtype | None = None
 
     def train(self, mode: bool = True) -> ViTBackbone:
         """Keep the backbone in eval mode: it is a frozen feature extractor."""
@@ -208,14 +229,20 @@ class ViTBackbone(torch.nn.Module):
         """
         h, w = self._check_images(images)
         m = self.model
-        with torch.no_grad():
+        cast = self.autocast
+        with (
+            torch.no_grad(),
+            torch.autocast(images.device.type, cast or torch.bfloat16, enabled=cast is not None),
+        ):
             x = m.patch_embed(images)  # (B, h, w, D): dynamic_img_size gives NHWC
             x = m.norm_pre(m.patch_drop(self._pos_embed(x)))
             *head_blocks, last = m.blocks
             for block in head_blocks:
                 x = block(x)
             keys, attention = self._last_keys(last, x, h, w) if want_keys else (None, None)
-            x = m.norm(last(x))
+            x = m.norm(last(x)).float()
+        if keys is not None and attention is not None:
+            keys, attention = keys.float(), attention.float()
         p = self.num_prefix_tokens
         batch = x.shape[0]
         return ViTFeatures(
@@ -618,6 +645,7 @@ def load_backbone(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     state: Mapping[str, np.ndarray] | None = None,
+    precision: str = "fp32",
 ) -> ViTBackbone:
     """Build a frozen, eval-mode ViT backbone.
 
@@ -631,6 +659,7 @@ def load_backbone(
         device: device to put the model on.
         state: these weights (`backbone_state` of the same name and weights,
             e.g. from Ray's object store) instead of loading them here.
+        precision: one of :data:`PRECISIONS` (the forward's autocast on `device`).
 
     Raises:
         ValueError: unknown name, unknown ``weights`` value, or weights that
@@ -638,13 +667,16 @@ def load_backbone(
         WeightsUnavailableError: the requested weights cannot be obtained;
             the message lists the alternatives.
     """
+    cast = autocast_dtype(precision, device)
     if state is None:
         state = backbone_state(name, weights, cache_dir)
     model = _create_model(name, meta=True)
     # Object-store arrays are read-only views of shared memory: the model owns a copy.
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
     _load_state(model, tensors, _weights_source(name, weights))
-    return ViTBackbone(name, model).to(device)
+    backbone = ViTBackbone(name, model).to(device)
+    backbone.autocast = cast
+    return backbone
 
 
 def check_weights(name: str, weights: str) -> Path | None:

@@ -25,6 +25,7 @@ from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import (
     ViTBackbone,
     backbone_state,
+    check_precision,
     check_weights,
     input_size,
     load_backbone,
@@ -52,8 +53,9 @@ class BackboneActor:
 
             state = ray.get(state)
         self.model: ViTBackbone = load_backbone(
-            cfg.name, cfg.weights, cfg.cache_dir, self.device, state=state
-        )
+            cfg.name, cfg.weights, cfg.cache_dir, self.device, state=state,
+            precision=cfg.precision,
+        )  # fmt: skip
 
 
 def plan_shards(refs: pa.Table, shard_size: int) -> pa.Table:
@@ -116,6 +118,7 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
     # Inputs are checked before anything is written, so a mistake leaves nothing behind.
     size = input_size(spec.image_size, cfg.backbone.name, f"{spec.name}.image_size")
     check_weights(cfg.backbone.name, cfg.backbone.weights)
+    check_precision(cfg.backbone.precision)
     refs = plan_shards(list_images(cfg.data.source, cfg.data.root), cfg.data.shard_size)
     stage = StageDir(cfg.output_dir, spec.name)
     stage.start(to_dict(cfg), depends_on(cfg, spec.depends_on))

@@ -21,7 +21,14 @@ from u2seg.artifacts import ShardWriter, StageDir, inputs_digest, read_parquet
 from u2seg.config import PipelineConfig, depends_on, to_dict
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.images import ImageError, read_image
-from u2seg.models.vit import BACKBONES, IMAGENET_MEAN, check_weights, input_size, normalise
+from u2seg.models.vit import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    check_precision,
+    check_weights,
+    input_size,
+    normalise,
+)
 from u2seg.runtime import ray_session
 from u2seg.stages._image_loop import BackboneActor, backbone_pool, drain
 
@@ -200,6 +207,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     maskcut.manifest()  # an error naming the stage when maskcut has not completed
     input_size(cfg.embed.image_size, cfg.backbone.name, "embed.image_size")
     check_weights(cfg.backbone.name, cfg.backbone.weights)
+    check_precision(cfg.backbone.precision)
     stage = StageDir(cfg.output_dir, STAGE)
     depends = ("data", "backbone", "maskcut", "embed")
     stage.start(to_dict(cfg), depends_on(cfg, depends))
