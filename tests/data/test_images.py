@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import fsspec
@@ -56,6 +57,24 @@ def test_coco_json_uses_its_ids_and_root(folder: Path, tmp_path: Path) -> None:
     assert refs[0]["path"] == f"{folder}/sub/a.png"
     # Without a root, file names resolve next to the JSON.
     assert list_images(str(path)).to_pylist()[1]["path"] == f"{path.parent}/b.jpg"
+
+
+def test_relative_local_paths_become_absolute(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray Train workers run in a folder of their own: a path relative to where the driver
+    # started would not be found there.
+    path = tmp_path / "ann" / "instances.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "b.jpg"}]}))
+    (path.parent / "b.jpg").write_bytes((folder / "b.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    relative_root = os.path.relpath(folder, tmp_path)
+    refs = [list_images("ann/instances.json"), list_images("ann/instances.json", relative_root)]
+    monkeypatch.chdir(folder / "sub")
+    assert [r.column("path")[0].as_py() for r in refs] == [str(path.parent / "b.jpg"),
+                                                          str(folder / "b.jpg")]  # fmt: skip
+    assert all(Path(r.column("path")[0].as_py()).is_file() for r in refs)
 
 
 def test_text_list_relative_absolute_and_comments(folder: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import warnings
 from collections import Counter
@@ -122,6 +123,9 @@ def list_images(source: str, root: str | None = None) -> pa.Table:
     if fs.isdir(path):
         return _list_folder(fs, path, local=isinstance(fs, LocalFileSystem))
     base = root if root is not None else _parent(source)
+    if "://" not in base:
+        # Local paths are made absolute: Ray Train workers run in a folder of their own.
+        base = os.path.abspath(base)
     if source.lower().endswith(".json"):
         return _list_coco(source, base)
     if source.lower().endswith((".txt", ".lst")):
