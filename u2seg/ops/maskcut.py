@@ -341,8 +341,6 @@ def _lanczos_largest(
         return w - known * (known * w).sum(dim=-1, keepdim=True)
 
     for _ in range(_MAX_RESTARTS + 1):
-        if bool(done.all()):  # a restart only for images whose pair has not converged
-            break
         basis = torch.zeros(batch, dim + 1, n, dtype=torch.float64, device=known.device)
         alpha = torch.zeros(batch, dim, dtype=torch.float64, device=known.device)
         beta = torch.zeros(batch, dim, dtype=torch.float64, device=known.device)
@@ -377,8 +375,8 @@ def _lanczos_largest(
                 vectors = torch.where(take[:, None], y, vectors)
                 done |= eligible & ((res <= tol) | newly_broken)
                 start = torch.where(take[:, None] & ~done[:, None], y, start)
-            if bool(done.all()):
-                break
+            if bool(done.all()):  # no restart: cycles only for pairs not yet converged
+                return values, vectors, done
     return values, vectors, done
 
 
