@@ -28,14 +28,11 @@ import torch
 from u2seg.config import load_config
 from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
+from u2seg.ops.coco_eval import best_iou
 from u2seg.stages.embed import CropEmbedder, instance_crop
 from u2seg.stages.maskcut import MaskCutWorker
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -88,7 +85,7 @@ def main() -> None:
     best, same_rank = [], []
     for ref, other in zip(found["fp32"], found["bf16"], strict=True):
         for k, mask in enumerate(ref):
-            best.append(max((_iou(mask, m) for m in other), default=0.0))
+            best.append(best_iou(mask, other))
             same_rank.append(k < len(other) and np.array_equal(mask, other[k]))
     a, b = vectors["fp32"], vectors["bf16"]
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
