@@ -51,14 +51,14 @@ import torch
 from PIL import Image
 
 from u2seg.config import MaskCutConfig, load_config
-from u2seg.data.coco import mask_to_annotation, rle_to_mask
+from u2seg.data.coco import mask_to_annotation, masks_to_rles, rle_to_annotation, rle_to_mask
 from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
 from u2seg.models.vit import ViTFeatures, load_backbone, normalise
 from u2seg.ops.coco_eval import best_iou, class_agnostic_ap
 from u2seg.ops.maskcut import discovery_score, maskcut_batch, masks_of
 from u2seg.ops.refine import crf_refine, has_densecrf, mask_iou, upsample_mask
-from u2seg.stages.maskcut import cut_options, pool_masks, refine_masks
+from u2seg.workers.maskcut import cut_options, pool_masks, refine_masks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -115,12 +115,10 @@ class Photos:
         for j, found in enumerate(_found(self.out, cfg)):
             image_id = self.ids[j]
             shape = self.originals[image_id].shape[:2]
-            refined = refine_masks(self.squares[j], [m for m, _ in found], shape, cfg)
-            full[image_id] = []
-            for mask, (_, value) in zip(refined, found, strict=True):
-                if mask is not None:
-                    full[image_id].append(mask)
-                    anns.append(mask_to_annotation(mask, image_id, len(anns) + 1, score=value))
+            masks, index = refine_masks(self.squares[j], [m for m, _ in found], shape, cfg)
+            full[image_id] = list(masks.numpy())
+            for rle, k in zip(masks_to_rles(masks), index, strict=True):
+                anns.append(rle_to_annotation(rle, image_id, len(anns) + 1, score=found[k][1]))
         return anns, full, (time.perf_counter() - start) / len(self.ids)
 
 
@@ -332,9 +330,9 @@ def stage_time(tmp: Path) -> None:
         t2 = time.perf_counter()
         masks = [m for m, _ in _found(out, cfg)[0]]
         t3 = time.perf_counter()
-        for mask in refine_masks(square[0], masks, original.shape[:2], cfg):
-            if mask is not None:
-                mask_to_annotation(mask, 1, 1)
+        full, _ = refine_masks(square[0], masks, original.shape[:2], cfg)
+        for rle in masks_to_rles(full):
+            rle_to_annotation(rle, 1, 1)
         t4 = time.perf_counter()
         for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             parts[key] += dt / len(paths)

@@ -29,8 +29,9 @@ from u2seg.config import load_config
 from u2seg.data.demo import write_demo_dataset
 from u2seg.data.images import read_image, resize_square
 from u2seg.ops.coco_eval import best_iou
-from u2seg.stages.embed import CropEmbedder, instance_crop
-from u2seg.stages.maskcut import MaskCutWorker
+from u2seg.stages.embed import instance_crop
+from u2seg.workers.maskcut import MaskCutWorker
+from u2seg.workers.vit import CropEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ ALLOWED = {
     "ops": {"u2seg.ops"},
     "models": {"u2seg.models", "u2seg.ops"},  # networks may use the numeric cores
     "data": {"u2seg.data", "u2seg.ops", "u2seg.artifacts", "u2seg.config"},
+    # The per-batch work of the actor pools, runnable without Ray or Parquet (below).
+    "workers": {"u2seg.workers", "u2seg.ops", "u2seg.models", "u2seg.data.coco",
+                "u2seg.config", "u2seg.runtime"},  # fmt: skip
     "stages": {"u2seg"},  # the top layer composes everything
 }
 
@@ -42,6 +47,18 @@ def test_imports_run_downwards(layer: str) -> None:
         for name in _u2seg_imports(path):
             ok = any(name == a or name.startswith(a + ".") for a in allowed)
             assert ok, f"u2seg/{layer}/{path.name} imports {name}"
+
+
+def test_workers_run_without_ray_parquet_or_deepspeed() -> None:
+    """A GPU machine with torch, timm, scipy, pycocotools and faiss runs the workers'
+    batch functions (benchmarks/gpu_stages.py): importing them loads none of the large
+    packages such a machine lacks."""
+    code = (
+        "import sys, u2seg.workers.maskcut, u2seg.workers.vit; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow', 'deepspeed'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_root_modules_use_no_layer() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 
 from u2seg.data import coco as coco_format
@@ -45,6 +46,26 @@ def test_rle_round_trip_and_other_rle_forms() -> None:
     column_major = np.array([[0, 1, 1], [0, 1, 0]], dtype=bool)
     uncompressed = {"size": [2, 3], "counts": [2, 3, 1]}
     np.testing.assert_array_equal(coco_format.rle_to_mask(uncompressed), column_major)
+
+
+def test_masks_to_rles_is_mask_to_rle_of_each() -> None:
+    """The stack's runs found in tensor ops give pycocotools' own strings, for masks that
+    start on a foreground pixel, empty, full, random and thin."""
+    rng = np.random.default_rng(3)
+    stack = rng.random((6, 37, 53)) > 0.6
+    stack[0] = True
+    stack[1] = False
+    stack[2, 0, 0], stack[3, 0, 0] = True, False
+    stack[4] = disk((37, 53), (18, 26), 9)
+    stack[5] = False
+    stack[5, :, 30] = True
+    rles = coco_format.masks_to_rles(torch.from_numpy(stack))
+    assert rles == [coco_format.mask_to_rle(mask) for mask in stack]
+    assert coco_format.masks_to_rles(torch.zeros((0, 5, 5), dtype=torch.bool)) == []
+    ann = coco_format.rle_to_annotation(rles[4], 2, 3, score=0.5)
+    assert ann == coco_format.mask_to_annotation(stack[4], 2, 3, score=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        coco_format.rle_to_annotation(rles[1], 2, 4)
 
 
 def test_coco_loads_a_dataset_of_these_annotations(tmp_path: Path) -> None:

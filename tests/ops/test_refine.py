@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from u2seg.ops import refine
 
@@ -44,29 +46,89 @@ def test_upsample_mask_is_nearest_blocks() -> None:
     np.testing.assert_array_equal(frame[7::8, 7::8], grid)
 
 
-def test_resize_mask_shapes_values_and_round_trip() -> None:
+def resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`refine.resize_masks` of one numpy mask."""
+    return refine.resize_masks(torch.from_numpy(mask)[None], size)[0].numpy()
+
+
+def test_resize_masks_shapes_values_and_round_trip() -> None:
     rect = np.zeros((100, 200), dtype=bool)
     rect[20:60, 40:120] = True
-    half = refine.resize_mask(rect, (50, 100))
+    half = resize(rect, (50, 100))
     assert half.dtype == bool and half.shape == (50, 100)
     expected = np.zeros((50, 100), dtype=bool)
     expected[10:30, 20:60] = True
     np.testing.assert_array_equal(half, expected)
-    np.testing.assert_array_equal(refine.resize_mask(rect, (100, 200)), rect)
+    np.testing.assert_array_equal(resize(rect, (100, 200)), rect)
     shape = disk((480, 480), (200, 260), 120) | disk((480, 480), (330, 150), 60)
-    there = refine.resize_mask(shape, (375, 500))  # a photo's own H x W
-    back = refine.resize_mask(there, (480, 480))
+    there = resize(shape, (375, 500))  # a photo's own H x W
+    back = resize(there, (480, 480))
     assert there.shape == (375, 500)
     assert refine.mask_iou(back, shape) > 0.97
+    assert refine.resize_masks(torch.zeros((0, 4, 4), dtype=torch.bool), (2, 3)).shape == (0, 2, 3)
+
+
+def test_resize_masks_antialias_like_pillow() -> None:
+    """Shrinking fades a thin part by its coverage (Pillow's antialiased bilinear, which
+    the masks were resized with before): a 3 px line shrunk 8x disappears, as in Pillow,
+    where sampling at a few points would keep a row of it."""
+    from PIL import Image
+
+    shape = disk((480, 480), (200, 260), 120) | disk((480, 480), (330, 150), 60)
+    shape[20:23, :] = True  # 3 of the 8 rows that make output row 2 at 60 x 60
+    for size in [(60, 60), (375, 500), (640, 427)]:
+        pil = Image.fromarray(shape.astype(np.float32)).resize(size[::-1], Image.BILINEAR)
+        ours = resize(shape, size)
+        assert refine.mask_iou(ours, np.asarray(pil) > 0.5) > 0.99
+    assert not resize(shape, (60, 60))[2].any()
 
 
 def test_fill_holes_fills_a_ring() -> None:
     ring = disk((50, 50), (25, 25), 15) & ~disk((50, 50), (25, 25), 8)
-    filled = refine.fill_holes(ring)
-    np.testing.assert_array_equal(filled, disk((50, 50), (25, 25), 15))
     open_ring = ring.copy()
     open_ring[25, :25] = False  # a cut to the outside: nothing is enclosed any more
-    np.testing.assert_array_equal(refine.fill_holes(open_ring), open_ring)
+    stack = torch.from_numpy(np.stack([ring, open_ring]))
+    for fill in (refine.fill_holes, refine.fill_holes_by_runs):
+        filled = fill(stack).numpy()
+        np.testing.assert_array_equal(filled[0], disk((50, 50), (25, 25), 15))
+        np.testing.assert_array_equal(filled[1], open_ring)
+
+
+def spiral(size: int, gap: int = 3) -> np.ndarray:
+    """Bool (size, size): a square spiral wall whose corridor turns every side (the worst
+    case for growing by runs), its far end sealed or open."""
+    wall = np.zeros((size, size), dtype=bool)
+    lo, hi = 1, size - 2
+    while hi - lo > 2 * gap:
+        wall[lo, lo : hi + 1] = wall[lo : hi + 1, hi] = wall[hi, lo : hi + 1] = True
+        wall[lo + gap : hi + 1, lo] = True
+        lo, hi = lo + gap, hi - gap
+    return wall
+
+
+def test_fill_holes_by_runs_is_scipys_fill() -> None:
+    """The accelerator fill against scipy mask by mask: random blobs with holes, a spiral
+    corridor open to the border (nothing to fill) and one sealed (all of it filled)."""
+    rng = np.random.default_rng(0)
+    blobs = [
+        ndimage.binary_opening(rng.random((64, 80)) > threshold)
+        for threshold in (0.3, 0.5, 0.6, 0.7)
+    ]
+    open_spiral = np.pad(spiral(60), ((2, 2), (10, 10)))
+    open_spiral[:2, 10] = False
+    sealed = open_spiral.copy()
+    sealed[1:4, 2:78] = True
+    sealed[:, [2, 77]] = True
+    sealed[60:64, 2:78] = True
+    stack = np.stack(
+        [*blobs, open_spiral, sealed, np.zeros((64, 80), bool), np.ones((64, 80), bool)]
+    )
+    expected = np.stack([ndimage.binary_fill_holes(m) for m in stack])
+    assert not np.array_equal(expected, stack)  # there are holes to fill
+    np.testing.assert_array_equal(
+        refine.fill_holes_by_runs(torch.from_numpy(stack)).numpy(), expected
+    )
+    np.testing.assert_array_equal(refine.fill_holes(torch.from_numpy(stack)).numpy(), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,8 +138,8 @@ def test_crf_snaps_coarse_mask_to_the_square(backend: str) -> None:
     refined = refine.crf_refine(image, coarse, backend=backend)
     assert refined.dtype == bool and refined.shape == truth.shape
     assert refine.mask_iou(refined, truth) > 0.9
-    kept = refine.refine_stack(image, coarse[None], backend=backend)[0]
-    assert kept is not None and refine.mask_iou(kept, truth) > 0.9
+    refined_stack, kept = refine.refine_stack(image, torch.from_numpy(coarse)[None], backend)
+    assert kept.tolist() == [True] and refine.mask_iou(refined_stack[0].numpy(), truth) > 0.9
 
 
 def test_densecrf_backend_or_clear_error() -> None:
@@ -144,7 +206,7 @@ def test_refine_drops_a_mask_with_no_edge_to_follow(backend: str) -> None:
     blob = np.zeros((FRAME, FRAME), dtype=bool)
     blob[100:116, 100:116] = True
     assert not refine.crf_refine(image, blob, backend=backend).any()
-    assert refine.refine_stack(image, blob[None], backend=backend) == [None]
+    assert refine.refine_stack(image, torch.from_numpy(blob)[None], backend)[1].tolist() == [False]
 
 
 def test_refine_compares_the_hole_filled_mask_with_the_input() -> None:
@@ -152,10 +214,12 @@ def test_refine_compares_the_hole_filled_mask_with_the_input() -> None:
     disk ~0.3) is dropped even with no CRF; the threshold is a parameter."""
     image = np.zeros((100, 100, 3), dtype=np.uint8)
     ring = disk((100, 100), (50, 50), 30) & ~disk((100, 100), (50, 50), 25)
-    assert refine.refine_stack(image, ring[None], backend="none") == [None]
+    _, kept = refine.refine_stack(image, torch.from_numpy(ring)[None], backend="none")
+    assert kept.tolist() == [False]
     empty = np.zeros((100, 100), dtype=bool)
-    kept = refine.refine_stack(image, np.stack([ring, empty]), backend="none", min_iou=0.2)
-    assert kept[0] is not None and kept[1] is None
-    np.testing.assert_array_equal(kept[0], disk((100, 100), (50, 50), 30))
+    stack = torch.from_numpy(np.stack([ring, empty]))
+    refined, kept = refine.refine_stack(image, stack, backend="none", min_iou=0.2)
+    assert kept.tolist() == [True, False]
+    np.testing.assert_array_equal(refined[0].numpy(), disk((100, 100), (50, 50), 30))
     with pytest.raises(ValueError, match="stack"):
-        refine.refine_stack(image, ring, backend="none")
+        refine.refine_stack(image, torch.from_numpy(ring), backend="none")

@@ -227,7 +227,7 @@ def test_actors_build_the_backbone_from_the_drivers_weights(
 
     from u2seg.config import BackboneConfig, to_dict
     from u2seg.models import vit
-    from u2seg.stages.features import FeatureExtractor
+    from u2seg.workers.vit import FeatureExtractor
 
     torch.manual_seed(0)
     path = tmp_path / "vits16.pth"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 
 from tests.helpers import demo_config, write_bad_files
@@ -19,15 +20,8 @@ from u2seg.data.images import SquareImages, list_images
 from u2seg.ops import maskcut as maskcut_ops
 from u2seg.ops.coco_eval import best_iou
 from u2seg.stages._image_loop import plan_shards
-from u2seg.stages.maskcut import (
-    MaskCutWorker,
-    check_options,
-    cut_options,
-    refine_masks,
-    run,
-    shard_tallies,
-    to_shard_rows,
-)
+from u2seg.stages.maskcut import check_options, run, shard_tallies, to_shard_rows
+from u2seg.workers.maskcut import MaskCutWorker, cut_options, refine_masks
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +118,10 @@ def test_refine_masks_returns_original_size() -> None:
     patch = np.zeros((4, 4), dtype=bool)
     patch[1:3, 1:3] = True
     empty = np.zeros((4, 4), dtype=bool)
-    out = refine_masks(image, [patch, empty], (30, 60), MaskCutConfig(crf="none"))
-    assert len(out) == 2 and out[1] is None  # one entry per mask: the empty one dropped
-    assert out[0] is not None
-    assert out[0].shape == (30, 60) and out[0].dtype == bool
-    assert out[0][15, 30] and not out[0][0, 0]
+    full, index = refine_masks(image, [patch, empty], (30, 60), MaskCutConfig(crf="none"))
+    assert index == [0]  # the empty one dropped
+    assert full.shape == (1, 30, 60) and full.dtype == torch.bool
+    assert full[0, 15, 30] and not full[0, 0, 0]
 
 
 def test_cuts_whose_eigensolver_did_not_converge_are_recorded_and_counted(

@@ -76,6 +76,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 
 from u2seg.ops.panoptic import PanopticResult
@@ -118,6 +119,28 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     return rle_to_mask(segmentation)
 
 
+def masks_to_rles(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """Bool masks (K, H, W), on any device -> `mask_to_rle` of each, the same strings.
+
+    The runs of the whole stack are found on the masks' device in one pass (column-major, as
+    COCO's); only the run boundaries come to the host, where pycocotools compresses them.
+    """
+    count, height, width = masks.shape
+    if count == 0:
+        return []
+    flat = masks.transpose(1, 2).reshape(count, height * width)
+    which, where = (flat[:, 1:] != flat[:, :-1]).nonzero(as_tuple=True)
+    per_mask = np.bincount(which.cpu().numpy(), minlength=count)
+    cuts = np.split((where + 1).cpu().numpy(), np.cumsum(per_mask)[:-1])
+    uncompressed = []
+    for on, cut in zip(flat[:, 0].cpu().tolist(), cuts, strict=True):
+        # A mask that starts on a foreground pixel begins with an empty background run.
+        bounds = [0, *([0] * on), *cut, height * width]
+        uncompressed.append({"size": [height, width], "counts": np.diff(bounds).tolist()})
+    compressed = mask_utils.frPyObjects(uncompressed, height, width)
+    return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in compressed]
+
+
 def mask_to_annotation(
     mask: np.ndarray,
     image_id: int,
@@ -125,23 +148,35 @@ def mask_to_annotation(
     category_id: int = 1,
     score: float | None = None,
 ) -> dict[str, Any]:
-    """COCO instance annotation of a non-empty bool mask (H, W) of the image's own size.
+    """COCO instance annotation of a non-empty bool mask (H, W) of the image's own size:
+    `rle_to_annotation` of its RLE."""
+    mask = np.asarray(mask, dtype=bool)
+    return rle_to_annotation(mask_to_rle(mask), image_id, annotation_id, category_id, score)
+
+
+def rle_to_annotation(
+    rle: dict[str, Any],
+    image_id: int,
+    annotation_id: int,
+    category_id: int = 1,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """COCO instance annotation of a non-empty mask given as compressed RLE (`mask_to_rle`).
 
     RLE segmentation (counts as str, so the dict is JSON-ready), bbox [x, y, w, h] and area
     from pycocotools, iscrowd 0; "score" only when given (predictions). An empty mask is a
     ValueError: COCO tools reject zero-area instances and upstream drops them.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        raise ValueError(f"empty mask for annotation {annotation_id} of image {image_id}")
-    rle = mask_to_rle(mask)
     encoded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    area = int(mask_utils.area(encoded))
+    if not area:
+        raise ValueError(f"empty mask for annotation {annotation_id} of image {image_id}")
     annotation: dict[str, Any] = {
         "id": int(annotation_id),
         "image_id": int(image_id),
         "category_id": int(category_id),
         "segmentation": rle,
-        "area": int(mask_utils.area(encoded)),
+        "area": area,
         "bbox": [float(v) for v in mask_utils.toBbox(encoded)],
         "iscrowd": 0,
     }

@@ -2,8 +2,10 @@
 
 A patch mask is upsampled to the square MaskCut frame (480x480), refined so that its edges
 follow the image (dense CRF, or a cheap guided-filter fallback), hole-filled, dropped when the
-refinement changed it too much and resized back to the photo's own size. No file I/O; the
-COCO encoding of the result (step 8) is `u2seg.data.coco`.
+refinement changed it too much and resized back to the photo's own size. Every mask of an
+image goes through each step together, as one tensor on the ViT's device (the GPU's, when it
+has one): no per-mask host loop between the ViT and the COCO encoding. No file I/O; the COCO
+encoding of the result (step 8) is `u2seg.data.coco`.
 
 The dense CRF has two implementations with the same model and inference: "torch"
 (`lattice_crf_refine`: every mask of an image in one pass, on the ViT's device, CPU or GPU;
@@ -17,11 +19,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from scipy import ndimage
 
 from u2seg.ops.lattice import PermutohedralLattice
@@ -70,27 +71,72 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     Source index floor(i * h / H), the rule of torch's `interpolate(mode="nearest")`, so a
     60x60 patch mask becomes exact 8x8 blocks of the 480x480 frame.
     """
-    h, w = mask.shape
-    rows = (np.arange(size[0]) * h) // size[0]
-    cols = (np.arange(size[1]) * w) // size[1]
-    return np.asarray(mask, dtype=bool)[rows[:, None], cols[None, :]]
+    return upsample_masks(torch.from_numpy(np.asarray(mask, dtype=bool))[None], size)[0].numpy()
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a bool mask (H, W) to bool (H2, W2) = `size`: bilinear on float, then > 0.5.
+def upsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`upsample_mask` of a stack: bool (K, h, w) -> bool (K, H, W), on the masks' device."""
+    frames = F.interpolate(masks[:, None].to(torch.uint8), size=size, mode="nearest")
+    return frames[:, 0].bool()
 
-    Pillow's bilinear widens its kernel when shrinking (antialiased), so a thin part of a
-    mask fades by its coverage instead of being sampled at a few points.
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize bool masks (K, H, W) to bool (K, H2, W2) = `size`: bilinear on float, then > 0.5,
+    on the masks' device.
+
+    Antialiased (the kernel widens when shrinking, as Pillow's bilinear), so a thin part of
+    a mask fades by its coverage instead of being sampled at a few points.
     """
-    height, width = size
-    image = Image.fromarray(np.asarray(mask, dtype=np.float32))  # mode "F"
-    resized = image.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(resized) > 0.5
+    if len(masks) == 0:
+        return masks.new_zeros((0, *size))
+    values = F.interpolate(
+        masks[:, None].float(), size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+    return values[:, 0] > 0.5
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Bool mask (H, W) with every background region not connected to the border filled."""
-    return np.asarray(ndimage.binary_fill_holes(mask), dtype=bool)
+#: 4-connected neighbours within each mask of a (K, H, W) stack, none across masks.
+_PLANE_CROSS = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))
+
+
+def _spread(reach: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """Along the last axis of bool (..., L) stacks: every run of `free` pixels that holds a
+    `reach` pixel, whole."""
+    length = free.shape[-1]
+    run = torch.cumsum(~free, dim=-1)  # the pixels of one free run share their count
+    lines = run[..., 0].numel()
+    run += torch.arange(lines, device=free.device).view(*free.shape[:-1], 1) * (length + 1)
+    hit = torch.zeros(lines * (length + 1), dtype=torch.bool, device=free.device)
+    hit[run[reach]] = True
+    return free & hit[run]
+
+
+def fill_holes_by_runs(masks: torch.Tensor) -> torch.Tensor:
+    """`fill_holes` in tensor operations, for accelerators: the background reached from the
+    frame's border grows by whole runs of background pixels, along rows then columns, until
+    it stops (as many rounds as the longest path to a background pixel has turns); every
+    other pixel is the mask or a hole. The same 4-connectivity as scipy's."""
+    free = ~masks
+    border = torch.zeros_like(free)
+    border[:, [0, -1], :] = True
+    border[:, :, [0, -1]] = True
+    reach = free & border
+    while True:
+        grown = _spread(reach, free)
+        grown = _spread(grown.transpose(1, 2), free.transpose(1, 2)).transpose(1, 2)
+        if torch.equal(grown, reach):
+            return ~grown
+        reach = grown
+
+
+def fill_holes(masks: torch.Tensor) -> torch.Tensor:
+    """Bool masks (K, H, W) with every background region not 4-connected to the border
+    filled, on the masks' device: scipy's `binary_fill_holes` on the CPU (the whole stack in
+    one call, faster there), `fill_holes_by_runs` elsewhere."""
+    if masks.device.type != "cpu":
+        return fill_holes_by_runs(masks)
+    filled = ndimage.binary_fill_holes(masks.numpy(), structure=_PLANE_CROSS)
+    return torch.from_numpy(np.asarray(filled, dtype=bool))
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -143,11 +189,8 @@ def _spatial_lattice(height: int, width: int, sxy: float, device: str) -> Permut
 
 
 def lattice_crf_refine(
-    image: np.ndarray,
-    masks: np.ndarray,
-    params: CRFParams = MASKCUT_CRF,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
+    image: np.ndarray, masks: torch.Tensor, params: CRFParams = MASKCUT_CRF
+) -> torch.Tensor:
     """The dense CRF of `densecrf_refine` in torch, for K masks of one image at once.
 
     The same model and inference as pydensecrf's: unary `softmax_unary`, a Gaussian and a
@@ -156,20 +199,21 @@ def lattice_crf_refine(
     and mean-field updates Q <- softmax(-U + sum_m compat_m * message_m). With two labels the
     update is one logit per pixel, u + sum_m compat_m * n_m (2 K_m(n_m q) - K_m(n_m)), u = 2m - 1
     and q the foreground marginal; the lattices and K_m(n_m) are built once per image and
-    every mask of the image is a channel of the same filter calls, on `device` (the ViT's).
+    every mask of the image is a channel of the same filter calls, on the masks' device.
 
     Args:
         image: uint8 RGB (H, W, 3).
-        masks: bool (K, H, W).
+        masks: bool (K, H, W), on the device the CRF runs on (the ViT's).
 
     Returns:
-        bool (K, H, W): q > 0.5 (a tie goes to the background, as pydensecrf's argmax).
+        bool (K, H, W) on the masks' device: q > 0.5 (a tie goes to the background, as
+        pydensecrf's argmax).
     """
-    masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
         raise ValueError(f"masks must be (K, H, W) of the image's size, got {masks.shape}")
     if len(masks) == 0:
-        return masks.copy()
+        return masks.clone()
+    device = masks.device
     height, width = image.shape[:2]
     position = _pixel_positions(height, width, str(device))
     colour = torch.from_numpy(np.array(image, dtype=np.float32).reshape(-1, 3)).to(device)
@@ -188,7 +232,7 @@ def lattice_crf_refine(
     for lattice, compat in kernels:
         norm = 1.0 / torch.sqrt(lattice.filter(ones) + 1e-20)
         normalised.append((lattice, compat, norm, lattice.filter(norm)))
-    fg = torch.as_tensor(masks.reshape(len(masks), -1), device=device).float()  # (K, N)
+    fg = masks.reshape(len(masks), -1).float()  # (K, N)
     unary = 2.0 * fg - 1.0
     q = torch.sigmoid(unary)
     for _ in range(p.iterations):
@@ -196,7 +240,7 @@ def lattice_crf_refine(
         for lattice, compat, norm, filtered_norm in normalised:
             logit += compat * norm * (2.0 * lattice.filter(norm * q) - filtered_norm)
         q = torch.sigmoid(logit)
-    return (q > 0.5).reshape(masks.shape).cpu().numpy()
+    return (q > 0.5).reshape(masks.shape)
 
 
 def densecrf_refine(
@@ -308,7 +352,7 @@ def crf_refine(
     stack = masks.reshape(-1, *image.shape[:2])
     chosen = resolve_backend(backend)
     if chosen == "torch":
-        out = lattice_crf_refine(image, stack, params, device=device)
+        out = lattice_crf_refine(image, torch.from_numpy(stack).to(device), params).cpu().numpy()
     elif chosen == "densecrf":
         out = np.stack([densecrf_refine(image, m, params) for m in stack])
     elif chosen == "guided":
@@ -326,25 +370,27 @@ def crf_refine(
 
 def refine_stack(
     image: np.ndarray,
-    masks: np.ndarray,
+    masks: torch.Tensor,
     backend: str = "auto",
     min_iou: float = 0.5,
-    **crf_params: Any,
-) -> list[np.ndarray | None]:
-    """Refine the upsampled pseudo masks (K, H, W) of one uint8 RGB frame (H, W, 3): one bool
-    (H, W) mask or None per input mask.
+    params: CRFParams = MASKCUT_CRF,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine the upsampled pseudo masks of one uint8 RGB frame (H, W, 3), every mask at
+    once on their device: bool (K, H, W) -> (refined bool (K, H, W), kept bool (K,)).
 
     Upstream order (CutLER maskcut.py): CRF, fill holes of the CRF output, then compare with
-    the mask before the CRF; None (drop the mask) when that IoU is below `min_iou`,
-    including when either mask is empty. `crf_params` go to `crf_refine` (with `device`).
+    the mask before the CRF; not kept (the mask is dropped) when that IoU is below `min_iou`,
+    including when either mask is empty. The "torch" CRF runs on the masks' device; the
+    other backends are host code, mask by mask.
     """
-    masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 3:
-        raise ValueError(f"masks must be a stack (K, H, W), got shape {masks.shape}")
-    out: list[np.ndarray | None] = []
-    for mask, crf in zip(
-        masks, crf_refine(image, masks, backend=backend, **crf_params), strict=True
-    ):
-        refined = fill_holes(crf)
-        out.append(refined if refined.any() and mask_iou(mask, refined) >= min_iou else None)
-    return out
+        raise ValueError(f"masks must be a stack (K, H, W), got shape {tuple(masks.shape)}")
+    if resolve_backend(backend) == "torch":
+        crf = lattice_crf_refine(image, masks, params)
+    else:
+        crf = torch.from_numpy(crf_refine(image, masks.cpu().numpy(), params, backend))
+    refined = fill_holes(crf.to(masks.device))
+    inter = (refined & masks).flatten(1).sum(1).double()
+    union = (refined | masks).flatten(1).sum(1).double()
+    kept = refined.flatten(1).any(1) & (inter >= min_iou * union)
+    return refined, kept

@@ -16,46 +16,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
-from u2seg.config import ActorConfig, BackboneConfig, PipelineConfig, depends_on, to_dict
+from u2seg.config import ActorConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
-from u2seg.models.vit import (
-    ViTBackbone,
-    backbone_state,
-    check_precision,
-    check_weights,
-    input_size,
-    load_backbone,
-)
-from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
+from u2seg.models.vit import backbone_state, check_precision, check_weights, input_size
+from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session
+from u2seg.workers.vit import BackboneActor
 
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
-
-
-class BackboneActor:
-    """Base of the Ray Data actors that run the frozen ViT: loads it once, on its device."""
-
-    def __init__(
-        self, backbone: dict[str, Any], threads: int | None = None, state: Any = None
-    ) -> None:
-        """`state`: the backbone's weights (`backbone_state`) or a Ray object reference to
-        them; None loads them here from `backbone`'s settings."""
-        cfg = BackboneConfig(**backbone)
-        self.device = resolve_device(cfg.device)
-        if self.device.type == "cpu" and threads:
-            # Ray pins fractional-CPU actors to one thread; the forward is the bottleneck.
-            torch.set_num_threads(threads)
-        if state is not None and not isinstance(state, dict):
-            import ray
-
-            state = ray.get(state)
-        self.model: ViTBackbone = load_backbone(
-            cfg.name, cfg.weights, cfg.cache_dir, self.device, state=state,
-            precision=cfg.precision,
-        )  # fmt: skip
 
 
 def plan_shards(refs: pa.Table, shard_size: int) -> pa.Table:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from PIL import Image
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest, read_parquet
@@ -27,10 +26,10 @@ from u2seg.models.vit import (
     check_precision,
     check_weights,
     input_size,
-    normalise,
 )
 from u2seg.runtime import ray_session
-from u2seg.stages._image_loop import BackboneActor, backbone_pool, drain
+from u2seg.stages._image_loop import backbone_pool, drain
+from u2seg.workers.vit import CropEmbedder
 
 STAGE = "embed"
 CROP_RULES = ("mean", "box", "white")
@@ -134,21 +133,6 @@ class MaskCrops:
             return read_image(path, self.max_pixels), ""
         except ImageError as exc:
             return None, str(exc)
-
-
-class CropEmbedder(BackboneActor):
-    """Ray Data actor: square crops -> CLS vector (after the final norm) per crop."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
-        vectors = np.zeros((len(ok), self.model.embed_dim), dtype=np.float32)
-        if ok.any():
-            with torch.inference_mode():
-                out = self.model(normalise(batch["image"][ok], self.device), want_keys=False)
-            vectors[ok] = out.cls.float().cpu().numpy()
-        result = {k: v for k, v in batch.items() if k != "image"}
-        result["vector"] = vectors
-        return result
 
 
 def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:

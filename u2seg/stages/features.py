@@ -10,35 +10,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from u2seg.config import PipelineConfig
-from u2seg.models.vit import normalise
-from u2seg.stages._image_loop import BackboneActor, ImageStage, base_columns, run_image_stage
+from u2seg.stages._image_loop import ImageStage, base_columns, run_image_stage
+from u2seg.workers.vit import FeatureExtractor
 
 STAGE = "features"
-
-
-class FeatureExtractor(BackboneActor):
-    """Ray Data actor: square images -> CLS and mean patch vector per image.
-
-    Rows whose `error` is set pass through with zero vectors (the writer stores nulls).
-    """
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
-        n, dim = len(ok), self.model.embed_dim
-        cls = np.zeros((n, dim), dtype=np.float32)
-        patch_mean = np.zeros((n, dim), dtype=np.float32)
-        if ok.any():
-            with torch.inference_mode():
-                out = self.model(normalise(batch["image"][ok], self.device), want_keys=False)
-            cls[ok] = out.cls.float().cpu().numpy()
-            patch_mean[ok] = out.patch_tokens.float().mean(dim=(1, 2)).cpu().numpy()
-        result = {k: v for k, v in batch.items() if k not in ("image", "path")}
-        result["cls"] = cls
-        result["patch_mean"] = patch_mean
-        return result
 
 
 def _vectors(values: np.ndarray, valid: np.ndarray) -> pa.Array:
