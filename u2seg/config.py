@@ -390,7 +390,9 @@ class PredictConfig(ActorConfig):
     `nms_thresh`, detections with score >= `score_thresh`, at most `detections_per_image`;
     panoptic merge (METHOD.md): instances with score >= `instance_score`, overlap with
     painted pixels <= `overlap`, stuff regions of >= `stuff_area` pixels (`u2seg
-    visualize --stage predict` draws the results).
+    visualize --stage predict` draws the results). `precision` of the model's forward, as
+    `backbone.precision`: "auto" (bf16 autocast on a GPU, fp32 on a CPU), "fp32" or "bf16";
+    anchors and box decoding stay fp32 under autocast, as in training.
     """
 
     model: str = ""
@@ -404,6 +406,7 @@ class PredictConfig(ActorConfig):
     overlap: float = between(0, 1, 0.5)
     stuff_area: int = at_least(0, 4096)
     batch_size: int = at_least(1, 2)
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)

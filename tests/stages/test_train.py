@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 import u2seg
 from tests.helpers import DEMO_CONFIG, REPO, fault_when
 from tests.trainset import SMALL_TRAIN, train_config, write_trainset
-from u2seg.config import ConfigError, load_config
+from u2seg.config import ConfigError, load_config, to_dict
 from u2seg.data.weights import read_model_file
 from u2seg.stages import _checkpoints as ckpt
 from u2seg.stages import train as train_stage
@@ -115,6 +115,39 @@ def test_predictions_load_in_evaluate_and_pycocotools(trained) -> None:
     assert 0 <= scores["instance"]["segm"]["AP"] <= 100  # the pseudo labels as ground truth
     again = u2seg.run_predict(cfg)  # complete shards are kept
     assert again["counts"]["resumed_shards"] == manifest["counts"]["shards"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_predict_precision_bf16_and_fp32_agree(trained, tmp_path: Path) -> None:
+    """`predict.precision`: the bf16 forward (what "auto" runs on a GPU, forced here on the
+    CPU) gives the fp32 forward's semantic map on almost every pixel and its detections'
+    boxes within a few pixels; a wrong value is refused before any work."""
+    from u2seg.data.coco import rle_to_mask
+    from u2seg.data.images import read_image
+    from u2seg.stages.predict import Predictor
+
+    photos, run, _ = trained
+    cfg = train_config(photos, run, "predict.score_thresh=0.0")
+    options = to_dict(cfg.predict)
+    image = read_image(str(sorted(photos.glob("*.png"))[0]), 10**8)
+    row = {"image_id": 1, "png": "a.png"}
+    out: dict[str, dict] = {}
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor(str(run / "train" / "model.pt"), {**options, "precision": precision},
+                              str(tmp_path / precision), "cpu", 1, 10**8)  # fmt: skip
+        assert predictor.autocast == (torch.bfloat16 if precision == "bf16" else None)
+        out[precision] = predictor.predict(image, row)
+    semantic = {p: read_image(str(tmp_path / p / "semantic" / "a.png"), 10**8) for p in out}
+    assert (semantic["fp32"] == semantic["bf16"]).mean() > 0.95
+    boxes = {p: [a["bbox"] for a in json.loads(out[p]["annotations"])] for p in out}
+    assert boxes["fp32"] and len(boxes["bf16"]) > 0
+    best = [min(max(abs(x - y) for x, y in zip(b, c, strict=True)) for c in boxes["bf16"])
+            for b in boxes["fp32"][:5]]  # fmt: skip
+    assert sorted(best)[len(best) // 2] < 4.0  # most top boxes found again within 4 px
+    assert rle_to_mask(json.loads(out["bf16"]["annotations"])[0]["segmentation"]).any()
+    with pytest.raises(ValueError, match="precision"):
+        u2seg.run_predict(train_config(photos, run, "predict.precision=fp16"))
 
 
 def _first_step(tmp: Path, *strategy: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

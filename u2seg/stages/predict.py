@@ -34,6 +34,7 @@ from u2seg.data.coco import id_to_rgb, mask_to_annotation, panoptic_file_names
 from u2seg.data.images import ImageError, list_images, read_image
 from u2seg.data.training import target_size
 from u2seg.data.weights import check_state_dict, read_model_file
+from u2seg.models.vit import autocast_dtype, check_precision
 from u2seg.ops.panoptic import combine_predictions
 from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, resolve_device
 from u2seg.stages._image_loop import drain, plan_shards, shard_digests
@@ -73,6 +74,7 @@ class Predictor:
         self.model.load_state_dict(state)
         self.model.eval()
         self.options, self.out_dir, self.max_pixels = options, out_dir, max_pixels
+        self.autocast = autocast_dtype(options["precision"], self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
@@ -99,7 +101,9 @@ class Predictor:
         size = target_size(height, width, opts["short_side"], opts["max_side"])
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None]
         pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-        out = self.model([pixels[0].to(self.device)])[0]
+        cast = self.autocast or torch.bfloat16
+        with torch.autocast(self.device.type, dtype=cast, enabled=self.autocast is not None):
+            out = self.model([pixels[0].to(self.device)])[0]
         masks = F.interpolate(out["masks"].float(), size=(height, width), mode="bilinear",
                               align_corners=False)[:, 0] > 0.5  # fmt: skip
         semantic = F.interpolate(out["sem_seg"][None].float(), size=(height, width),
@@ -155,6 +159,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Predict every image of `predict.images` (default `data.source`); the manifest."""
     model = _model_url(cfg)
     _, meta = read_model_file(model)  # a bad file is refused before anything starts
+    check_precision(cfg.predict.precision)
     source, root = (cfg.predict.images, None) if cfg.predict.images else (
         cfg.data.source, cfg.data.root)  # fmt: skip
     refs = plan_shards(list_images(source, root), cfg.data.shard_size)
@@ -193,7 +198,8 @@ def _process(
     writer = ShardWriter(stage, dict(zip(shards.tolist(), sizes.tolist(), strict=True)), digests)
     p = cfg.predict
     options = {k: getattr(p, k) for k in ("short_side", "max_side", "score_thresh", "nms_thresh",
-               "detections_per_image", "instance_score", "overlap", "stuff_area")}  # fmt: skip
+               "detections_per_image", "instance_score", "overlap", "stuff_area",
+               "precision")}  # fmt: skip
     with ray_session(cfg.ray):
         num_gpus = p.num_gpus if p.num_gpus is not None else float(cluster_has_gpus())
         batch = p.batch_size
