@@ -11,6 +11,7 @@ from u2seg.models.cascade import (
     RoIPooler,
     box_stage_losses,
     mask_targets,
+    paste_masks,
 )
 
 
@@ -109,3 +110,27 @@ def test_mask_targets_are_thresholded_crops() -> None:
         0.0,
         1.0,
     }
+
+
+def test_pasted_masks_cover_the_pixels_whose_centres_lie_in_the_box() -> None:
+    """The aligned paste: a mask of ones reaches, along the box's middle row and column,
+    exactly the pixels whose centres are inside its box (the legacy paste with padding 1
+    reaches a pixel further on each side) and nothing outside (bilinear sampling against the
+    zeros outside rounds the corners); half a 28 x 28 grid fills half the box."""
+    boxes = torch.tensor([[10.2, 20.0, 50.7, 40.4], [0.0, 0.0, 100.0, 60.0]])
+    ones = torch.ones(2, 28, 28)
+    pasted = paste_masks(ones, boxes, (80, 120))[:, 0] > 0.5
+    assert pasted.shape == (2, 80, 120)
+    for mask, (x0, y0, x1, y1) in zip(pasted, boxes.tolist(), strict=True):
+        centres_y = torch.arange(80) + 0.5
+        centres_x = torch.arange(120) + 0.5
+        inside = ((centres_y >= y0) & (centres_y <= y1))[:, None] & (
+            (centres_x >= x0) & (centres_x <= x1)
+        )[None, :]
+        assert not (mask & ~inside).any()
+        row, col = int((y0 + y1) / 2), int((x0 + x1) / 2)
+        assert torch.equal(mask[row], inside[row]) and torch.equal(mask[:, col], inside[:, col])
+    left = torch.zeros(1, 28, 28)
+    left[:, :, :14] = 1.0
+    half = paste_masks(left, boxes[1:], (80, 120))[0, 0] > 0.5
+    assert half[30, :50].all() and not half[:, 50:].any()

@@ -35,13 +35,30 @@ from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
 CASCADE_IOUS = (0.5, 0.6, 0.7)
 CASCADE_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 ROI_LEVELS = ("p2", "p3", "p4", "p5")
 ROI_STRIDES = (4, 8, 16, 32)
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask probabilities (N, M, M) of boxes (N, 4) -> (N, 1, H, W) on the image of `size`:
+    each pixel centre is mapped into its box and the M x M grid sampled bilinearly there
+    (zero outside), in float32. detectron2's aligned paste (`layers/mask_ops.py`); the legacy
+    one of torchvision pads the grid by a cell and rounds the box to whole pixels, which
+    makes a mask about a pixel wider on each side."""
+    height, width = size
+    x0, y0, x1, y1 = boxes.float().split(1, dim=1)  # (N, 1) each
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5
+    ys = (ys - y0) / (y1 - y0).clamp(min=1e-6) * 2 - 1  # (N, H) in the box's [-1, 1]
+    xs = (xs - x0) / (x1 - x0).clamp(min=1e-6) * 2 - 1  # (N, W)
+    grid = torch.stack(
+        [xs[:, None, :].expand(-1, height, -1), ys[:, :, None].expand(-1, -1, width)], dim=3
+    )
+    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)
 
 
 class RoIPooler(nn.Module):
@@ -355,7 +372,7 @@ class CascadeROIHeads(nn.Module):
             for r, p, size in zip(
                 results, probs.split([len(b) for b in found]), image_sizes, strict=True
             ):
-                r["masks"] = paste_masks_in_image(p[:, None], r["boxes"], size, padding=1)
+                r["masks"] = paste_masks(p, r["boxes"], size)
         for r, size in zip(results, image_sizes, strict=True):
             if "masks" not in r:
                 r["masks"] = r["boxes"].new_zeros((0, 1, *size))
