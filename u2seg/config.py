@@ -303,7 +303,8 @@ class TrainConfig:
     times; a collective that hangs `timeout_s` seconds fails. A progress line every
     `log_every` steps. `roi_sampling_ratio`: RoIAlign samples per bin side (0: adaptive,
     detectron2's and the paper's; torchvision's Mask R-CNN uses 2, with which a CPU training
-    step ran 14 % faster in benchmarks/train.py).
+    step ran 14 % faster in benchmarks/train.py). `fpn_channels`: the pyramid's width, which
+    the RPN, box, mask and semantic heads read (256: the paper's).
     """
 
     strategy: str = "deepspeed"
@@ -350,6 +351,7 @@ class TrainConfig:
     roi_positive_fraction: float = between(0, 1, 0.25)
     box_head_dim: int = at_least(1, 1024)
     roi_sampling_ratio: int = at_least(0, 0)
+    fpn_channels: int = at_least(1, 256)
     drop_loss_iou: float = between(0, 1, 0.01)
     semantic_loss_weight: float = at_least(0, 0.5)
     checkpoint_every: int = at_least(1, 5000)

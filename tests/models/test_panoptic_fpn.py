@@ -69,6 +69,11 @@ def test_vit_pyramid_has_power_of_two_strides_and_stays_frozen(vit) -> None:
         (32, 48), (16, 24), (8, 12), (4, 6), (2, 3)
     ]  # fmt: skip
     assert not any(p.requires_grad for p in model.backbone.vit.parameters())
+    narrow = build_model("vit", 1, 1, vit=vit, channels=128, **SMALL)  # train.fpn_channels
+    assert {f.shape[1] for f in narrow.backbone(images.tensors).values()} == {128}
+    with torch.no_grad():
+        (out,) = narrow.eval()([torch.zeros(3, 100, 130)])
+    assert out["sem_seg"].shape == (2, 100, 130)
 
 
 @pytest.mark.slow

@@ -225,18 +225,19 @@ def build_model(
     vit: Any = None,
     norm: str = "bn",
     vit_trainable: bool = False,
+    channels: int = 256,
     **heads: Any,
 ) -> PanopticFPN:
     """A `PanopticFPN` on `backbone` "resnet50" (`norm` "bn" or "frozen_bn") or "vit"
-    (`vit`: a loaded `ViTBackbone`, frozen unless `vit_trainable`); `heads`: the keyword
-    options of `PanopticFPN`."""
+    (`vit`: a loaded `ViTBackbone`, frozen unless `vit_trainable`), its pyramid `channels`
+    wide; `heads`: the keyword options of `PanopticFPN`."""
     pyramid: ResNetFPN | ViTPyramid
     if backbone == "resnet50":
-        pyramid = ResNetFPN(norm)
+        pyramid = ResNetFPN(norm, channels)
     elif backbone == "vit":
         if vit is None:
             raise ValueError("backbone='vit' needs the loaded ViT (vit=...)")
-        pyramid = ViTPyramid(vit, vit_trainable)
+        pyramid = ViTPyramid(vit, vit_trainable, channels)
     else:
         raise ValueError(f"backbone={backbone!r} is not one of 'resnet50', 'vit'")
     return PanopticFPN(pyramid, num_things, num_stuff, **heads)

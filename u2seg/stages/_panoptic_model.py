@@ -30,6 +30,7 @@ def model_spec(cfg: PipelineConfig, num_things: int, num_stuff: int) -> dict[str
         "norm": train.norm,
         "vit": to_dict(cfg.backbone) if train.backbone == "vit" else None,
         "vit_trainable": train.vit_trainable,
+        "fpn_channels": train.fpn_channels,
         "num_things": num_things,
         "num_stuff": num_stuff,
         "heads": {k: getattr(train, k) for k in _HEADS},
@@ -55,7 +56,7 @@ def build_from_spec(
     heads = {**spec["heads"], **inference}
     model = build_model(
         spec["backbone"], spec["num_things"], spec["num_stuff"], vit=vit, norm=spec["norm"],
-        vit_trainable=spec["vit_trainable"], **heads,
+        vit_trainable=spec["vit_trainable"], channels=spec.get("fpn_channels", 256), **heads,
     )  # fmt: skip
     if weights and weights != RANDOM_INIT:
         if spec["backbone"] != "resnet50":
