@@ -19,8 +19,14 @@ ALLOWED = {
     "models": {"u2seg.models", "u2seg.ops"},  # networks may use the numeric cores
     "data": {"u2seg.data", "u2seg.ops", "u2seg.artifacts", "u2seg.config"},
     # The per-batch work of the actor pools, runnable without Ray or Parquet (below).
-    "workers": {"u2seg.workers", "u2seg.ops", "u2seg.models", "u2seg.data.coco",
-                "u2seg.config", "u2seg.runtime"},  # fmt: skip
+    "workers": {
+        "u2seg.workers",
+        "u2seg.ops",
+        "u2seg.models",
+        "u2seg.data.coco",
+        "u2seg.config",
+        "u2seg.runtime",
+    },  # fmt: skip
     "stages": {"u2seg"},  # the top layer composes everything
 }
 
