@@ -24,10 +24,9 @@ time: seconds per image of the whole stage (decode, ViT, MaskCut, refinement, CO
     process.
 memory: peak resident memory of the driver and of all Ray worker processes for growing
     numbers of synthetic images (should stay flat).
-gpu: with CUDA, images/s of ViT-B/8 at 480 px (random weights: speed does not depend on
-    them) + batched MaskCut, end to end on batches of 64; images/s of the torch dense CRF
-    on the GPU (480 px demo photos, 3 masks each); and images/s of the demo config's
-    candidate-pool discovery on the GPU against the same run on the CPU.
+gpu: with CUDA, images/s of the torch dense CRF on the GPU (480 px demo photos, 3 masks
+    each) and of the demo config's candidate-pool discovery on the GPU against the same run
+    on the CPU (the whole stage on a GPU, with the ViT: benchmarks/gpu_stages.py).
 """
 
 from __future__ import annotations
@@ -426,26 +425,11 @@ def _pool_rates(frames: list[np.ndarray]) -> tuple[float, float]:
 
 
 def gpu() -> dict[str, float | str]:
-    """Images/s of ViT-B/8 at 480 px + MaskCut on the GPU (empty without CUDA)."""
+    """Images/s of the torch dense CRF and of the candidate pool on the GPU (empty without
+    CUDA). The stage as a whole, ViT-B/8 + MaskCut included: benchmarks/gpu_stages.py."""
     if not torch.cuda.is_available():
         print("gpu: skipped (no CUDA on this machine)")
         return {}
-    import timm
-
-    model = timm.create_model("vit_base_patch8_224.dino", pretrained=False, dynamic_img_size=True)
-    model = model.cuda().eval().half()
-    batch = torch.randn(64, 3, 480, 480, device="cuda", dtype=torch.half)
-    cfg = MaskCutConfig(**ROUNDS)  # type: ignore[arg-type]  # batched rounds on the GPU
-    for rep in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            tokens = model.forward_features(batch)[:, 1:].reshape(64, 60, 60, -1)
-            _cut(tokens.float(), cfg)
-        torch.cuda.synchronize()
-        rate = 64 / (time.perf_counter() - start)
-        if rep:  # the first pass warms up kernels and the allocator
-            print(f"gpu: ViT-B/8 480 px + MaskCut, batch 64: {rate:.1f} images/s")
     # The torch dense CRF on the GPU: 3 masks per 480 px frame, lattices built per image.
     demo = write_demo_dataset(Path(tempfile.mkdtemp()) / "crf")
     photos = sorted(p for p in demo.root.iterdir() if p.is_file())
@@ -466,7 +450,6 @@ def gpu() -> dict[str, float | str]:
         f" on the GPU, {pool_cpu_rate:.2f} on the CPU ({pool_rate / pool_cpu_rate:.1f}x)"
     )
     return {
-        "maskcut_vitb8_480_images_per_s": rate,
         "crf_480_3_masks_images_per_s": crf_rate,
         "pool_discovery_images_per_s": pool_rate,
         "pool_discovery_cpu_images_per_s": pool_cpu_rate,
