@@ -54,11 +54,15 @@ class RayConfig:
 
     `address` None starts a local Ray in-process (bound to 127.0.0.1) unless the process was
     launched by `ray job submit`, which sets RAY_ADDRESS; "auto" joins a running cluster.
+    `gpu_wait_s`: how long a stage that is asked for GPUs (`train.use_gpu`, an actor
+    section's `num_gpus`) waits for the cluster to have them, asking its autoscaler, before
+    it fails naming the cause (a GPU group that scales from 0 needs minutes for a node).
     """
 
     address: str | None = None
     num_cpus: int | None = at_least(1, None)
     progress_bars: bool = False
+    gpu_wait_s: float = at_least(0, 900.0)
 
 
 @dataclass(frozen=True)

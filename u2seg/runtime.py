@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -19,13 +20,39 @@ if TYPE_CHECKING:
     import torch
 
 
+class NoGpu(RuntimeError):
+    """Work that was asked to run on GPUs cannot have one: never a silent CPU fallback."""
+
+
+def cuda_problem() -> str:
+    """Why torch cannot use CUDA here, in words: torch's own reason (an old driver, no
+    device, a CPU build) with the torch and CUDA versions and the visible devices."""
+    import torch
+
+    try:
+        torch.cuda.init()
+        reason = f"{torch.cuda.device_count()} CUDA devices"
+    except Exception as exc:  # torch's message names the cause (driver too old, no device)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f"{reason} (torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'}; "
+        f"CUDA_VISIBLE_DEVICES={visible!r})"
+    )
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; anything else is passed to torch."""
+    """`auto` -> CUDA when present, else CPU; anything else is passed to torch. A CUDA
+    device that torch cannot use raises `NoGpu` with the reason, instead of failing later
+    (or running on the CPU) with the GPU held."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NoGpu(f"device {name!r} asked for, but torch cannot use CUDA: {cuda_problem()}")
+    return device
 
 
 # Watches the driver that started a local Ray and, once the driver is gone (killed, say),
@@ -136,6 +163,40 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return bool(ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def wait_for_gpus(count: float, wait_s: float, asked_by: str, on_cpu: str) -> None:
+    """Return once the Ray cluster has `count` GPUs, asking its autoscaler for them
+    (a GPU group that scales from 0 has none when a job starts); `NoGpu` naming `asked_by`
+    (the setting that wants them) and `on_cpu` (the one that would run without) after
+    `wait_s` seconds without."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    def have() -> float:
+        return float(ray.cluster_resources().get("GPU", 0))
+
+    if have() >= count:
+        return
+    deadline = time.monotonic() + wait_s
+    request_resources(bundles=[{"GPU": 1}] * max(1, int(count + 0.999)))
+    try:
+        while have() < count:
+            if time.monotonic() >= deadline:
+                held = ray.cluster_resources()
+                resources = (
+                    f"CPU {held.get('CPU', 0):g}, memory {held.get('memory', 0) / 2**30:.1f} GiB"
+                )
+                raise NoGpu(
+                    f"{asked_by} asks for {count:g} GPU(s), but the Ray cluster had {have():g} "
+                    f"after ray.gpu_wait_s={wait_s:g} s ({resources}). "
+                    "No GPU node joined: on KubeRay check the GPU worker group's maxReplicas, "
+                    "the NVIDIA device plugin and the GPU node pool's quota; to run on CPUs "
+                    f"instead, set {on_cpu}"
+                )
+            time.sleep(min(2.0, max(0.1, wait_s / 10)))
+    finally:
+        request_resources(bundles=[])  # the work's own demand keeps the nodes from here on
 
 
 def actor_pool(size: int, max_size: int | None) -> Any:

@@ -22,7 +22,7 @@ from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import backbone_state, check_precision, check_weights, input_size
-from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session
+from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, wait_for_gpus
 from u2seg.workers.vit import BackboneActor
 
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
@@ -167,10 +167,17 @@ def backbone_pool(
     num_gpus = actors.num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if cluster_has_gpus() else 0.0
+    backbone = to_dict(cfg.backbone)
+    if actors.num_gpus:  # asked for: wait for them, and fail in the actor if CUDA is unusable
+        wait_for_gpus(
+            num_gpus, cfg.ray.gpu_wait_s, f"{name}.num_gpus={num_gpus:g}", f"{name}.num_gpus=0"
+        )
+        if backbone["device"] == "auto":
+            backbone["device"] = "cuda"
     return ds.map_batches(
         actor,
         fn_constructor_kwargs={
-            "backbone": to_dict(cfg.backbone),
+            "backbone": backbone,
             "threads": actors.torch_threads,
             "state": state,
             **actor_kwargs,

@@ -58,7 +58,14 @@ from u2seg.data.training import (
 )
 from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file, write_model_file
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
-from u2seg.runtime import cluster_has_gpus, ray_session, resolve_device
+from u2seg.runtime import (
+    NoGpu,
+    cluster_has_gpus,
+    cuda_problem,
+    ray_session,
+    resolve_device,
+    wait_for_gpus,
+)
 from u2seg.stages import _checkpoints as ckpt
 from u2seg.stages._panoptic_model import RANDOM_INIT, build_from_spec, model_spec
 
@@ -510,7 +517,11 @@ def _device(config: dict[str, Any], session: _Session) -> torch.device:
     if session.ray:
         import ray.train.torch
 
-        return ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+        if not config["use_gpu"]:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():  # the worker holds a GPU that torch cannot use
+            raise NoGpu(f"train.use_gpu=true, but torch cannot use CUDA: {cuda_problem()}")
+        return ray.train.torch.get_device()
     return resolve_device("auto")
 
 
@@ -788,6 +799,9 @@ def _fit_on_ray(cfg: PipelineConfig, loop: dict[str, Any], stage: StageDir) -> d
 
         train = cfg.train
         use_gpu = cluster_has_gpus() if train.use_gpu is None else train.use_gpu
+        if train.use_gpu:
+            workers = train.min_workers or train.num_workers
+            wait_for_gpus(workers, cfg.ray.gpu_wait_s, "train.use_gpu=true", "train.use_gpu=false")
         loop = {**loop, "use_gpu": use_gpu}
         datasets: dict[str, Any] = {}
         if train.loader == "ray-data":
