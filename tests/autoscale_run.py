@@ -1,12 +1,17 @@
-"""Run by tests/test_autoscaling.py in a process of its own (Ray's AutoscalingCluster
-calls `ray stop --force`, which stops every Ray on the machine): a labelling stage on a
-cluster that starts with no worker node, under Ray's autoscaler on its fake multi-node
-provider. Writes <out>/seen.json: worker nodes seen before, during and after the stage."""
+"""Run by tests/test_autoscaling.py in a process of its own: a labelling stage on a cluster
+that starts with no worker node, under Ray's autoscaler v2 (the one KubeRay runs,
+`autoscalerOptions.version: v2`) on its fake multi-node provider. The cluster has its own
+ports and temporary folder, and only its own processes are stopped at the end (never
+`ray stop`, which stops every Ray on the machine). Writes <out>/seen.json: worker nodes
+seen before, during and after the stage."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,45 +19,90 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
+from ray.cluster_utils import FAKE_HEAD_NODE_ID
 
 from tests.helpers import demo_config, save_photo
 from u2seg.stages import features
 
-# Ray's autoscaler on its fake multi-node provider: worker "nodes" are extra raylets on
-# this machine. Nodes with one (logical) GPU stand in for a GPU worker group from 0.
-AUTOSCALING = {
-    "cluster_name": "u2seg-autoscaling-test",
-    "max_workers": 2,
-    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
-                 "disable_node_updaters": True, "disable_launch_config_check": True},
-    "available_node_types": {
-        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-        "gpu": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {},
-                "min_workers": 0, "max_workers": 2},
-    },
-    "head_node_type": "ray.head.default",
-    "upscaling_speed": 1.0,
-    "idle_timeout_minutes": 0.1,
-    "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-    "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-    "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-}  # fmt: skip
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
-def _start() -> None:
-    """`ray start --head` with the autoscaler on the fake provider (what Ray's own
-    AutoscalingCluster does; its template file is not in the wheel)."""
-    subprocess.check_call(["ray", "stop", "--force"])
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(AUTOSCALING, fh)
-    env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
+def _config(gcs: str) -> dict[str, object]:
+    """Ray's autoscaler config on the fake provider, as `AutoscalingCluster(autoscaler_v2=
+    True)` writes it (that class runs `ray stop --force` first): worker "nodes" are extra
+    raylets on this machine; nodes with one (logical) GPU stand in for a GPU worker group
+    that scales from 0 to 2."""
+    return {
+        "cluster_name": "u2seg-autoscaling-test",
+        "max_workers": 2,
+        # Ray's fake provider class, named as an "external" provider: its "fake_multinode"
+        # type makes autoscaler v2 read a defaults file that Ray's wheel does not ship.
+        "provider": {"type": "external", "use_node_id_as_ip": True,
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider."
+                               "FakeMultiNodeProvider",
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID,
+                     "gcs_address": gcs},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {},
+                    "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default",
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }  # fmt: skip
+
+
+def _start(temp_dir: str) -> str:
+    """`ray start --head` with autoscaler v2 on the fake provider, on free ports and its own
+    temporary folder; the GCS address."""
+    gcs_port, client, agent, agent_grpc, env_agent, metrics = _free_ports(6)
+    gcs = f"127.0.0.1:{gcs_port}"
+    config = Path(temp_dir) / "autoscaling.json"
+    config.write_text(json.dumps(_config(gcs)))
+    env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
+           "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+           "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}  # fmt: skip
     subprocess.check_call(
-        ["ray", "start", "--head", f"--autoscaling-config={fh.name}", "--num-cpus=0",
-         "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+        ["ray", "start", "--head", f"--autoscaling-config={config}", "--num-cpus=0",
+         f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+         f"--metrics-export-port={metrics}", "--include-dashboard=false",
+         "--disable-usage-stats"],
         env=env,
     )  # fmt: skip
+    return gcs
+
+
+def _stop(temp_dir: str) -> int:
+    """Kill the processes of this cluster only (their command lines name its temporary
+    folder); how many there were."""
+    ours = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid != os.getpid() and temp_dir in " ".join(process.info["cmdline"] or []):
+            ours.append(process)
+    for process in ours:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(ours, timeout=30)
+    return len(ours)
 
 
 def _workers() -> int:
@@ -60,9 +110,9 @@ def _workers() -> int:
 
 
 def main(out: Path, cache: Path) -> None:
-    _start()
+    temp_dir = tempfile.mkdtemp(prefix="u2as-", dir="/tmp")  # short: Ray's socket paths
     try:
-        ray.init("auto")
+        ray.init(_start(temp_dir))
         photos = out / "photos"
         photos.mkdir(parents=True)
         for k in range(12):
@@ -76,10 +126,13 @@ def main(out: Path, cache: Path) -> None:
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        # What a cluster config says for a GPU stage: one GPU per actor (the stage asks the
+        # autoscaler for it and waits), a pool of 2 actors; the fake nodes' GPUs are only
+        # logical, so the actors compute on the CPU (on `auto` they would refuse CUDA).
         cfg = demo_config(
-            photos, out / "run", cache, "features.image_size=112", "features.batch_size=2",
-            "features.num_gpus=1", "features.num_cpus=0.5", "features.concurrency=1",
-            "features.max_concurrency=2", "data.read_num_cpus=0.25",
+            photos, out / "run", cache, "features.image_size=112", "features.batch_size=1",
+            "features.num_gpus=1", "features.num_cpus=0.5", "features.concurrency=2",
+            "data.read_num_cpus=0.25", "ray.gpu_wait_s=120", "backbone.device=cpu",
         )  # fmt: skip
         manifest = features.run(cfg)
         done.set()
@@ -92,7 +145,8 @@ def main(out: Path, cache: Path) -> None:
         (out / "seen.json").write_text(json.dumps(seen))
     finally:
         ray.shutdown()
-        subprocess.check_call(["ray", "stop", "--force"])
+        print(f"stopped {_stop(temp_dir)} processes of this cluster", file=sys.stderr)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

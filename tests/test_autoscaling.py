@@ -1,7 +1,8 @@
-"""A labelling stage under Ray's own autoscaler (fake multi-node provider): it starts with
-no worker node, the autoscaler adds nodes for its GPU actors, the stage completes, and the
-nodes are released after the idle timeout. Runs in a subprocess of its own: the
-autoscaling cluster stops every Ray on the machine when it starts and ends."""
+"""A labelling stage under Ray's autoscaler v2 (KubeRay's; fake multi-node provider): it
+starts with no worker node, the stage asks for the GPUs its config names, the autoscaler
+adds a node for each of its two GPU actors, the stage completes, and the nodes are
+released after the idle timeout. The cluster runs in a subprocess of its own, on its own
+ports, and only its processes are stopped: other Rays on the machine keep running."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_a_stage_grows_the_cluster_from_zero_and_lets_it_go(
-    tmp_path: Path, weights_cache: Path
+    tmp_path: Path, weights_cache: Path, local_ray: None
 ) -> None:
+    import ray
+
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
@@ -31,6 +34,8 @@ def test_a_stage_grows_the_cluster_from_zero_and_lets_it_go(
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["before"] == 0  # no worker node when the stage started
-    assert seen["most"] >= 1  # the autoscaler added nodes for the GPU actors
+    assert seen["most"] == 2  # the autoscaler added a node for each of the 2 GPU actors
     assert seen["ok"] == 12  # every image went through
     assert seen["after"] == 0  # and the idle nodes were released
+    assert "stopped" in done.stderr
+    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2  # ours still runs
