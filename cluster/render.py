@@ -1,19 +1,33 @@
 """Write u2seg's KubeRay manifests (ray.io/v1) from one description.
 
-    python cluster/render.py            # rewrites cluster/*.yaml
-    python cluster/render.py --check    # exits 1 if a committed manifest differs
+    python cluster/render.py                  # rewrites cluster/*.yaml (the defaults below)
+    python cluster/render.py --check          # exits 1 if a committed manifest differs
+    python cluster/render.py --out my-cluster --storage-class efs-sc \\
+        --image ghcr.io/u2seg/u2seg@sha256:... --gpu-product NVIDIA-H100-80GB-HBM3 \\
+        --priority-class research --kueue-queue gpu-queue
+    python cluster/render.py --out my-cluster --s3 s3://bucket/u2seg   # no volume at all
 
-One RayCluster for interactive use and `ray job submit`, and two RayJobs that bring up
+One RayCluster for interactive use and `ray job submit`, and three RayJobs that bring up
 the same cluster for one job and take it down afterwards: the pseudo-label pipeline
-(`ray_jobs/run.py --until panoptic`) and training (`ray_jobs/train.py`). All three share
-the pod templates below, so the image, the worker groups and the storage cannot drift
-apart; `tests/test_cluster.py` validates the files against KubeRay's CRD schemas.
+(`ray_jobs/run.py --until panoptic`), training (`ray_jobs/train.py`) and self-training
+(`ray_jobs/self_train.py`). All share the pod templates below, so the image, the worker
+groups, the storage and the security settings cannot drift apart; `tests/test_cluster.py`
+validates the files against KubeRay's CRD schemas and the core Kubernetes Pod schema.
+
+Storage: a ReadWriteMany volume of `--storage-class` (the default cloud classes are
+ReadWriteOnce: EBS, PD, Azure Disk), e.g. `efs-sc` (AWS EFS CSI driver), `standard-rwx`
+(GKE Filestore CSI driver), `azurefile-csi` (AKS), `nfs-client` (NFS subdir provisioner);
+or `--s3 URL`: runs, data and weights under that prefix, no volume, credentials from the
+Secret `u2seg-s3` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL
+for an S3-compatible store). Ray's token authentication is on: the token comes from the
+Secret `--auth-secret` (key `auth_token`), which KubeRay puts into every Ray container.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,63 +35,135 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 RAY_VERSION = "2.60.0"  # the pin in pyproject.toml
-IMAGE = "ghcr.io/u2seg/u2seg:0.1.0"  # built from cluster/Dockerfile
-SHARED_CLAIM = "u2seg-shared"  # a ReadWriteMany volume: runs and data under /data
+# The image cluster/Dockerfile builds. A tag can be pushed again with other contents; render
+# with --image NAME@sha256:DIGEST (what `docker push` prints) for an immutable reference.
+IMAGE = "ghcr.io/u2seg/u2seg:0.1.0"
+SHARED_CLAIM = "u2seg-shared"  # the ReadWriteMany volume: runs, data and caches under /data
+STORAGE_CLASS = "nfs-client"
+S3_SECRET = "u2seg-s3"
+AUTH_SECRET = "u2seg-ray-token"
 CONFIG = "configs/coco.yaml"
-OUTPUT = "/data/runs/coco"
-SOURCE = "/data/coco/train2017"
-WEIGHTS = "/data/weights/dino_resnet50_pretrain.pth"  # the DINO ResNet-50 training starts from
+USER = 1000  # the image's non-root user (cluster/Dockerfile)
+METRICS_PORT = 8080  # Ray's metrics export port, scraped by the PodMonitor
 MANIFESTS = (
     "shared-storage.yaml", "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
-    "rayjob-self-train.yaml",
+    "rayjob-self-train.yaml", "podmonitor.yaml",
 )  # fmt: skip
+LABELS = {"app.kubernetes.io/name": "u2seg"}
 
 
-def _container(name: str, cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
-    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+@dataclass(frozen=True)
+class Options:
+    """What a deployment chooses; the defaults are the committed manifests."""
+
+    image: str = IMAGE
+    storage_class: str = STORAGE_CLASS
+    s3: str | None = None  # s3://bucket/prefix: object storage instead of the shared volume
+    auth_secret: str = AUTH_SECRET
+    gpu_product: str | None = (
+        None  # the nodes' nvidia.com/gpu.product label (GPU feature discovery)
+    )
+    priority_class: str | None = None
+    kueue_queue: str | None = None
+
+    @property
+    def root(self) -> str:
+        return self.s3.rstrip("/") if self.s3 else "/data"
+
+
+def _env(options: Options) -> list[dict[str, Any]]:
+    # Caches of compiled ops and downloaded weights: on the shared volume, so that each new
+    # pod finds them; with S3, on the pod's local disk.
+    cache = "/tmp/u2seg-cache" if options.s3 else "/data/.cache"
+    env: list[dict[str, Any]] = [
+        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{cache}/torch_extensions"},
+        {"name": "TORCH_HOME", "value": f"{cache}/torch"},
+        {"name": "HF_HOME", "value": f"{cache}/huggingface"},
+    ]
+    if options.s3:
+        keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {
+                "name": S3_SECRET, "key": key, "optional": key == "AWS_ENDPOINT_URL"}}}
+            for key in keys
+        ]  # fmt: skip
+    return env
+
+
+def _container(
+    options: Options, name: str, cpu: str, memory: str, disk: str, gpus: int = 0
+) -> dict[str, Any]:
+    # Ray spills objects and writes its logs to the container's disk: ask for that space.
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory, "ephemeral-storage": disk}
     if gpus:
         limits["nvidia.com/gpu"] = gpus
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if not options.s3:
+        mounts.insert(0, {"name": "shared", "mountPath": "/data"})
     return {
         "name": name,
-        "image": IMAGE,
-        "imagePullPolicy": "IfNotPresent",
+        "image": options.image,
+        # A digest never changes: the node's copy is the image. A tag may be pushed again.
+        "imagePullPolicy": "IfNotPresent" if "@sha256:" in options.image else "Always",
         "resources": {"limits": limits, "requests": dict(limits)},
-        "env": [{"name": "TORCH_EXTENSIONS_DIR", "value": "/data/.cache/torch_extensions"}],
-        "volumeMounts": [
-            {"name": "shared", "mountPath": "/data"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
+        "env": _env(options),
+        "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
 
 
-def _pod(container: dict[str, Any], shm: str, gpu: bool = False) -> dict[str, Any]:
+def _pod(options: Options, container: dict[str, Any], shm: str, gpu: bool = False) -> dict:
+    volumes: list[dict[str, Any]] = [
+        # Ray's object store and the data loaders live in /dev/shm: the container default
+        # of 64 MiB is far too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+    ]
+    if not options.s3:
+        volumes.insert(0, {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_CLAIM}})
     spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [
-            {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_CLAIM}},
-            # Ray's object store and the data loaders live in /dev/shm: the container
-            # default of 64 MiB is far too small.
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
-        ],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": USER,
+            "runAsGroup": USER,
+            "fsGroup": USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },  # fmt: skip
     }
+    if options.priority_class:
+        spec["priorityClassName"] = options.priority_class
     if gpu:
         spec["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-    return {"spec": spec}
+        if options.gpu_product:
+            term = {"key": "nvidia.com/gpu.product", "operator": "In",
+                    "values": [options.gpu_product]}  # fmt: skip
+            spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]}}}  # fmt: skip
+    return {"metadata": {"labels": dict(LABELS)}, "spec": spec}
 
 
-def cluster_spec() -> dict[str, Any]:
+def cluster_spec(options: Options) -> dict[str, Any]:
     """The RayCluster spec: a head that schedules nothing (num-cpus 0), a CPU group for
-    decoding and evaluation and a GPU group that scales from 0, under Ray's autoscaler v2."""
-    head = _container("ray-head", "4", "16Gi")
+    decoding and evaluation and a GPU group that scales from 0, under Ray's autoscaler v2,
+    with Ray's token authentication."""
+    head = _container(options, "ray-head", "4", "16Gi", "20Gi")
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
+        *head["ports"],
     ]
+    metrics = {"metrics-export-port": str(METRICS_PORT)}
     return {
         "rayVersion": RAY_VERSION,
+        "authOptions": {"mode": "token", "secretName": options.auth_secret},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
             "version": "v2",
@@ -90,8 +176,8 @@ def cluster_spec() -> dict[str, Any]:
         },
         "headGroupSpec": {
             "serviceType": "ClusterIP",  # the dashboard stays inside: kubectl port-forward
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": _pod(head, "8Gi"),
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", **metrics},
+            "template": _pod(options, head, "8Gi"),
         },
         "workerGroupSpecs": [
             {
@@ -99,67 +185,108 @@ def cluster_spec() -> dict[str, Any]:
                 "replicas": 0,
                 "minReplicas": 0,
                 "maxReplicas": 8,
-                "rayStartParams": {},
-                "template": _pod(_container("ray-worker", "16", "64Gi"), "16Gi"),
+                "rayStartParams": dict(metrics),
+                "template": _pod(
+                    options, _container(options, "ray-worker", "16", "64Gi", "100Gi"), "16Gi"
+                ),
             },
             {
                 "groupName": "gpu",
                 "replicas": 0,
                 "minReplicas": 0,
                 "maxReplicas": 16,
-                "rayStartParams": {},
-                "template": _pod(_container("ray-worker", "8", "64Gi", gpus=1), "16Gi", True),
+                "rayStartParams": dict(metrics),
+                "template": _pod(
+                    options,
+                    _container(options, "ray-worker", "8", "64Gi", "100Gi", gpus=1),
+                    "16Gi",
+                    gpu=True,
+                ),
             },
         ],
     }
 
 
-def _job(name: str, entrypoint: str, deadline_hours: int) -> dict[str, Any]:
+def _metadata(options: Options, name: str) -> dict[str, Any]:
+    labels = dict(LABELS)
+    if options.kueue_queue:
+        labels["kueue.x-k8s.io/queue-name"] = options.kueue_queue
+    return {"name": name, "labels": labels}
+
+
+def _job(options: Options, name: str, entrypoint: str, deadline_hours: int) -> dict[str, Any]:
+    submitter = _container(options, "ray-job-submitter", "500m", "1Gi", "1Gi")
+    del submitter["ports"], submitter["volumeMounts"]
+    submitter_pod = _pod(options, submitter, "1Gi")
+    submitter_pod["spec"] = {
+        "restartPolicy": "Never",
+        **{k: v for k, v in submitter_pod["spec"].items() if k != "volumes"},
+    }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "u2seg"}},
+        "metadata": _metadata(options, name),
         "spec": {
             "entrypoint": entrypoint,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
             "activeDeadlineSeconds": deadline_hours * 3600,
             # A retried job resumes: every stage keeps its shards and training its
-            # checkpoints on the shared volume.
+            # checkpoints on the shared storage.
             "backoffLimit": 2,
-            "rayClusterSpec": cluster_spec(),
+            # Kueue admits the job as a whole and then lets the cluster start.
+            "suspend": bool(options.kueue_queue),
+            # The pod that submits the job and follows its logs needs little.
+            "submitterPodTemplate": submitter_pod,
+            "rayClusterSpec": cluster_spec(options),
         },
     }
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    args = f"--config {CONFIG} output={OUTPUT} data.source={SOURCE}"
-    return {
-        "shared-storage.yaml": {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": SHARED_CLAIM},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "resources": {"requests": {"storage": "2Ti"}},
-            },
-        },
+def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
+    root = options.root
+    args = f"--config {CONFIG} output={root}/runs/coco data.source={root}/coco/train2017"
+    weights = f"{root}/weights/dino_resnet50_pretrain.pth"  # what training starts from
+    found: dict[str, dict[str, Any]] = {
         "raycluster.yaml": {
             "apiVersion": "ray.io/v1",
             "kind": "RayCluster",
-            "metadata": {"name": "u2seg", "labels": {"app.kubernetes.io/name": "u2seg"}},
-            "spec": cluster_spec(),
+            "metadata": _metadata(options, "u2seg"),
+            "spec": cluster_spec(options),
         },
         "rayjob-labels.yaml": _job(
-            "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72
+            options, "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72
         ),
         "rayjob-train.yaml": _job(
-            "u2seg-train", f"python ray_jobs/train.py {args} train.weights={WEIGHTS}", 240
+            options, "u2seg-train", f"python ray_jobs/train.py {args} train.weights={weights}", 240
         ),
         "rayjob-self-train.yaml": _job(
-            "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240
+            options, "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240
         ),
+        # Prometheus operator: scrape every Ray pod's metrics port (Ray's Grafana dashboards
+        # read these series).
+        "podmonitor.yaml": {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": "u2seg-ray", "labels": dict(LABELS)},
+            "spec": {
+                "selector": {"matchLabels": dict(LABELS)},
+                "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],
+            },
+        },
     }
+    if not options.s3:
+        found["shared-storage.yaml"] = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": SHARED_CLAIM, "labels": dict(LABELS)},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": options.storage_class,
+                "resources": {"requests": {"storage": "2Ti"}},
+            },
+        }
+    return found
 
 
 def render(name: str, manifest: dict[str, Any]) -> str:
@@ -168,21 +295,63 @@ def render(name: str, manifest: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail if a file is out of date")
-    args = parser.parse_args(argv)
-    stale = []
-    for name, manifest in manifests().items():
-        text = render(name, manifest)
-        path = HERE / name
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(name)
-        else:
-            path.write_text(text)
-    if stale:
-        print(f"out of date: {', '.join(stale)} (run python cluster/render.py)", file=sys.stderr)
-        return 1
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail if a committed file differs from the defaults' render",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=HERE, help="folder to write (default: cluster/)"
+    )
+    parser.add_argument(
+        "--image", default=IMAGE, help="image reference; NAME@sha256:DIGEST pins it"
+    )
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--storage-class",
+        default=STORAGE_CLASS,
+        help="a ReadWriteMany StorageClass for the shared volume",
+    )
+    storage.add_argument("--s3", help="s3://bucket/prefix instead of a volume (no PVC)")
+    parser.add_argument(
+        "--auth-secret",
+        default=AUTH_SECRET,
+        help="Secret holding Ray's token under the key auth_token",
+    )
+    parser.add_argument(
+        "--gpu-product",
+        help="schedule GPU pods only on nodes of this "
+        "nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3",
+    )
+    parser.add_argument("--priority-class", help="priorityClassName of every pod")
+    parser.add_argument("--kueue-queue", help="Kueue LocalQueue of the jobs and the cluster")
+    args = parser.parse_args(argv)  # fmt: skip
+    if args.s3 is not None and not args.s3.startswith("s3://"):
+        parser.error(f"--s3 wants an s3:// URL, got {args.s3!r}")
+    options = Options(
+        image=args.image, storage_class=args.storage_class, s3=args.s3,
+        auth_secret=args.auth_secret, gpu_product=args.gpu_product,
+        priority_class=args.priority_class, kueue_queue=args.kueue_queue,
+    )  # fmt: skip
+    if args.check:
+        stale = [
+            name
+            for name, manifest in manifests().items()
+            if not (HERE / name).is_file() or (HERE / name).read_text() != render(name, manifest)
+        ]
+        if stale:
+            print(
+                f"out of date: {', '.join(stale)} (run python cluster/render.py)", file=sys.stderr
+            )
+            return 1
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, manifest in manifests(options).items():
+        (args.out / name).write_text(render(name, manifest))
     return 0
 
 

@@ -1,7 +1,9 @@
 """The KubeRay manifests in cluster/: valid against KubeRay's own CRD schemas (types, and no
-field the schema does not know, as `kubectl apply --validate=strict` would check), up to
-date with cluster/render.py, and consistent with the project (Ray pin, image, entry points,
-GPU group scaling from zero)."""
+field the schema does not know, as `kubectl apply --validate=strict` would check) and their
+pods against the core Kubernetes schemas (kubernetes-validate, strict), up to date with
+cluster/render.py, consistent with the project (Ray pin, image, entry points, GPU group
+scaling from zero), locked down (token auth, non-root), and rendered as a deployment asks
+(storage class or S3 without a volume, GPU type, priority class, Kueue queue, image digest)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import functools
 import importlib.metadata
 import importlib.util
 import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -26,6 +31,7 @@ def _render() -> Any:
     spec = importlib.util.spec_from_file_location("render", CLUSTER / "render.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
     spec.loader.exec_module(module)
     return module
 
@@ -69,6 +75,19 @@ def _load(name: str) -> dict[str, Any]:
 
 RAY_MANIFESTS = ["raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
                  "rayjob-self-train.yaml"]  # fmt: skip
+K8S_VERSIONS = ["1.30", "1.33", "1.37"]
+
+
+def _pods(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod template of a RayCluster or RayJob, as the Pod the operator would create."""
+    spec = _cluster_spec(manifest)
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    templates = [g["template"] for g in groups]
+    if manifest["kind"] == "RayJob":
+        templates.append(manifest["spec"]["submitterPodTemplate"])
+    return [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "pod", **t.get("metadata", {})}, "spec": t["spec"]}
+            for t in templates]  # fmt: skip
 
 
 def _cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +98,18 @@ def _cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
 def test_manifests_pass_kuberays_schema(name: str) -> None:
     _check(_load(name))
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_pods_and_the_volume_pass_the_core_kubernetes_schemas(version: str) -> None:
+    for name in RAY_MANIFESTS:
+        for pod in _pods(_load(name)):
+            kubernetes_validate.validate(pod, version, strict=True)
+    kubernetes_validate.validate(_load("shared-storage.yaml"), version, strict=True)
+    bad = _pods(_load("raycluster.yaml"))[0]
+    bad["spec"]["containers"][0]["securityContext"]["runAsNonroot"] = True  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError, match="runAsNonroot"):
+        kubernetes_validate.validate(bad, version, strict=True)
 
 
 def test_a_typo_or_a_wrong_type_is_caught() -> None:
@@ -119,6 +150,14 @@ def test_manifests_agree_with_the_project(name: str) -> None:
         shm = [v for v in template["volumes"] if v["name"] == "dshm"]
         assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
     assert images == {_render().IMAGE}
+    assert spec["authOptions"] == {"mode": "token", "secretName": _render().AUTH_SECRET}
+    for pod in _pods(manifest):
+        context = pod["spec"]["securityContext"]
+        assert context["runAsNonRoot"] and context["runAsUser"] == 1000
+        for container in pod["spec"]["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["imagePullPolicy"] == "Always"  # a tag, not a digest
+            assert "ephemeral-storage" in container["resources"]["requests"]
     if manifest["kind"] == "RayJob":
         job = manifest["spec"]
         assert job["shutdownAfterJobFinishes"] and job["ttlSecondsAfterFinished"] > 0
@@ -129,9 +168,83 @@ def test_manifests_agree_with_the_project(name: str) -> None:
         assert (REPO / config).is_file()
 
 
+def test_a_deployment_renders_its_storage_gpu_type_priority_queue_and_image(
+    tmp_path: Path,
+) -> None:
+    render = _render()
+    digest = "ghcr.io/u2seg/u2seg@sha256:" + "ab" * 32
+    assert render.main(["--out", str(tmp_path), "--storage-class", "efs-sc", "--image", digest,
+                        "--gpu-product", "NVIDIA-H100-80GB-HBM3", "--priority-class", "research",
+                        "--kueue-queue", "gpu-queue"]) == 0  # fmt: skip
+    volume = yaml.safe_load((tmp_path / "shared-storage.yaml").read_text())
+    assert volume["spec"]["storageClassName"] == "efs-sc"
+    assert volume["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = yaml.safe_load((tmp_path / "rayjob-train.yaml").read_text())
+    _check(job)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True  # Kueue admits it
+    for pod in _pods(job):
+        kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+        assert pod["spec"]["priorityClassName"] == "research"
+        assert {c["image"] for c in pod["spec"]["containers"]} == {digest}
+        assert {c["imagePullPolicy"] for c in pod["spec"]["containers"]} == {"IfNotPresent"}
+    (gpu,) = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+              if g["groupName"] == "gpu"]  # fmt: skip
+    terms = gpu["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]  # fmt: skip
+    assert terms == [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In",
+                                            "values": ["NVIDIA-H100-80GB-HBM3"]}]}]  # fmt: skip
+
+
+def test_the_s3_variant_has_no_volume_and_reads_its_credentials_from_a_secret(
+    tmp_path: Path,
+) -> None:
+    render = _render()
+    assert render.main(["--out", str(tmp_path), "--s3", "s3://bucket/u2seg"]) == 0
+    assert not (tmp_path / "shared-storage.yaml").exists()
+    for name in RAY_MANIFESTS:
+        manifest = yaml.safe_load((tmp_path / name).read_text())
+        _check(manifest)
+        assert "u2seg-shared" not in (tmp_path / name).read_text()
+        for pod in _pods(manifest):
+            kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+            assert all(v["name"] != "shared" for v in pod["spec"].get("volumes", []))
+            for container in pod["spec"]["containers"]:
+                secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+                           for e in container["env"] if "valueFrom" in e}  # fmt: skip
+                assert (
+                    secrets["AWS_ACCESS_KEY_ID"] == secrets["AWS_SECRET_ACCESS_KEY"] == "u2seg-s3"
+                )
+        if manifest["kind"] == "RayJob":
+            words = shlex.split(manifest["spec"]["entrypoint"])
+            assert "output=s3://bucket/u2seg/runs/coco" in words
+    with pytest.raises(SystemExit):
+        render.main(["--out", str(tmp_path), "--s3", "/data"])
+
+
+def test_the_podmonitor_scrapes_every_ray_pod() -> None:
+    monitor = _load("podmonitor.yaml")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    spec = _cluster_spec(_load("raycluster.yaml"))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        labels = group["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+        (container,) = group["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert str(ports[endpoint["port"]]) == group["rayStartParams"]["metrics-export-port"]
+
+
 def test_the_dockerfile_installs_what_the_jobs_need() -> None:
     text = (CLUSTER / "Dockerfile").read_text()
     for folder in ("u2seg", "ray_jobs", "configs"):
         assert f"COPY {folder} ./{folder}" in text
     assert _render().IMAGE in text  # the build command the header gives
-    assert "faiss-gpu-cu12" in text and "pip uninstall -y faiss-cpu" in text
+    # Python as tested, faiss as tested (no faiss-gpu build for torch's CUDA 13), S3 support,
+    # the non-root user the manifests run as, no compiler in the final image.
+    assert "FROM python:3.11" in text and "pip install faiss-gpu" not in text
+    assert ".[crf,s3]" in text and "useradd" in text and "--uid 1000" in text
+    final = text[text.rindex("FROM ") :]
+    assert "build-essential" not in final and "USER 1000" in final
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "runs", ".cache", ".git"} <= set(ignored)
