@@ -75,6 +75,7 @@ class StageDir:
         return f"{self.path}/{name}"
 
     def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache(self.path)
         return bool(self.fs.exists(self.file(name)))
 
     # -- writing -------------------------------------------------------------------------
@@ -195,7 +196,10 @@ class StageDir:
         return f"part-{index:05d}.parquet"
 
     def complete_shards(self) -> set[int]:
-        """Indices of the shards already written in full (temporary files are ignored)."""
+        """Indices of the shards already written in full (temporary files are ignored).
+        Listed afresh: on object stores fsspec caches listings, and Ray's workers, another
+        driver or a person may have written or removed shards since this process looked."""
+        self.fs.invalidate_cache(self.path)
         if not self.fs.exists(self.path):
             return set()
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
