@@ -197,10 +197,12 @@ class EmbedConfig(ActorConfig):
 class ClusterConfig:
     """k-means of the mask embeddings into K pseudo thing classes (faiss).
 
-    `k`: 300 / 800 (COCO), 2911 (ImageNet). `mode`: "auto" (in-process when the vectors fit
-    `max_local_vectors`, else sharded), "local" or "sharded" (Ray actors hold shards of the
-    vectors and compute assignments; faiss drives the loop). `gpu`: use faiss-gpu inside
-    actors when the `gpu` extra is installed.
+    `k`: 300 / 800 (COCO), 2911 (ImageNet). `mode`: "auto" (local when the vectors fit
+    `max_local_vectors`, else sharded), "local" (one Ray task of `num_cpus` CPUs, which faiss
+    uses as threads, asking Ray for 12 bytes per vector dimension: on a cluster it runs on a
+    worker node, not on the head) or "sharded" (Ray actors of `shard_num_cpus` hold shards of
+    the vectors and compute assignments; faiss drives the loop). `gpu`: faiss-gpu in the
+    task or actors (the `gpu` extra), which then ask for a GPU each.
     """
 
     k: int = at_least(1, 800)
@@ -208,6 +210,7 @@ class ClusterConfig:
     seed: int = 0
     mode: str = "auto"
     max_local_vectors: int = at_least(0, 5_000_000)
+    num_cpus: float = above(0, 1.0)
     num_shards: int = at_least(1, 4)
     shard_num_cpus: float = at_least(0, 1.0)
     gpu: bool = False

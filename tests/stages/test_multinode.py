@@ -162,3 +162,37 @@ def test_elastic_training_goes_on_with_fewer_workers_after_losing_a_node(tmp_pat
     assert manifest["counts"]["steps"] == 8 and manifest["counts"]["world_size"] == 1
     assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
     assert all(e["images"] == 2 for e in manifest["curve"])
+
+
+def test_local_kmeans_runs_on_a_worker_node_not_the_head(cluster, tmp_path: Path) -> None:
+    """The local mode's k-means is a Ray task asking for CPUs and memory: on a cluster whose
+    head schedules nothing it runs on a worker node (the head only drives the job)."""
+    import numpy as np
+    import pyarrow as pa
+    import ray
+
+    from tests.helpers import DEMO_CONFIG
+    from u2seg.artifacts import StageDir
+    from u2seg.config import load_config
+    from u2seg.stages import cluster as cluster_stage
+
+    out = tmp_path / "run"
+    embed = StageDir(str(out), "embed")
+    embed.start({}, {})
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        vectors = rng.normal(size=(40, 16)).astype(np.float32)
+        vectors[:20] += 5.0  # two blobs
+        ids = np.arange(40) + 40 * shard + 1
+        embed.write_table(embed.shard_name(shard), pa.table({
+            "annotation_id": ids, "image_id": ids,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 16),
+            "error": pa.array([None] * 40, pa.string()),
+        }))  # fmt: skip
+    embed.finish({}, pa.table({"annotation_id": pa.array([], pa.int64())}))
+    cfg = load_config(DEMO_CONFIG, [f"output={out}", "cluster.k=2", "cluster.mode=local"])
+    manifest = cluster_stage.run(cfg)
+    head = ray.get_runtime_context().get_node_id()
+    workers = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - {head}
+    assert manifest["mode"] == "local" and manifest["node"] in workers
+    assert sorted(manifest["sizes"]) == [40, 40]

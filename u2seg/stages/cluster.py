@@ -1,8 +1,10 @@
 """Stage `cluster`: k-means of the mask embeddings into K pseudo thing classes.
 
-In-process `faiss.Kmeans` when the vectors fit one node, else the sharded mode: Ray actors
-each load one `embed/` shard and compute assignments and partial sums, driven by faiss's
-C++ k-means loop step for step (u2seg.ops.kmeans), so both modes give the same clustering. Outputs
+`faiss.Kmeans` in one Ray task when the vectors fit one node (the task reads the shards
+itself and asks Ray for their memory, so a cluster runs it on a worker node, never on the
+head that drives the job), else the sharded mode: Ray actors each load one `embed/` shard
+and compute assignments and partial sums, driven by faiss's C++ k-means loop step for step
+(u2seg.ops.kmeans), so both modes give the same clustering. Outputs
 `cluster/centroids.npy` (K, d) float32 and `cluster/assignments.parquet` (annotation_id,
 image_id, cluster 0..K-1, category_id = cluster + 1, the pseudo class of METHOD.md stage 3).
 """
@@ -21,7 +23,7 @@ from u2seg.artifacts import MANIFEST, StageDir
 from u2seg.config import ClusterConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.vectors import vectors_from_arrow
 from u2seg.ops.kmeans import KMeansResult, as_vectors, kmeans_local
-from u2seg.runtime import ray_session
+from u2seg.runtime import ray_session, wait_for_gpus
 from u2seg.stages._sharded_kmeans import ShardSource, kmeans_sharded, known_count, load_shards
 
 STAGE = "cluster"
@@ -41,17 +43,43 @@ def shard_vectors(run_dir: str, name: str) -> np.ndarray:
     return vectors_from_arrow(table.column("vector"), f"embed/{name}")
 
 
-def _cluster(cfg: PipelineConfig, names: list[str], count: int) -> tuple[KMeansResult, str]:
+def _kmeans_task(run_dir: str, names: list[str], c: ClusterConfig) -> tuple[KMeansResult, str]:
+    """The local mode's k-means, in the Ray task that `_cluster` places; with the id of the
+    node it ran on."""
+    import faiss
+    import ray
+
+    faiss.omp_set_num_threads(max(1, int(c.num_cpus)))
+    vectors = np.concatenate([shard_vectors(run_dir, n) for n in names])
+    result = kmeans_local(vectors, c.k, c.niter, c.seed, c.gpu)
+    return result, ray.get_runtime_context().get_node_id()
+
+
+def _cluster(
+    cfg: PipelineConfig, embed: StageDir, names: list[str], count: int
+) -> tuple[KMeansResult, str, str | None]:
+    """(result, mode, the node the local mode's task ran on)."""
     c = cfg.cluster
     if c.mode not in MODES:
         raise ValueError(f"cluster.mode={c.mode!r} is not one of {', '.join(MODES)}")
     mode = c.mode if c.mode != "auto" else ("local" if count <= c.max_local_vectors else "sharded")
-    if mode == "local":
-        vectors = np.concatenate([shard_vectors(cfg.output_dir, n) for n in names])
-        return kmeans_local(vectors, c.k, c.niter, c.seed, c.gpu), mode
-    sources = [functools.partial(shard_vectors, cfg.output_dir, n) for n in names]
     with ray_session(cfg.ray):
-        return kmeans_sharded(sources, c.k, c.niter, c.seed, c.shard_num_cpus, c.gpu), mode
+        import ray
+
+        if c.gpu:
+            wait_for_gpus(1, cfg.ray.gpu_wait_s, "cluster.gpu=true", "cluster.gpu=false")
+        if mode == "sharded":
+            sources = [functools.partial(shard_vectors, cfg.output_dir, n) for n in names]
+            result = kmeans_sharded(sources, c.k, c.niter, c.seed, c.shard_num_cpus, c.gpu)
+            return result, mode, None
+        dim = embed.read_table(names[0], ["vector"]).schema.field("vector").type.list_size
+        task = ray.remote(_kmeans_task).options(
+            num_cpus=c.num_cpus,
+            num_gpus=1 if c.gpu else 0,
+            memory=3 * 4 * count * max(1, dim),  # the shards, their concatenation, faiss's copy
+        )
+        result, node = ray.get(task.remote(cfg.output_dir, names, c))
+        return result, mode, node
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -72,7 +100,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         raise ValueError(
             f"cluster.k={cfg.cluster.k} is more than the {count} embedded masks: lower cluster.k"
         )
-    result, mode = _cluster(cfg, names, count)
+    result, mode, node = _cluster(cfg, embed, names, count)
     ids = pa.concat_tables(keys)
     cluster = pa.array(result.assignment, pa.int64())
     assignments = ids.append_column("cluster", cluster).append_column(
@@ -83,6 +111,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     counts = {"masks": count, "k": cfg.cluster.k, "empty_clusters": result.empty_clusters}
     extra = {
         "mode": mode,
+        "node": node,
         "objective": result.objective,
         "iterations": result.iterations,
         "sizes": result.sizes.tolist(),
