@@ -168,12 +168,12 @@ def backbone_pool(
     if num_gpus is None:
         num_gpus = 1.0 if cluster_has_gpus() else 0.0
     backbone = to_dict(cfg.backbone)
-    if actors.num_gpus:  # asked for: wait for them, and fail in the actor if CUDA is unusable
+    if actors.num_gpus:  # asked for: wait for them
         wait_for_gpus(
             num_gpus, cfg.ray.gpu_wait_s, f"{name}.num_gpus={num_gpus:g}", f"{name}.num_gpus=0"
         )
-        if backbone["device"] == "auto":
-            backbone["device"] = "cuda"
+    if num_gpus and backbone["device"] == "auto":
+        backbone["device"] = "cuda"  # an actor holding a GPU torch cannot use fails, naming why
     return ds.map_batches(
         actor,
         fn_constructor_kwargs={
