@@ -65,6 +65,8 @@ class Options:
     )
     priority_class: str | None = None
     kueue_queue: str | None = None
+    prometheus: str | None = None  # the dashboard's metrics charts read these two
+    grafana: str | None = None
 
     @property
     def root(self) -> str:
@@ -154,6 +156,11 @@ def cluster_spec(options: Options) -> dict[str, Any]:
     decoding and evaluation and a GPU group that scales from 0, under Ray's autoscaler v2,
     with Ray's token authentication."""
     head = _container(options, "ray-head", "4", "16Gi", "20Gi")
+    if options.prometheus:
+        head["env"].append({"name": "RAY_PROMETHEUS_HOST", "value": options.prometheus})
+    if options.grafana:
+        head["env"] += [{"name": "RAY_GRAFANA_HOST", "value": options.grafana},
+                        {"name": "RAY_GRAFANA_IFRAME_HOST", "value": options.grafana}]  # fmt: skip
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
@@ -329,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--priority-class", help="priorityClassName of every pod")
     parser.add_argument("--kueue-queue", help="Kueue LocalQueue of the jobs and the cluster")
+    parser.add_argument("--prometheus", help="Prometheus URL for the Ray dashboard's charts")
+    parser.add_argument("--grafana", help="Grafana URL for the Ray dashboard's charts")
     args = parser.parse_args(argv)  # fmt: skip
     if args.s3 is not None and not args.s3.startswith("s3://"):
         parser.error(f"--s3 wants an s3:// URL, got {args.s3!r}")
@@ -336,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         image=args.image, storage_class=args.storage_class, s3=args.s3,
         auth_secret=args.auth_secret, gpu_product=args.gpu_product,
         priority_class=args.priority_class, kueue_queue=args.kueue_queue,
+        prometheus=args.prometheus, grafana=args.grafana,
     )  # fmt: skip
     if args.check:
         stale = [

@@ -175,7 +175,8 @@ def test_a_deployment_renders_its_storage_gpu_type_priority_queue_and_image(
     digest = "ghcr.io/u2seg/u2seg@sha256:" + "ab" * 32
     assert render.main(["--out", str(tmp_path), "--storage-class", "efs-sc", "--image", digest,
                         "--gpu-product", "NVIDIA-H100-80GB-HBM3", "--priority-class", "research",
-                        "--kueue-queue", "gpu-queue"]) == 0  # fmt: skip
+                        "--kueue-queue", "gpu-queue", "--grafana", "http://grafana:3000",
+                        "--prometheus", "http://prometheus:9090"]) == 0  # fmt: skip
     volume = yaml.safe_load((tmp_path / "shared-storage.yaml").read_text())
     assert volume["spec"]["storageClassName"] == "efs-sc"
     assert volume["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -188,6 +189,10 @@ def test_a_deployment_renders_its_storage_gpu_type_priority_queue_and_image(
         assert pod["spec"]["priorityClassName"] == "research"
         assert {c["image"] for c in pod["spec"]["containers"]} == {digest}
         assert {c["imagePullPolicy"] for c in pod["spec"]["containers"]} == {"IfNotPresent"}
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    assert env["RAY_GRAFANA_HOST"] == "http://grafana:3000"
+    assert env["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090"
     (gpu,) = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
               if g["groupName"] == "gpu"]  # fmt: skip
     terms = gpu["template"]["spec"]["affinity"]["nodeAffinity"][
