@@ -7,7 +7,6 @@ seen before, during and after the stage."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,11 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import ray
 from ray.cluster_utils import FAKE_HEAD_NODE_ID
 
-from tests.helpers import demo_config, save_photo
+from tests.helpers import demo_config, save_photo, stop_ray_in
 from u2seg.stages import features
 
 
@@ -91,20 +89,6 @@ def _start(temp_dir: str) -> str:
     return gcs
 
 
-def _stop(temp_dir: str) -> int:
-    """Kill the processes of this cluster only (their command lines name its temporary
-    folder); how many there were."""
-    ours = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if process.pid != os.getpid() and temp_dir in " ".join(process.info["cmdline"] or []):
-            ours.append(process)
-    for process in ours:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(ours, timeout=30)
-    return len(ours)
-
-
 def _workers() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0)
 
@@ -145,7 +129,7 @@ def main(out: Path, cache: Path) -> None:
         (out / "seen.json").write_text(json.dumps(seen))
     finally:
         ray.shutdown()
-        print(f"stopped {_stop(temp_dir)} processes of this cluster", file=sys.stderr)
+        print(f"stopped {stop_ray_in(temp_dir)} processes of this cluster", file=sys.stderr)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from u2seg.config import PipelineConfig, load_config
@@ -76,3 +79,17 @@ def fault_when(
         yield
     finally:
         thread.join()
+
+
+def stop_ray_in(temp_dir: str) -> int:
+    """Kill the processes of the Ray started with `--temp-dir=temp_dir` (their command lines
+    name it), and no other: `ray stop` would stop every Ray on the machine. How many."""
+    ours = [
+        p for p in psutil.process_iter(["pid", "cmdline"])
+        if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or [])
+    ]  # fmt: skip
+    for process in ours:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(ours, timeout=30)
+    return len(ours)
