@@ -4,6 +4,7 @@ terminal (torch and Ray are imported on use, so the `u2seg` command starts fast)
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import subprocess
@@ -179,7 +180,7 @@ def wait_for_gpus(count: float, wait_s: float, asked_by: str, on_cpu: str) -> No
     if have() >= count:
         return
     deadline = time.monotonic() + wait_s
-    request_resources(bundles=[{"GPU": 1}] * max(1, int(count + 0.999)))
+    request_resources(bundles=[{"GPU": 1}] * max(1, math.ceil(count)))
     try:
         while have() < count:
             if time.monotonic() >= deadline:

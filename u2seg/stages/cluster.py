@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from u2seg.artifacts import MANIFEST, StageDir
 from u2seg.config import ClusterConfig, PipelineConfig, depends_on, to_dict
@@ -72,7 +73,8 @@ def _cluster(
             sources = [functools.partial(shard_vectors, cfg.output_dir, n) for n in names]
             result = kmeans_sharded(sources, c.k, c.niter, c.seed, c.shard_num_cpus, c.gpu)
             return result, mode, None
-        dim = embed.read_table(names[0], ["vector"]).schema.field("vector").type.list_size
+        with embed.fs.open(embed.file(names[0]), "rb") as fh:  # the schema only
+            dim = pq.read_schema(fh).field("vector").type.list_size
         task = ray.remote(_kmeans_task).options(
             num_cpus=c.num_cpus,
             num_gpus=1 if c.gpu else 0,
