@@ -166,6 +166,19 @@ def cluster_has_gpus() -> bool:
     return bool(ray.cluster_resources().get("GPU", 0) > 0)
 
 
+def gpus_asked(key: str, asked: float | bool | None, count: float, wait_s: float) -> bool:
+    """Whether work runs on GPUs, from the setting `key` = `asked`: None -> when the cluster
+    has GPUs now; true or > 0 -> yes, once the cluster has `count` of them
+    (`wait_for_gpus`, which fails naming `key`); false or 0 -> no."""
+    if asked is None:
+        return cluster_has_gpus()
+    if asked:
+        shown, off = ("true", "false") if isinstance(asked, bool) else (f"{asked:g}", "0")
+        wait_for_gpus(count, wait_s, f"{key}={shown}", f"{key}={off}")
+        return True
+    return False
+
+
 def wait_for_gpus(count: float, wait_s: float, asked_by: str, on_cpu: str) -> None:
     """Return once the Ray cluster has `count` GPUs, asking its autoscaler for them
     (a GPU group that scales from 0 has none when a job starts); `NoGpu` naming `asked_by`

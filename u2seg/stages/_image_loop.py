@@ -22,7 +22,7 @@ from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import backbone_state, check_precision, check_weights, input_size
-from u2seg.runtime import actor_pool, cluster_has_gpus, ray_session, wait_for_gpus
+from u2seg.runtime import actor_pool, gpus_asked, ray_session
 from u2seg.workers.vit import BackboneActor
 
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
@@ -164,15 +164,11 @@ def backbone_pool(
 
     b = cfg.backbone
     state = ray.put(backbone_state(b.name, b.weights, b.cache_dir))
-    num_gpus = actors.num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if cluster_has_gpus() else 0.0
+    asked = actors.num_gpus
+    on_gpu = gpus_asked(f"{name}.num_gpus", asked, asked or 1.0, cfg.ray.gpu_wait_s)
+    num_gpus = asked if asked is not None else float(on_gpu)
     backbone = to_dict(cfg.backbone)
-    if actors.num_gpus:  # asked for: wait for them
-        wait_for_gpus(
-            num_gpus, cfg.ray.gpu_wait_s, f"{name}.num_gpus={num_gpus:g}", f"{name}.num_gpus=0"
-        )
-    if num_gpus and backbone["device"] == "auto":
+    if on_gpu and backbone["device"] == "auto":
         backbone["device"] = "cuda"  # an actor holding a GPU torch cannot use fails, naming why
     return ds.map_batches(
         actor,

@@ -24,7 +24,7 @@ from u2seg.artifacts import MANIFEST, StageDir
 from u2seg.config import ClusterConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.vectors import vectors_from_arrow
 from u2seg.ops.kmeans import KMeansResult, as_vectors, kmeans_local
-from u2seg.runtime import ray_session, wait_for_gpus
+from u2seg.runtime import gpus_asked, ray_session
 from u2seg.stages._sharded_kmeans import ShardSource, kmeans_sharded, known_count, load_shards
 
 STAGE = "cluster"
@@ -67,8 +67,7 @@ def _cluster(
     with ray_session(cfg.ray):
         import ray
 
-        if c.gpu:
-            wait_for_gpus(1, cfg.ray.gpu_wait_s, "cluster.gpu=true", "cluster.gpu=false")
+        gpus_asked("cluster.gpu", c.gpu, 1, cfg.ray.gpu_wait_s)
         if mode == "sharded":
             sources = [functools.partial(shard_vectors, cfg.output_dir, n) for n in names]
             result = kmeans_sharded(sources, c.k, c.niter, c.seed, c.shard_num_cpus, c.gpu)

@@ -38,10 +38,9 @@ from u2seg.models.vit import autocast_dtype, check_precision
 from u2seg.ops.panoptic import combine_predictions
 from u2seg.runtime import (
     actor_pool,
-    cluster_has_gpus,
+    gpus_asked,
     ray_session,
     resolve_device,
-    wait_for_gpus,
 )
 from u2seg.stages._image_loop import drain, plan_shards, shard_digests
 from u2seg.stages._panoptic_model import build_from_spec
@@ -207,14 +206,8 @@ def _process(
                "detections_per_image", "instance_score", "overlap", "stuff_area",
                "precision")}  # fmt: skip
     with ray_session(cfg.ray):
-        num_gpus = p.num_gpus if p.num_gpus is not None else float(cluster_has_gpus())
-        if p.num_gpus:
-            wait_for_gpus(
-                p.num_gpus,
-                cfg.ray.gpu_wait_s,
-                f"predict.num_gpus={p.num_gpus:g}",
-                "predict.num_gpus=0",
-            )
+        on_gpu = gpus_asked("predict.num_gpus", p.num_gpus, p.num_gpus or 1.0, cfg.ray.gpu_wait_s)
+        num_gpus = p.num_gpus if p.num_gpus is not None else float(on_gpu)
         batch = p.batch_size
         ds: Any = ray.data.from_arrow(
             [todo.slice(i, batch) for i in range(0, todo.num_rows, batch)]

@@ -37,7 +37,7 @@ from u2seg.ops.stuff import (
     stuff_logits,
     upsample_logits,
 )
-from u2seg.runtime import cluster_has_gpus, ray_session, wait_for_gpus
+from u2seg.runtime import gpus_asked, ray_session
 from u2seg.stages._image_loop import (
     BackboneActor,
     ImageStage,
@@ -226,10 +226,7 @@ def _train_head(cfg: PipelineConfig, tokens_path: str, stage: StageDir) -> dict[
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cluster_has_gpus() if sc.num_gpus is None else sc.num_gpus > 0
-    if sc.num_gpus:
-        wait_for_gpus(sc.train_workers, cfg.ray.gpu_wait_s,
-                      f"semantic.num_gpus={sc.num_gpus:g}", "semantic.num_gpus=0")  # fmt: skip
+    use_gpu = gpus_asked("semantic.num_gpus", sc.num_gpus, sc.train_workers, cfg.ray.gpu_wait_s)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop_config,

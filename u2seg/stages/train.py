@@ -60,11 +60,10 @@ from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
 from u2seg.runtime import (
     NoGpu,
-    cluster_has_gpus,
     cuda_problem,
+    gpus_asked,
     ray_session,
     resolve_device,
-    wait_for_gpus,
 )
 from u2seg.stages import _checkpoints as ckpt
 from u2seg.stages._panoptic_model import RANDOM_INIT, build_from_spec, model_spec
@@ -798,10 +797,8 @@ def _fit_on_ray(cfg: PipelineConfig, loop: dict[str, Any], stage: StageDir) -> d
         from ray.train.torch import TorchConfig, TorchTrainer
 
         train = cfg.train
-        use_gpu = cluster_has_gpus() if train.use_gpu is None else train.use_gpu
-        if train.use_gpu:
-            workers = train.min_workers or train.num_workers
-            wait_for_gpus(workers, cfg.ray.gpu_wait_s, "train.use_gpu=true", "train.use_gpu=false")
+        workers = train.min_workers or train.num_workers
+        use_gpu = gpus_asked("train.use_gpu", train.use_gpu, workers, cfg.ray.gpu_wait_s)
         loop = {**loop, "use_gpu": use_gpu}
         datasets: dict[str, Any] = {}
         if train.loader == "ray-data":
