@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from u2seg.artifacts import ArtifactError
-from u2seg.config import ConfigError, PipelineConfig, load_config
+from u2seg.config import ConfigError, PipelineConfig, load_config, reference_markdown
 from u2seg.runtime import local_ray_address, quiet_ray_stderr
 
 StageFn = Callable[[PipelineConfig], dict[str, Any]]
@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
+    sub.add_parser(
+        "reference",
+        help="print the configuration reference (Markdown)",
+        description="Print every config key with its type, default, allowed range and the "
+        "description of its section, from the config dataclasses: the source of "
+        "docs/configuration.md (u2seg reference > docs/configuration.md).",
+    )
     return parser
 
 
@@ -274,6 +281,9 @@ def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "reference":
+        print(reference_markdown())
+        return 0
     try:
         with quiet_ray_stderr():
             _command(args)
