@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The image stages' GPU figures of the README, on a bare CUDA machine: Python with torch,
+# The image stages' GPU figures (docs/benchmarks.md), on a bare CUDA machine: Python with torch,
 # torchvision and timm, nothing else of the project's dependencies, no network.
 #
 #   benchmarks/gpu_check.sh PHOTOS [WHEELS] [OUT.json]

@@ -69,7 +69,7 @@ def test_actor_pools_fixed_or_growing() -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_run_without_an_address_starts_its_own_ray_beside_a_local_head() -> None:
-    """`ray start --head` on this machine (what the README's cluster section has users do)
+    """`ray start --head` on this machine (what docs/cluster.md has users do)
     does not stop a run with no `ray.address`: it gets a Ray of its own (2 CPUs here,
     where the head has 1) instead of joining the head and failing on `num_cpus`."""
     ray = str(Path(sys.executable).with_name("ray"))
