@@ -27,8 +27,9 @@ from u2seg.stages import _checkpoints as ckpt
 from u2seg.stages import train as train_stage
 from u2seg.stages._panoptic_model import build_from_spec
 
+# The cluster configs' loader (the demo's decodes in the workers).
 DEEPSPEED_2 = ["train.strategy=deepspeed", "train.zero_stage=2", "train.num_workers=2",
-               "train.ims_per_batch=2"]  # fmt: skip
+               "train.ims_per_batch=2", "train.loader=ray-data"]  # fmt: skip
 
 
 def _ray_checkpoints(run: Path) -> list[Path]:
