@@ -22,7 +22,7 @@ def _keys(cfg: object, prefix: str = "") -> list[str]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             keys += _keys(value, f"{prefix}{f.name}.")
-        elif prefix:
+        else:
             keys.append(prefix + f.name)
     return keys
 

@@ -538,6 +538,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def _range_text(f: dataclasses.Field) -> str:
+    """The values a field declared with a range allows ("" for a field without one)."""
+    if "range" not in f.metadata:
+        return ""
+    lo, hi, open_lo = f.metadata["range"]
+    return f"> {lo}" if open_lo else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+
 def check_ranges(cfg: Any, prefix: str = "") -> None:
     """Every field declared with a range (sizes, counts, batch sizes, fractions) holds a
     value inside it; a ConfigError names the key otherwise."""
@@ -552,8 +560,7 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
         if (lo is not None and (value <= lo if open_lo else value < lo)) or (
             hi is not None and value > hi
         ):
-            want = f"> {lo}" if open_lo else f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise ConfigError(f"bad value {key}={value!r}: must be {want}")
+            raise ConfigError(f"bad value {key}={value!r}: must be {_range_text(f)}")
     most = getattr(cfg, "max_concurrency", None)
     if most is not None and most < cfg.concurrency:
         raise ConfigError(
@@ -589,15 +596,6 @@ def _type_name(annotation: Any) -> str:
     return re.sub(r"<class '(\w+)'>", r"\1", text).replace(" | ", " or ")
 
 
-def _allowed(f: dataclasses.Field) -> str:
-    if "range" not in f.metadata:
-        return ""
-    lo, hi, open_lo = f.metadata["range"]
-    if hi is not None:
-        return f"{lo} .. {hi}"
-    return f"> {lo}" if open_lo else f">= {lo}"
-
-
 def _default(f: dataclasses.Field) -> str:
     value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
     return f"`{json.dumps(value)}`"
@@ -616,9 +614,11 @@ def reference_markdown() -> str:
         "`configs/demo.yaml` shrinks the defaults (the paper's) for a 2-core machine;",
         "`configs/coco.yaml`, `imagenet.yaml` and `cityscapes.yaml` hold the paper-scale runs.",
         "",
-        "Top level: `name` (default `u2seg`) and `output` (default `runs/<name>`, a local path",
-        "or fsspec URL).",
+        "## Top level",
         "",
+        inspect.cleandoc(PipelineConfig.__doc__ or ""),
+        "",
+        *_table("", PipelineConfig),
     ]
     for section in dataclasses.fields(PipelineConfig):
         cls = type(getattr(defaults, section.name))
@@ -629,12 +629,16 @@ def reference_markdown() -> str:
         if issubclass(cls, ActorConfig):
             pool = inspect.cleandoc(ActorConfig.__doc__ or "").split("\n\n", 1)[1]
             lines += ["The actor pool of this stage:", "", pool, ""]
-        lines += ["| key | type | default | allowed |", "|---|---|---|---|"]
-        types = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            lines.append(
-                f"| `{section.name}.{f.name}` | {_type_name(types[f.name])} | "
-                f"{_default(f)} | {_allowed(f)} |"
-            )
-        lines.append("")
+        lines += _table(f"{section.name}.", cls)
     return "\n".join(lines)
+
+
+def _table(prefix: str, cls: type) -> list[str]:
+    """A Markdown table of `cls`'s keys (`prefix` + field; nested sections left out)."""
+    types = typing.get_type_hints(cls)
+    rows = ["| key | type | default | allowed |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if not dataclasses.is_dataclass(types[f.name]):
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(types[f.name])} | "
+                        f"{_default(f)} | {_range_text(f)} |")  # fmt: skip
+    return [*rows, ""]
