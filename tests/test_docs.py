@@ -13,7 +13,7 @@ from u2seg.config import PipelineConfig, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # links and pictures
 
 
 def _keys(cfg: object, prefix: str = "") -> list[str]:
@@ -43,7 +43,7 @@ def _anchors(page: Path) -> set[str]:
 
 def _links(page: Path) -> list[str]:
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
-    return [a or b for a, b in LINK.findall(text)]
+    return LINK.findall(text)
 
 
 def test_readme_is_short():
