@@ -179,6 +179,13 @@ def gpus_asked(key: str, asked: float | bool | None, count: float, wait_s: float
     return False
 
 
+def gpus_per_actor(key: str, asked: float | None, wait_s: float) -> float:
+    """An actor pool's GPUs per actor from its setting `key` = `asked` (`gpus_asked`): as
+    asked, once the cluster has that many; None -> 1 when the cluster has GPUs now, else 0."""
+    on_gpu = gpus_asked(key, asked, asked or 1.0, wait_s)
+    return asked if asked is not None else float(on_gpu)
+
+
 def wait_for_gpus(count: float, wait_s: float, asked_by: str, on_cpu: str) -> None:
     """Return once the Ray cluster has `count` GPUs, asking its autoscaler for them
     (a GPU group that scales from 0 has none when a job starts); `NoGpu` naming `asked_by`

@@ -22,7 +22,7 @@ from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import ActorConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import backbone_state, check_precision, check_weights, input_size
-from u2seg.runtime import actor_pool, gpus_asked, ray_session
+from u2seg.runtime import actor_pool, gpus_per_actor, ray_session
 from u2seg.workers.vit import BackboneActor
 
 RowsFn = Callable[[dict[str, np.ndarray]], pa.Table]
@@ -164,11 +164,9 @@ def backbone_pool(
 
     b = cfg.backbone
     state = ray.put(backbone_state(b.name, b.weights, b.cache_dir))
-    asked = actors.num_gpus
-    on_gpu = gpus_asked(f"{name}.num_gpus", asked, asked or 1.0, cfg.ray.gpu_wait_s)
-    num_gpus = asked if asked is not None else float(on_gpu)
+    num_gpus = gpus_per_actor(f"{name}.num_gpus", actors.num_gpus, cfg.ray.gpu_wait_s)
     backbone = to_dict(cfg.backbone)
-    if on_gpu and backbone["device"] == "auto":
+    if num_gpus and backbone["device"] == "auto":
         backbone["device"] = "cuda"  # an actor holding a GPU torch cannot use fails, naming why
     return ds.map_batches(
         actor,

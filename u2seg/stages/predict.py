@@ -38,7 +38,7 @@ from u2seg.models.vit import autocast_dtype, check_precision
 from u2seg.ops.panoptic import combine_predictions
 from u2seg.runtime import (
     actor_pool,
-    gpus_asked,
+    gpus_per_actor,
     ray_session,
     resolve_device,
 )
@@ -206,8 +206,7 @@ def _process(
                "detections_per_image", "instance_score", "overlap", "stuff_area",
                "precision")}  # fmt: skip
     with ray_session(cfg.ray):
-        on_gpu = gpus_asked("predict.num_gpus", p.num_gpus, p.num_gpus or 1.0, cfg.ray.gpu_wait_s)
-        num_gpus = p.num_gpus if p.num_gpus is not None else float(on_gpu)
+        num_gpus = gpus_per_actor("predict.num_gpus", p.num_gpus, cfg.ray.gpu_wait_s)
         batch = p.batch_size
         ds: Any = ray.data.from_arrow(
             [todo.slice(i, batch) for i in range(0, todo.num_rows, batch)]
