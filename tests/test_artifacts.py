@@ -104,3 +104,60 @@ def test_execution_only_settings_do_not_block_a_resume(tmp_path: Path) -> None:
     stage.start({}, {"maskcut": {"tau": 0.15}, "data": {}})
     with pytest.raises(ArtifactError, match=r"maskcut\.tau: 0\.15 -> 0\.2"):
         stage.start({}, {"maskcut": {"tau": 0.2}})
+
+
+@pytest.mark.parametrize(
+    "result",
+    ["manifest.json", "assignments.parquet", "centroids.npy", "head.pt", "panoptic/x.png",
+     "ray/checkpoint_000001/model.pt"],
+)  # fmt: skip
+def test_every_kind_of_result_protects_its_config(tmp_path: Path, result: str) -> None:
+    stage = StageDir(str(tmp_path), "s")
+    stage.start({}, {"cluster": {"k": 15}})
+    stage.write_bytes(".tmp-dead-part-00000.parquet", b"partial")  # not a result
+    stage.start({}, {"cluster": {"k": 10}})  # nothing made yet: the new config is taken
+    stage.write_bytes(result, b"made")
+    with pytest.raises(ArtifactError, match=r"cluster\.k: 10 -> 15"):
+        StageDir(str(tmp_path), "s").start({}, {"cluster": {"k": 15}})
+    assert stage.read_json("config.json")["depends_on"] == {"cluster": {"k": 10}}
+
+
+def _shards(stage: StageDir) -> dict[str, bytes]:
+    return {n: stage.fs.cat(stage.file(n)) for n in stage.shard_names()}
+
+
+def test_a_failed_attempt_removes_only_what_it_wrote(tmp_path: Path) -> None:
+    earlier = StageDir(str(tmp_path), "s")
+    earlier.start({}, {})
+    old = {k: f"old{k}" for k in range(4)}
+    for k in range(4):
+        earlier.write_table(StageDir.shard_name(k), _rows(k, [k]), old[k])
+    before = _shards(earlier)
+    # The next attempt's plan: shard 1 holds other images now, shard 4 is new.
+    attempt = StageDir(str(tmp_path), "s")
+    plan = {**old, 1: "new1", 4: "new4"}
+    assert attempt.reusable_shards(plan) == {0, 2, 3}
+    assert attempt.complete_shards() == {0, 2, 3}  # shard 1 moved aside, no reader sees it
+    attempt.write_table(StageDir.shard_name(1), _rows(1, [10]), "new1")
+    attempt.write_table(StageDir.shard_name(4), _rows(4, [11]), "new4")
+    attempt.discard_attempt()  # it failed
+    assert _shards(attempt) == before
+    assert attempt.holds_results()  # the earlier shards are still results
+    # The plan again, and it completes: the old shard 1 is deleted only then.
+    again = StageDir(str(tmp_path), "s")
+    assert again.reusable_shards(plan) == {0, 2, 3}
+    again.write_table(StageDir.shard_name(1), _rows(1, [10]), "new1")
+    again.write_table(StageDir.shard_name(4), _rows(4, [11]), "new4")
+    again.finish({}, pa.table({"image_id": pa.array([], pa.int64())}))
+    assert not (tmp_path / "s" / "superseded").exists()
+    assert again.shard_inputs(1) == "new1"
+
+
+def test_a_shard_moved_aside_is_put_back_when_the_plan_gives_it_again(tmp_path: Path) -> None:
+    stage = StageDir(str(tmp_path), "s")
+    stage.start({}, {})
+    stage.write_table(StageDir.shard_name(0), _rows(0, [1]), "a")
+    assert StageDir(str(tmp_path), "s").reusable_shards({0: "b"}) == set()  # killed after this
+    # The listing changed back before the stage completed: the shard is reused, not redone.
+    assert StageDir(str(tmp_path), "s").reusable_shards({0: "a"}) == {0}
+    assert stage.shard_inputs(0) == "a"

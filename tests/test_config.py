@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from u2seg.config import ConfigError, PipelineConfig, load_config, to_dict
+from u2seg.config import ConfigError, PipelineConfig, depends_on, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -114,3 +115,27 @@ def test_malformed_config_gets_one_line_naming_the_key(
     path.write_text(text or "name: x\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path, overrides)
+
+
+def test_secrets_read_from_the_environment_never_reach_a_saved_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from u2seg.artifacts import StageDir
+
+    monkeypatch.setenv("BUCKET_PASS", "hunter2-very-secret")
+    monkeypatch.setenv("MY_API_TOKEN", "tok-123456")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data:\n  source: s3://bucket/${oc.env:BUCKET_PASS}/photos\n")
+    cfg = load_config(yaml_file, ["name=${oc.env:MY_API_TOKEN}"])
+    assert cfg.data.source == "s3://bucket/hunter2-very-secret/photos"  # resolved for use
+    stage = StageDir(str(tmp_path / "run"), "features")
+    stage.start(to_dict(cfg), depends_on(cfg, ["data"]))
+    stage.start(to_dict(cfg), depends_on(cfg, ["data"]))  # a resume compares alike
+    stage.write_table(stage.shard_name(0), pa.table({"image_id": [1]}))
+    stage.start(to_dict(cfg), depends_on(cfg, ["data"]))
+    manifest = stage.finish({}, pa.table({"image_id": pa.array([], pa.int64())}))
+    for name in ("config.json", "manifest.json"):
+        text = (tmp_path / "run" / "features" / name).read_text()
+        assert "hunter2" not in text and "tok-123456" not in text
+        assert "s3://bucket/${oc.env:BUCKET_PASS}/photos" in text
+    assert manifest["config"]["name"] == "${oc.env:MY_API_TOKEN}"

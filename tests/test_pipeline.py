@@ -96,6 +96,25 @@ def test_sharded_clustering_matches_in_process(
     assert sharded["objective"] == pytest.approx(local["objective"], rel=0.01)
 
 
+def test_a_changed_k_is_refused_not_mixed_with_the_old_clusters(
+    run_dir: tuple[Path, PipelineConfig], tmp_path: Path
+) -> None:
+    out, cfg = run_dir
+    copy = tmp_path / "run"
+    for stage in ("maskcut", "embed", "cluster"):
+        shutil.copytree(out / stage, copy / stage)
+    source, cache = Path(cfg.data.source), Path(str(cfg.backbone.cache_dir))
+    with pytest.raises(ArtifactError, match=rf"cluster\.k: {K} -> {K - 1}"):
+        cluster.run(_config(source, copy, cache, f"cluster.k={K - 1}"))
+    config = json.loads((copy / "cluster" / "config.json").read_text())
+    manifest = json.loads((copy / "cluster" / "manifest.json").read_text())
+    assert config["depends_on"]["cluster"]["k"] == manifest["counts"]["k"] == K
+    # With the old clusters removed, the new k is run whole.
+    shutil.rmtree(copy / "cluster")
+    redone = cluster.run(_config(source, copy, cache, f"cluster.k={K - 1}"))
+    assert redone["counts"]["k"] == len(redone["sizes"]) == K - 1
+
+
 def test_stuff_maps_cover_every_pixel(run_dir: tuple[Path, PipelineConfig]) -> None:
     out, _ = run_dir
     for row in _parts(out / "semantic"):

@@ -5,6 +5,9 @@ the stage first starts: the resolved config and the sections this stage depends 
 once every shard is written, `manifest.json` (schema version, config, counts, errors).
 Every file is written under a temporary name and renamed, so a killed job never leaves a
 half file that looks whole; a re-run skips complete shards and refuses a different config.
+A failed attempt removes only the shards it wrote itself; shards an earlier run made that
+the plan no longer gives (the listing changed) are moved aside to `superseded/` and put back
+if the attempt fails, deleted only once the stage completes.
 Paths may be local or fsspec URLs (s3://bucket/runs/x).
 """
 
@@ -27,10 +30,16 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
 
+from u2seg.config import redact
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 ERRORS = "errors.parquet"
+SUPERSEDED = "superseded"
+#: Names in a stage directory that are not results: its config, temporary files, the
+#: shards moved aside and the run's lease (`u2seg.lease`).
+_NOT_RESULTS = re.compile(r"^(config\.json|\.tmp-.*|superseded|\.lease.*)$")
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 INPUTS_KEY = b"u2seg.inputs"
 
@@ -70,6 +79,8 @@ class StageDir:
         self.fs, root = url_to_fs(run_dir)
         self.stage = stage
         self.path = f"{root.rstrip('/')}/{stage}"
+        self.written: set[int] = set()  # the shards this object wrote (this attempt's)
+        self.moved_aside: set[int] = set()  # earlier shards it moved to superseded/
 
     def file(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -101,7 +112,8 @@ class StageDir:
             fh.write(data)
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
+        """A JSON file; secrets a config read from the environment are masked (`redact`)."""
+        self.write_bytes(name, json.dumps(redact(obj), indent=2, sort_keys=True).encode())
 
     def write_json_arrays(
         self, name: str, fixed: dict[str, Any], arrays: dict[str, Iterable[Any]]
@@ -135,6 +147,8 @@ class StageDir:
         sink = io.BytesIO()
         pq.write_table(table, sink)
         self.write_bytes(name, sink.getvalue())
+        if match := _SHARD_RE.match(name):
+            self.written.add(int(match.group(1)))
 
     def write_array(self, name: str, array: np.ndarray) -> None:
         """An `.npy` file (centroids and the like)."""
@@ -165,11 +179,11 @@ class StageDir:
         `depends_on`: the config sections that change this stage's output. A different
         value there is refused rather than mixed into the existing results (a directory with
         none yet takes the new config). `has_results`: whether the directory holds results
-        to protect (default: a complete shard; training passes whether a checkpoint exists).
+        to protect (default: `holds_results`; training passes whether a checkpoint exists).
         """
-        depends_on = _normalise(depends_on)
+        depends_on = redact(_normalise(depends_on))  # as config.json holds it
         if has_results is None:
-            has_results = bool(self.complete_shards())
+            has_results = self.holds_results()
         # A directory without results holds nothing to protect: a failed or killed first
         # start (a typo in the config, say) does not block the corrected run.
         if self.exists(CONFIG) and has_results:
@@ -191,6 +205,16 @@ class StageDir:
             },
         )
 
+    def holds_results(self) -> bool:
+        """Whether the directory holds anything a stage made: shards, a manifest, label
+        PNGs, assignments, centroids, a head... (anything but its config, temporary files,
+        shards moved aside and the lease). One rule for every stage, whatever its results."""
+        self.fs.invalidate_cache(self.path)
+        if not self.fs.exists(self.path):
+            return False
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
+        return any(not _NOT_RESULTS.match(n) for n in names)
+
     @staticmethod
     def shard_name(index: int) -> str:
         return f"part-{index:05d}.parquet"
@@ -205,29 +229,61 @@ class StageDir:
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
         return {int(m.group(1)) for n in names if (m := _SHARD_RE.match(n))}
 
-    def shard_inputs(self, index: int) -> str | None:
-        """The inputs digest a shard was written with (None for a shard without one)."""
-        with self.fs.open(self.file(self.shard_name(index)), "rb") as fh:
+    def shard_inputs(self, index: int, folder: str = "") -> str | None:
+        """The inputs digest a shard was written with (None for a shard without one);
+        `folder`: a sub-folder holding it (`superseded`)."""
+        name = f"{folder}/{self.shard_name(index)}" if folder else self.shard_name(index)
+        with self.fs.open(self.file(name), "rb") as fh:
             metadata = pq.read_schema(fh).metadata or {}
         value = metadata.get(INPUTS_KEY)
         return value.decode() if value is not None else None
 
+    def _superseded(self) -> set[int]:
+        folder = self.file(SUPERSEDED)
+        if not self.fs.exists(folder):
+            return set()
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        return {int(m.group(1)) for n in names if (m := _SHARD_RE.match(n))}
+
     def reusable_shards(self, digests: dict[int, str]) -> set[int]:
         """The complete shards made from the inputs the plan now gives them (`digests`:
-        shard index -> `inputs_digest` of its inputs). Complete shards outside the plan
-        (the listing shrank) are deleted, so no reader picks them up."""
+        shard index -> `inputs_digest` of its inputs). The other complete shards (outside
+        the plan, or made from other inputs) are moved aside to `superseded/`, so no reader
+        picks them up and a failed attempt can put them back (`discard_attempt`); a shard
+        there that the plan gives again (the listing changed back) is put back and reused."""
+        complete, aside = self.complete_shards(), self._superseded()
         reusable = set()
-        for index in sorted(self.complete_shards()):
-            if index not in digests:
-                self.fs.rm(self.file(self.shard_name(index)))
-            elif self.shard_inputs(index) == digests[index]:
+        for index in sorted(complete | aside):
+            want = digests.get(index)
+            if want is not None and index in complete and self.shard_inputs(index) == want:
+                reusable.add(index)
+                continue
+            name = self.shard_name(index)
+            back = want is not None and index in aside
+            back = back and self.shard_inputs(index, SUPERSEDED) == want
+            if back:
+                self.fs.mv(self.file(f"{SUPERSEDED}/{name}"), self.file(f".tmp-back-{name}"))
+            if index in complete:
+                self.fs.makedirs(self.file(SUPERSEDED), exist_ok=True)
+                self.fs.mv(self.file(name), self.file(f"{SUPERSEDED}/{name}"))
+                if not back:
+                    self.moved_aside.add(index)
+            if back:
+                self.fs.mv(self.file(f".tmp-back-{name}"), self.file(name))
                 reusable.add(index)
         return reusable
 
-    def remove_shards(self) -> None:
-        """Delete every shard (a stage whose inputs all failed keeps nothing)."""
-        for name in self.shard_names():
-            self.fs.rm(self.file(name))
+    def discard_attempt(self) -> None:
+        """Undo this attempt's shards (a stage whose inputs all failed keeps nothing of its
+        own): delete the shards it wrote and put back those it moved aside. Shards of
+        earlier runs are never deleted by a failure."""
+        for index in sorted(self.written):
+            self.fs.rm(self.file(self.shard_name(index)))
+        for index in sorted(self.moved_aside):
+            name = self.shard_name(index)
+            self.fs.mv(self.file(f"{SUPERSEDED}/{name}"), self.file(name))
+        self.written.clear()
+        self.moved_aside.clear()
 
     def shard_names(self) -> list[str]:
         return [self.shard_name(i) for i in sorted(self.complete_shards())]
@@ -247,7 +303,8 @@ class StageDir:
     def finish(
         self, counts: dict[str, int], errors: pa.Table, extra: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Write the error table and then the manifest, which marks the stage complete."""
+        """Write the error table and then the manifest, which marks the stage complete; the
+        shards moved aside are deleted then."""
         self.write_table(ERRORS, errors)
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -259,6 +316,8 @@ class StageDir:
             **(extra or {}),
         }
         self.write_json(MANIFEST, manifest)
+        if self.fs.exists(self.file(SUPERSEDED)):
+            self.fs.rm(self.file(SUPERSEDED), recursive=True)
         return manifest
 
     def manifest(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import re
 import typing
 from collections.abc import Sequence
@@ -509,13 +510,45 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: bad key '{key or '?'}': {first_line}")
 
 
+#: Environment variables whose values never reach a saved config (`redact`): those named
+#: like a secret, and every one a loaded config reads with ${oc.env:NAME}.
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|AUTH", re.IGNORECASE)
+_ENV_READ: set[str] = set()
+_OC_ENV = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def redact(obj: Any) -> Any:
+    """`obj` (JSON-like) with the values of secret environment variables (see above) in its
+    strings replaced by `${oc.env:NAME}`: a config.json or manifest shows where a value came
+    from, never a key or token (values under 4 characters are not secrets and stay)."""
+    secrets = sorted(
+        ((v, n) for n, v in os.environ.items()
+         if len(v) >= 4 and (n in _ENV_READ or _SECRET_NAME.search(n))),
+        key=lambda item: -len(item[0]),
+    )  # fmt: skip
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {k: walk(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [walk(v) for v in item]
+        if isinstance(item, str):
+            for value, name in secrets:
+                item = item.replace(value, f"${{oc.env:{name}}}")
+        return item
+
+    return walk(obj) if secrets else obj
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Resolve defaults <- YAML at `path` <- `overrides` (["data.source=/imgs", ...])."""
     merged: Any = OmegaConf.structured(PipelineConfig)
+    _ENV_READ.update(_OC_ENV.findall(" ".join(overrides)))
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        _ENV_READ.update(_OC_ENV.findall(path.read_text(errors="replace")))
         try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as exc:

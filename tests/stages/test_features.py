@@ -254,3 +254,32 @@ def test_actors_build_the_backbone_from_the_drivers_weights(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(vit.WeightsUnavailableError, match="vits16.pth"):  # really gone
         vit.backbone_state("dino_vits16", str(path))
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_a_failed_attempt_keeps_the_shards_of_earlier_runs(
+    local_ray: None, tmp_path: Path, weights_cache: Path, where: str
+) -> None:
+    # A complete run of 8 photos (4 shards), then 4 unreadable photos listed after them (new
+    # shards) or before them (every shard now holds other images): the attempt's first
+    # images all fail and it stops; the earlier shards are all still there, byte for byte.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(8):
+        save_photo(folder / f"img{i}.jpg", (48, 40), seed=i)
+    out = tmp_path / "run"
+    assert run(_config(folder, out, weights_cache, "data.shard_size=2"))["counts"]["ok"] == 8
+    before = {p.name: p.read_bytes() for p in (out / "features").glob("part-*.parquet")}
+    assert len(before) == 4
+    prefix = "zz" if where == "after" else "aa"
+    for i in range(4):
+        (folder / f"{prefix}_bad{i}.jpg").write_bytes(b"not a photo")
+    with pytest.raises(StageFailed, match="the first 2 inputs all failed"):
+        run(_config(folder, out, weights_cache, "data.shard_size=2", "data.fail_after=2"))
+    after = {p.name: p.read_bytes() for p in (out / "features").glob("part-*.parquet")}
+    assert after == before
+    # The bad photos removed again, the run is complete as it was, nothing redone.
+    for bad in folder.glob(f"{prefix}_bad*.jpg"):
+        bad.unlink()
+    manifest = run(_config(folder, out, weights_cache, "data.shard_size=2"))
+    assert manifest["counts"]["resumed_shards"] == 4 and manifest["counts"]["ok"] == 8

@@ -105,7 +105,7 @@ def run_image_stage(cfg: PipelineConfig, spec: ImageStage) -> tuple[StageDir, di
                 f"{failure_summary(errors.column('reason').to_pylist())}"
             )
     except StageFailed:
-        stage.remove_shards()  # nothing usable: the corrected re-run starts afresh
+        stage.discard_attempt()  # this attempt's shards only: earlier runs' are kept
         raise
     counts = {
         "images": refs.num_rows,
