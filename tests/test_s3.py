@@ -5,9 +5,6 @@ the model written there, a removed shard redone on resume, predictions readable.
 from __future__ import annotations
 
 import json
-import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +20,6 @@ SMALL = [
     "train.max_iter=2", "train.short_sides=[96]", "train.max_side=128", "train.log_every=1",
     "train.checkpoint_every=1", "predict.short_side=96", "predict.max_side=128",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def s3() -> Iterator[Any]:
-    """A moto S3 server on a free port with the bucket `u2seg`; the AWS_* variables point
-    boto, s3fs and pyarrow (Ray Train's storage) at it, here and in Ray's workers."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import fsspec
-
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("u2seg")
-        yield fs
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_the_pipeline_runs_on_s3_and_resumes_there(

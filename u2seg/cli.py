@@ -14,6 +14,7 @@ from typing import Any
 
 from u2seg.artifacts import ArtifactError
 from u2seg.config import ConfigError, PipelineConfig, load_config, reference_markdown
+from u2seg.lease import LeaseHeld, hold
 from u2seg.runtime import local_ray_address, quiet_ray_stderr
 
 StageFn = Callable[[PipelineConfig], dict[str, Any]]
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with quiet_ray_stderr():
             _command(args)
-    except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ArtifactError, LeaseHeld, FileNotFoundError, ValueError) as exc:
         print(f"u2seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -304,15 +305,19 @@ def _command(args: argparse.Namespace) -> None:
     local_ray_address(cfg.ray)
     from u2seg.stages import visualize
 
-    if args.command == "visualize":
-        print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
-        return
-    until = _PIPELINE[: _PIPELINE.index(args.until) + 1] if args.command == "run" else ()
-    names = {"run": list(until), "demo": [*_PIPELINE, "evaluate"]}.get(args.command, [args.command])
-    _run_stages(cfg, names)
-    if args.command == "demo":
-        for stage in visualize.STAGES:
-            print(f"[visualize] wrote {visualize.run(cfg, stage)}/")
+    # One driver per output: a second command on it is refused while this one runs.
+    with hold(cfg.output_dir):
+        if args.command == "visualize":
+            print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
+            return
+        until = _PIPELINE[: _PIPELINE.index(args.until) + 1] if args.command == "run" else ()
+        names = {"run": list(until), "demo": [*_PIPELINE, "evaluate"]}.get(
+            args.command, [args.command]
+        )
+        _run_stages(cfg, names)
+        if args.command == "demo":
+            for stage in visualize.STAGES:
+                print(f"[visualize] wrote {visualize.run(cfg, stage)}/")
 
 
 if __name__ == "__main__":

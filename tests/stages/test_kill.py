@@ -4,6 +4,7 @@ leaves no Ray process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,9 @@ import psutil
 import pytest
 
 from tests.helpers import DEMO_CONFIG, REPO
+from u2seg.cli import main
 from u2seg.data.demo import write_demo_dataset
+from u2seg.lease import LEASE
 
 SHARDS = 16  # 32 photos, 2 per shard
 
@@ -98,6 +101,9 @@ def test_sigkill_of_the_driver_keeps_written_shards_and_resumes_to_the_clean_res
 
     resumed = _start(photos, out, weights_cache)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    # The killed driver's lease is taken over, and the new driver says so.
+    said = resumed.stderr.read().decode()  # type: ignore[union-attr]
+    assert f"took over {out}/{LEASE} from" in said and f"process {proc.pid} no longer runs" in said
     assert _files(out) == clean
     for name, data in written.items():  # the survivors were reused, not redone
         assert (out / "maskcut" / name).read_bytes() == data
@@ -119,3 +125,34 @@ def test_sigkill_of_one_actor_is_survived_with_the_clean_result(
     actors[0].send_signal(signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
     assert _files(out) == clean
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_second_driver_on_a_busy_output_is_refused_while_the_first_completes(
+    photos: Path, tmp_path: Path, weights_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    settings = [
+        "--config", str(DEMO_CONFIG), f"data.source={photos}", f"output={out}",
+        "data.shard_size=2", "features.image_size=112", f"backbone.cache_dir={weights_cache}",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "u2seg.cli", "features", *settings], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / LEASE).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first never started"
+        time.sleep(0.05)
+    # A resubmitted job on the same output: refused, naming the driver that holds it.
+    assert main(["features", *settings]) == 2
+    said = capsys.readouterr().err
+    assert "another driver is writing this output" in said and f"pid {first.pid}" in said
+    assert first.poll() is None  # refused while the first still ran
+    assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    assert manifest["counts"]["ok"] == manifest["counts"]["images"] == 2 * SHARDS
+    assert manifest["counts"]["resumed_shards"] == 0
+    assert not (out / LEASE).exists()  # released at the end

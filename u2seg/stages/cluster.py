@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from u2seg.artifacts import MANIFEST, StageDir
 from u2seg.config import ClusterConfig, PipelineConfig, depends_on, to_dict
 from u2seg.data.vectors import vectors_from_arrow
+from u2seg.lease import leased
 from u2seg.ops.kmeans import KMeansResult, as_vectors, kmeans_local
 from u2seg.runtime import gpus_asked, ray_session
 from u2seg.stages._sharded_kmeans import ShardSource, kmeans_sharded, known_count, load_shards
@@ -83,6 +84,7 @@ def _cluster(
         return result, mode, node
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Cluster every embedded mask; returns the stage manifest."""
     embed = StageDir(cfg.output_dir, "embed")

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from u2seg.config import PipelineConfig
+from u2seg.lease import leased
 from u2seg.stages._image_loop import ImageStage, base_columns, run_image_stage
 from u2seg.workers.vit import FeatureExtractor
 
@@ -37,6 +38,7 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
     )
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Extract features for every image of `cfg.data`; returns the stage manifest."""
     spec = ImageStage(

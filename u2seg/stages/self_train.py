@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 from u2seg.artifacts import StageDir, inputs_digest
 from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
 from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
+from u2seg.lease import leased
 from u2seg.runtime import ray_session
 from u2seg.stages import panoptic, predict, train
 from u2seg.stages.panoptic import ROW_SCHEMA, write_outputs
@@ -218,6 +219,7 @@ def relabel(cfg: PipelineConfig, r: int, old_dir: StageDir) -> dict[str, Any]:
     return stage.finish(counts, empty, {"threshold": threshold})
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """R self-training rounds after `train`; returns the stage manifest."""
     _check(cfg)

@@ -25,6 +25,7 @@ from PIL import Image
 from u2seg.artifacts import StageDir, png_bytes
 from u2seg.config import PipelineConfig, SemanticConfig, depends_on, to_dict
 from u2seg.data.images import SquareImages, list_images
+from u2seg.lease import leased
 from u2seg.models.stego import load_head
 from u2seg.models.vit import input_size, normalise
 from u2seg.ops.stuff import (
@@ -267,6 +268,7 @@ def _fit_stego(cfg: PipelineConfig, stage: StageDir) -> np.ndarray:
     return fit_cluster_probe(head, tokens, sc.num_classes, sc.sample_patches, sc.niter, sc.seed)
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Stuff pseudo labels for every image; returns the stage manifest."""
     if cfg.semantic.method not in METHODS:

@@ -57,6 +57,7 @@ from u2seg.data.training import (
     training_sample,
 )
 from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file, write_model_file
+from u2seg.lease import leased
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
 from u2seg.runtime import (
     NoGpu,
@@ -147,6 +148,7 @@ def _has_checkpoint(stage: StageDir) -> bool:
     return False
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Train on `<output>/panoptic/`; returns the stage manifest (see the module docstring).
     A run that was stopped or killed resumes from its last checkpoint."""
@@ -305,18 +307,17 @@ class _LocalSession(_Session):
             yield Path(tmp)
 
     def save(self, directory: Path, step: int, metrics: dict[str, Any]) -> None:
-        name = f"step-{step:08d}"
-        partial = f"{self.root}/.tmp-{name}"
-        self.fs.makedirs(partial, exist_ok=True)
-        for path in sorted(directory.rglob("*")):
-            if path.is_file() and path.name != ckpt.PROGRESS:
-                relative = path.relative_to(directory).as_posix()
-                self.fs.makedirs(f"{partial}/{relative}".rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(path), f"{partial}/{relative}")
-        self.fs.put_file(str(directory / ckpt.PROGRESS), f"{partial}/{ckpt.PROGRESS}")  # last
-        if self.fs.exists(f"{self.root}/{name}"):
-            self.fs.rm(f"{self.root}/{name}", recursive=True)
-        self.fs.mv(partial, f"{self.root}/{name}", recursive=True)
+        """Upload the checkpoint into `step-<N>/`, its completion marker last: a folder
+        counts only once the marker is there (`_complete`), also on object stores, where a
+        folder cannot be renamed at once and a moved marker could land before the weights."""
+        final = f"{self.root}/step-{step:08d}"
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ckpt.PROGRESS]
+        for path in [*files, directory / ckpt.PROGRESS]:
+            target = f"{final}/{path.relative_to(directory).as_posix()}"
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(path), target)
         for old in self._complete()[: -self.keep]:
             self.fs.rm(old, recursive=True)
 
