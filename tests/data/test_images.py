@@ -214,13 +214,44 @@ def test_grey_data_of_fewer_bits_in_a_16_bit_file_keeps_its_contrast(
     assert rgb.max() >= round(top * 255 / full) > 200
 
 
-def test_absolute_file_names_of_a_coco_source_stay_absolute(folder: Path, tmp_path: Path) -> None:
+def test_listed_names_stay_under_the_root(folder: Path, tmp_path: Path) -> None:
+    # Output names (label PNGs) come from file names: a name that leaves the image root is
+    # recorded with its reason and no path; an absolute name under the root becomes relative.
     source = tmp_path / "instances.json"
-    photo = str(folder / "a.jpg")
-    source.write_text(json.dumps({"images": [{"id": 7, "file_name": photo},
-                                             {"id": 8, "file_name": "sub/b.png"}]}))  # fmt: skip
+    names = [str(folder / "a.jpg"), "sub/b.png", "../../../photo.jpg", "sub/../../x.jpg",
+             "/etc/passwd.jpg", "http://example.com/x.jpg", "..\\evil.jpg"]  # fmt: skip
+    images = [{"id": k, "file_name": n} for k, n in enumerate(names, 1)]
+    source.write_text(json.dumps({"images": images}))
     refs = list_images(str(source), str(folder)).to_pylist()
-    assert [(r["file_name"], r["path"]) for r in refs] == [
-        (photo, photo),
+    assert [(r["file_name"], r["path"]) for r in refs[:2]] == [
+        ("a.jpg", f"{folder}/a.jpg"),
         ("sub/b.png", f"{folder}/sub/b.png"),
     ]
+    assert [r["error"] for r in refs[:2]] == ["", ""]
+    for r in refs[2:]:
+        assert r["path"] == "" and r["file_name"] in names
+    assert all("'..'" in r["error"] for r in (refs[2], refs[3], refs[6]))
+    assert all(r["error"].startswith("outside data.root") for r in refs[4:6])
+    # The root itself may be the store a URL names.
+    assert list_images(str(source), "http://example.com").to_pylist()[5]["error"] == ""
+
+
+def test_a_coco_listing_never_holds_the_annotations(tmp_path: Path) -> None:
+    # 30 MB of annotations around 10 images: the listing's memory does not grow with them.
+    import tracemalloc
+
+    polygon = [float(v) for v in range(2000)]
+    anns = [{"id": k, "image_id": 1, "segmentation": [polygon]} for k in range(1500)]
+    images = [{"id": k, "file_name": f"{k}.jpg"} for k in range(1, 11)]
+    source = tmp_path / "instances.json"
+    source.write_text(json.dumps({"annotations": anns, "images": images, "more": anns}))
+    assert source.stat().st_size > 20e6
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"images": images}))
+    list_images(str(small))  # the first table built sets up pyarrow (~26 MB, once)
+    tracemalloc.start()
+    refs = list_images(str(source))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert refs.column("image_id").to_pylist() == list(range(1, 11))
+    assert peak < 5e6, f"{peak / 1e6:.0f} MB held to list 10 images"

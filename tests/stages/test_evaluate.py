@@ -340,3 +340,14 @@ def test_ground_truth_images_without_a_size_are_named(tmp_path: Path) -> None:
         ),
     ):
         evaluate.run(cfg)
+
+
+def test_sets_of_one_name_are_reported_apart() -> None:
+    from u2seg.stages.evaluate import set_names
+
+    named = set_names([
+        ("predict", "runs/a/predict"), ("predict", "runs/b/predict"),
+        ("predict-2", "x/predict-2"), ("..", "runs/.."), ("a b", "c/a b"),
+    ])  # fmt: skip
+    assert [n for n, _ in named] == ["predict", "predict-2", "predict-2-2", "set..", "a_b"]
+    assert [p for _, p in named][:2] == ["runs/a/predict", "runs/b/predict"]

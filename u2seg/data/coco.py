@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -198,8 +199,11 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
         raise ValueError(f"segment ids must be in 0..{MAX_SEGMENT_ID}")
-    ids = ids.astype(np.int64)
-    return np.stack([(ids >> shift) & 0xFF for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
+    ids = ids.astype(np.int32, copy=False)  # ids < 2^24: one channel at a time, no int64 copies
+    rgb = np.empty((*ids.shape, 3), dtype=np.uint8)
+    for channel, shift in enumerate((0, 8, 16)):
+        rgb[..., channel] = (ids >> shift) & 0xFF
+    return rgb
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -219,13 +223,23 @@ def panoptic_file_name(image_file_name: str) -> str:
 def panoptic_file_names(image_file_names: Sequence[str]) -> dict[str, str]:
     """Image file name -> its label PNG name, unique over the set: `panoptic_file_name`
     (what detectron2 pairs photos with), except for images whose stem another image of the
-    set shares (x.jpg and x.png), which keep their extension (x.jpg.png, x.png.png)."""
+    set shares (x.jpg and x.png), which keep their extension (x.jpg.png, x.png.png), and
+    names shared even so, numbered by their position in the set (x.jpg.png beside x.jpg and
+    x.png: x.jpg-0.png, x.jpg-2.png). Names are relative and without '..' parts (the listing
+    refuses others), so no label lands outside its folder."""
+    for name in image_file_names:
+        if name.startswith("/") or "://" in name or ".." in re.split(r"[/\\]", name):
+            raise ValueError(f"{name!r}: an output name must be a relative name without '..'")
     plain = [panoptic_file_name(n) for n in image_file_names]
     shared = {p for p, count in Counter(plain).items() if count > 1}
-    return {
-        name: f"{name}.png" if png in shared else png
-        for name, png in zip(image_file_names, plain, strict=True)
-    }
+    pngs = [f"{n}.png" if p in shared else p for n, p in zip(image_file_names, plain, strict=True)]
+    # Still shared (x.jpg beside x.png and x.jpg.png): numbered by position in the set.
+    again = {p for p, count in Counter(pngs).items() if count > 1}
+    pngs = [f"{p[:-4]}-{i}.png" if p in again else p for i, p in enumerate(pngs)]
+    if len(set(pngs)) != len(pngs):
+        repeated = sorted(p for p, count in Counter(pngs).items() if count > 1)
+        raise ValueError(f"label PNG names {repeated[:5]} would be shared by several images")
+    return dict(zip(image_file_names, pngs, strict=True))
 
 
 def panoptic_annotation(

@@ -6,18 +6,24 @@ paths is held by the driver; pixels are read and decoded inside Ray tasks and st
 the pipeline. A file that cannot be used (missing, empty, not an image, truncated, or more
 pixels than `max_pixels`) becomes a row with an `error` reason instead of pixels: stages
 record it in their error table and go on.
+
+Output names (label PNGs) derive from file names, so a listed name must stay inside the
+image root: a name with a `..` part, and an absolute path or URL outside `data.root`, is
+listed with an `error` and no path (recorded and skipped like an unreadable image); an
+absolute path or URL under `data.root` is listed by its name relative to it. A name listed
+twice is an error the second time (outputs are keyed by file name).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import warnings
 from collections import Counter
 
 import fsspec
+import ijson
 import numpy as np
 import pyarrow as pa
 from fsspec.core import url_to_fs
@@ -26,7 +32,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 REF_SCHEMA = pa.schema(
-    [("image_id", pa.int64()), ("file_name", pa.string()), ("path", pa.string())]
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("path", pa.string()),
+        ("error", pa.string()),  # why the listed name is refused; "" when it is not
+    ]
 )
 
 # A comment after a path: "photo.jpg  # note" (a "#" inside a name is kept).
@@ -45,8 +56,16 @@ def _is_absolute(name: str) -> bool:
     return name.startswith("/") or "://" in name
 
 
-def _join(root: str, name: str) -> str:
-    return name if _is_absolute(name) else f"{root.rstrip('/')}/{name}"
+def _listed(root: str, name: str) -> tuple[str, str, str]:
+    """(file_name, path, error) of a listed name under `root` (see the module docstring)."""
+    prefix = f"{root.rstrip('/')}/"
+    if _is_absolute(name):
+        if not name.startswith(prefix):
+            return name, "", f"outside data.root ({root}): set data.root to a folder holding it"
+        name = name[len(prefix) :]
+    if ".." in re.split(r"[/\\]", name):
+        return name, "", "a file name with a '..' part (outputs are named after file names)"
+    return name, f"{prefix}{name}", ""
 
 
 def _parent(path: str) -> str:
@@ -54,10 +73,14 @@ def _parent(path: str) -> str:
 
 
 def _refs(ids: list[int], names: list[str], root: str) -> pa.Table:
-    return pa.table(
-        {"image_id": ids, "file_name": names, "path": [_join(root, n) for n in names]},
-        schema=REF_SCHEMA,
-    )
+    listed = [_listed(root, n) for n in names]
+    first: dict[str, int] = {}
+    for k, (name, _, error) in enumerate(listed):
+        if not error and name in first:  # outputs are keyed by file name
+            listed[k] = name, "", f"listed before, as image {ids[first[name]]}"
+        first.setdefault(name, k)
+    columns = dict(zip(("file_name", "path", "error"), zip(*listed, strict=True), strict=True))
+    return pa.table({"image_id": ids, **columns}, schema=REF_SCHEMA)
 
 
 def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, local: bool) -> pa.Table:
@@ -71,21 +94,28 @@ def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, local: bool) -> pa.
 
 
 def _list_coco(source: str, root: str) -> pa.Table:
+    """The `images` of a COCO JSON, read one by one as the file streams past (ijson): its
+    annotations, most of a COCO file, are never held."""
+    ids, names = [], []
     with fsspec.open(source, "rb") as fh:
         try:
-            images = json.load(fh)["images"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            for k, im in enumerate(ijson.items(fh, "images.item")):
+                if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                    raise SourceError(
+                        f"{source}: images[{k}] needs an 'id' and a 'file_name': {im!r}"
+                    )
+                ids.append(int(im["id"]))
+                names.append(str(im["file_name"]))
+        except ijson.JSONError as exc:
             raise SourceError(f"{source} is not a COCO JSON with an 'images' list: {exc}") from None
-    if not isinstance(images, list):
-        raise SourceError(f"{source}: 'images' must be a list, got {type(images).__name__}")
-    if not images:
+    if not ids:
+        with fsspec.open(source, "rb") as fh:  # no image: say why (an empty list, or none)
+            found = next(ijson.items(fh, "images"), None)
+        if found is None:
+            raise SourceError(f"{source} is not a COCO JSON with an 'images' list")
+        if not isinstance(found, list):
+            raise SourceError(f"{source}: 'images' must be a list, got {type(found).__name__}")
         raise SourceError(f"{source} lists no images")
-    ids, names = [], []
-    for k, im in enumerate(images):
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise SourceError(f"{source}: images[{k}] needs an 'id' and a 'file_name': {im!r}")
-        ids.append(int(im["id"]))
-        names.append(str(im["file_name"]))
     repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
     if repeated:
         # pycocotools would merge the masks of the photos sharing an id.
@@ -220,6 +250,9 @@ class SquareImages:
         heights = np.zeros(n, dtype=np.int64)
         errors = np.full(n, "", dtype=object)
         for i, path in enumerate(batch["path"]):
+            if "error" in batch and batch["error"][i]:
+                errors[i] = str(batch["error"][i])  # refused by the listing
+                continue
             try:
                 image = read_image(str(path), self.max_pixels)
             except ImageError as exc:

@@ -20,6 +20,7 @@ from u2seg.artifacts import ShardWriter, StageDir, inputs_digest, read_parquet
 from u2seg.config import PipelineConfig, depends_on, to_dict
 from u2seg.data.coco import rle_to_mask
 from u2seg.data.images import ImageError, read_image
+from u2seg.lease import leased
 from u2seg.models.vit import (
     BACKBONES,
     IMAGENET_MEAN,
@@ -156,14 +157,14 @@ def shard_plan(maskcut: StageDir) -> pa.Table:
     """Per maskcut shard: its index, file, masks, the annotation id of its first mask (ids
     run 1..M over the shards in order, as in `maskcut/instances.json`) and the digest of
     these inputs, which a mirrored shard of a later stage is reused under; `file_names`:
-    its images."""
+    its images that were read (only they get labels)."""
     names = maskcut.shard_names()
     masks, file_names = [], []
     for name in names:
         table = maskcut.read_table(name, columns=["file_name", "error", "num_masks"])
         ok = table.filter(pc.is_null(table.column("error")))
         masks.append(int(pc.sum(ok.column("num_masks")).as_py() or 0))
-        file_names.append(table.column("file_name").to_pylist())
+        file_names.append(ok.column("file_name").to_pylist())
     first = 1 + np.concatenate([[0], np.cumsum(masks)[:-1]]).astype(np.int64)
     shards = [int(n[5:10]) for n in names]
     return pa.table(
@@ -172,7 +173,7 @@ def shard_plan(maskcut: StageDir) -> pa.Table:
             "file": [maskcut.fs.unstrip_protocol(maskcut.file(n)) for n in names],
             "masks": masks,
             "first_id": first,
-            "file_names": file_names,  # every image of the shard, read or not
+            "file_names": file_names,  # the images of the shard that were read
             # What a shard of a later stage is made from: this maskcut shard (its images)
             # and the annotation ids its masks get.
             "inputs": [
@@ -183,6 +184,7 @@ def shard_plan(maskcut: StageDir) -> pa.Table:
     )
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Embed every MaskCut pseudo mask; returns the stage manifest."""
     if cfg.embed.crop not in CROP_RULES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from u2seg.data.predictions import (
     resolve,
     semantic_labels,
 )
+from u2seg.lease import leased
 from u2seg.ops.figures import blend, color_segments, confusion_figure, iou_bars, side_by_side
 from u2seg.ops.metrics import MIOU_RULES, VOTE_RULES
 from u2seg.runtime import actor_pool, ray_session
@@ -365,6 +367,25 @@ def _photos(cfg: PipelineConfig) -> dict[str, str]:
     return {image_key(r["file_name"]): r["path"] for r in refs}
 
 
+def set_names(sets: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The sets with names fit for a folder of `evaluate/` and unique: characters other than
+    letters, digits, '.', '_' and '-' become '_', a name of dots gets a 'set' prefix, and a
+    repeated name (runs/a/predict beside runs/b/predict) gets -2, -3... in order."""
+    used: set[str] = set()
+    named = []
+    for name, path in sets:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        safe = f"set{safe}" if not safe.strip(".") else safe
+        unique, k = safe, 1
+        while unique in used:
+            k += 1
+            unique = f"{safe}-{k}"
+        used.add(unique)
+        named.append((unique, path))
+    return named
+
+
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Score every prediction set of `evaluate.predictions`; metrics, report, maps."""
     e = cfg.evaluate
@@ -375,7 +396,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     gt = load_ground_truth(e)
     if not gt.images:
         raise ValueError(f"evaluate: the ground truth {gt.source} holds no image to score")
-    sets = [resolve(entry, cfg.output_dir) for entry in e.predictions]
+    sets = set_names([resolve(entry, cfg.output_dir) for entry in e.predictions])
     if not sets:
         raise ValueError("evaluate: evaluate.predictions is empty")
     stage = StageDir(cfg.output_dir, STAGE)

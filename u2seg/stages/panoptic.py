@@ -17,6 +17,7 @@ u2seg.data.coco for the call and the metadata it needs).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,7 @@ from u2seg.data.coco import (
     panoptic_file_names,
     rle_to_mask,
 )
+from u2seg.lease import leased
 from u2seg.ops.panoptic import background_masks, merge_panoptic, semantic_map
 from u2seg.runtime import ray_session
 from u2seg.stages.embed import shard_plan
@@ -60,7 +62,8 @@ def write_file(url: str, data: bytes) -> None:
     """Write `url` under a temporary name, then rename (atomic on local disks)."""
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp"
+    folder, _, base = path.rpartition("/")
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{base}"
     with fs.open(tmp, "wb") as fh:
         fh.write(data)
     fs.mv(tmp, path)
@@ -215,6 +218,7 @@ def write_outputs(
     return {"images": panoptic["images"], "instances": instances["annotations"]}
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Panoptic pseudo labels from the maskcut, cluster and semantic stages."""
     import ray
