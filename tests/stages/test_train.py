@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -116,6 +117,90 @@ def test_predictions_load_in_evaluate_and_pycocotools(trained) -> None:
     assert 0 <= scores["instance"]["segm"]["AP"] <= 100  # the pseudo labels as ground truth
     again = u2seg.run_predict(cfg)  # complete shards are kept
     assert again["counts"]["resumed_shards"] == manifest["counts"]["shards"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_listed_names_never_write_outside_the_output(trained, tmp_path: Path) -> None:
+    # A listing whose names climb out of the image root, or name a file elsewhere: recorded
+    # with the reason, nothing written beside the output; the photos under the root predicted.
+    photos, run, _ = trained
+    root = tmp_path / "data" / "images"
+    root.mkdir(parents=True)
+    (root / "p0.png").write_bytes((photos / "p0.png").read_bytes())
+    (tmp_path / "photo.png").write_bytes((photos / "p1.png").read_bytes())
+    names = ["p0.png", "../../photo.png", str(tmp_path / "photo.png"), str(root / "p0.png")]
+    listing = tmp_path / "data" / "listing.json"
+    listing.write_text(json.dumps({"images": [{"id": k, "file_name": n}
+                                              for k, n in enumerate(names, 1)]}))  # fmt: skip
+    before = sorted(p for p in tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    cfg = train_config(photos, out, f"data.source={listing}", f"data.root={root}",
+                       f"predict.model={run / 'train' / 'model.pt'}", "predict.short_side=128",
+                       "predict.max_side=128")  # fmt: skip
+    manifest = u2seg.run_predict(cfg)
+    after = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    assert after == before
+    reasons = {(r["file_name"], r["reason"]) for r in manifest["errors"]["first"]}
+    assert reasons == {
+        ("../../photo.png", "a file name with a '..' part (outputs are named after file names)"),
+        (str(tmp_path / "photo.png"), f"outside data.root ({root}): set data.root to a folder "
+         "holding it"),
+        ("p0.png", "listed before, as image 1"),  # the absolute name under the root
+    }  # fmt: skip
+    panoptic = json.loads((out / "predict" / "panoptic.json").read_text())
+    pngs = [a["file_name"] for a in panoptic["annotations"]]
+    assert pngs == ["p0.png"]
+    assert all((out / "predict" / "panoptic" / png).is_file() for png in pngs)
+
+
+_BIG = """
+import json, resource, sys
+limit = int(sys.argv[4]) << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import numpy as np
+from u2seg.stages.predict import Predictor
+model, options, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+predictor = Predictor(model, options, out, "cpu", 2, 10**9)
+batch = {"image_id": np.array([1, 2]), "file_name": np.array(["big.jpg", "p1.png"]),
+         "path": np.array(sys.argv[5:7]), "png": np.array(["big.png", "p1.png"]),
+         "error": np.array(["", ""]), "shard": np.array([0, 0]), "order": np.array([0, 1])}
+rows = predictor(batch)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"error": rows["error"].tolist(), "annotations": rows["annotations"].tolist(),
+                  "width": rows["width"].tolist(), "peak_gib": peak}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_40_megapixel_photo_is_predicted_in_bounded_memory(trained, tmp_path: Path) -> None:
+    # Resized whole, a 40 MP photo's 100 masks alone are 16 GB of float32: under an 8 GiB
+    # address-space limit the photo is predicted, beside a small one, in the same batch.
+    from PIL import Image
+
+    from u2seg.data.coco import rle_to_mask
+
+    photos, run, _ = trained
+    big = tmp_path / "big.jpg"
+    Image.open(photos / "p0.png").convert("RGB").resize((7744, 5184)).save(big, quality=85)
+    cfg = train_config(photos, run, "predict.score_thresh=0.0")
+    options = {**to_dict(cfg.predict), "short_side": 128, "max_side": 128}
+    done = subprocess.run(
+        [sys.executable, "-c", _BIG, str(run / "train" / "model.pt"), json.dumps(options),
+         str(tmp_path / "out"), "8", str(big), str(photos / "p1.png")],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] == ["", ""] and result["width"] == [7744, 128]
+    annotations = json.loads(result["annotations"][0])
+    assert len(annotations) >= 50  # score_thresh 0: the detections_per_image cap decides
+    mask = rle_to_mask(annotations[0]["segmentation"])
+    assert mask.shape == (5184, 7744) and mask.any()
+    panoptic = Image.open(tmp_path / "out" / "panoptic" / "big.png")
+    assert panoptic.size == (7744, 5184)
+    assert result["peak_gib"] < 4
 
 
 @pytest.mark.slow
@@ -389,3 +474,38 @@ def test_paper_configs_name_the_resnet_checkpoint_and_random_init_is_asked_for()
         assert cfg.train.weights.endswith(".pth"), name
     scratch = load_config(overrides=["train.backbone=resnet50", "train.weights=random"])
     assert train_stage._check(scratch) == scratch.train.num_workers
+
+
+def test_a_local_checkpoint_on_an_object_store_is_whole_before_its_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On S3 a folder is not renamed at once: whatever the store does, the completion marker
+    # must not be readable before every file of its checkpoint is.
+    from u2seg.artifacts import StageDir
+
+    stage = StageDir(f"memory://{tmp_path.name}/run", "train")
+    session = train_stage._LocalSession(stage, keep=1)
+    written = tmp_path / "ckpt"
+    written.mkdir()
+    names = [ckpt.STATE, ckpt.rng_file(0), "zz-extra.pt", ckpt.PROGRESS]
+    for name in names:
+        (written / name).write_bytes(name.encode() * 100)
+    fs = stage.fs
+    final = f"{stage.file(train_stage.LOCAL_CHECKPOINTS)}/step-00000007"
+    seen = []
+
+    def checked(method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            if fs.exists(f"{final}/{ckpt.PROGRESS}"):
+                present = {n for n in names if fs.exists(f"{final}/{n}")}
+                seen.append(present)
+                assert present == set(names), f"the marker landed before {set(names) - present}"
+            return result
+
+        return call
+
+    for op in ("put_file", "cp_file", "mv", "pipe_file"):
+        monkeypatch.setattr(fs, op, checked(getattr(fs, op)))
+    session.save(written, 7, {})
+    assert seen and [p.rsplit("/", 1)[-1] for p in session._complete()] == ["step-00000007"]

@@ -34,8 +34,10 @@ from u2seg.data.coco import id_to_rgb, mask_to_annotation, panoptic_file_names
 from u2seg.data.images import ImageError, list_images, read_image
 from u2seg.data.training import target_size
 from u2seg.data.weights import check_state_dict, read_model_file
+from u2seg.lease import leased
 from u2seg.models.vit import autocast_dtype, check_precision
 from u2seg.ops.panoptic import combine_predictions
+from u2seg.ops.resize import FullMasks, mask_windows, resized_argmax
 from u2seg.runtime import (
     actor_pool,
     gpus_per_actor,
@@ -88,12 +90,22 @@ class Predictor:
                    "width": 0, "height": 0, "error": "", "png": str(batch["png"][k]),
                    "segments_info": "[]", "annotations": "[]"}  # fmt: skip
             try:
+                if batch["error"][k]:
+                    raise ImageError(str(batch["error"][k]))  # refused by the listing
                 image = read_image(str(batch["path"][k]), self.max_pixels)
             except ImageError as exc:
                 rows.append({**row, "error": str(exc), "png": ""})
                 continue
             row["height"], row["width"] = image.shape[:2]
-            rows.append({**row, **self.predict(image, row)})
+            try:
+                rows.append({**row, **self.predict(image, row)})
+            except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                reason = f"out of memory at {row['width']}x{row['height']}: {exc}"
+                rows.append({**row, "error": reason[:500], "png": ""})
         # Strings, "" for none: Ray turns None in an object column into NaN.
         columns = {f.name: np.asarray([r[f.name] for r in rows]) for f in _ROW_SCHEMA}
         return {**columns, "shard": batch["shard"], "order": batch["order"]}
@@ -109,21 +121,19 @@ class Predictor:
         cast = self.autocast or torch.bfloat16
         with torch.autocast(self.device.type, dtype=cast, enabled=self.autocast is not None):
             out = self.model([pixels[0].to(self.device)])[0]
-        masks = F.interpolate(out["masks"].float(), size=(height, width), mode="bilinear",
-                              align_corners=False)[:, 0] > 0.5  # fmt: skip
-        semantic = F.interpolate(out["sem_seg"][None].float(), size=(height, width),
-                                 mode="bilinear", align_corners=False)[0].argmax(0)  # fmt: skip
-        masks_np = masks.cpu().numpy()
+        # Back to the photo's size a window at a time: each mask only where it can be
+        # non-zero, the logits in bands of rows (a 40-megapixel photo stays ~1 GB).
+        windows = mask_windows(out["masks"][:, 0].float(), (height, width))
+        semantic_np = resized_argmax(out["sem_seg"].float(), (height, width))
         scores = out["scores"].float().cpu().numpy()
         labels = out["labels"].cpu().numpy()
-        semantic_np = semantic.cpu().numpy().astype(np.uint8)
         annotations = [
-            mask_to_annotation(m, row["image_id"], 0, int(c), float(s))
-            for m, s, c in zip(masks_np, scores, labels, strict=True)
-            if m.any()
+            mask_to_annotation(w.full(), row["image_id"], 0, int(c), float(s))
+            for w, s, c in zip(windows, scores, labels, strict=True)
+            if w.any()
         ]
         result = combine_predictions(
-            list(masks_np), scores, labels.tolist(), semantic_np, self.spec["num_things"],
+            FullMasks(windows), scores, labels.tolist(), semantic_np, self.spec["num_things"],
             opts["instance_score"], opts["overlap"], opts["stuff_area"],
         )  # fmt: skip
         write_file(f"{self.out_dir}/panoptic/{row['png']}", png_bytes(id_to_rgb(result.segments)))
@@ -160,6 +170,7 @@ def _digest(url: str) -> str:
     return digest.hexdigest()[:32]
 
 
+@leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Predict every image of `predict.images` (default `data.source`); the manifest."""
     model = _model_url(cfg)
@@ -168,10 +179,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     source, root = (cfg.predict.images, None) if cfg.predict.images else (
         cfg.data.source, cfg.data.root)  # fmt: skip
     refs = plan_shards(list_images(source, root), cfg.data.shard_size)
-    names = panoptic_file_names(refs.column("file_name").to_pylist())
-    refs = refs.append_column(
-        "png", pa.array([names[n] for n in refs.column("file_name").to_pylist()])
-    )
+    listed = refs.to_pydict()
+    names = panoptic_file_names([n for n, e in zip(listed["file_name"], listed["error"],
+                                                    strict=True) if not e])  # fmt: skip
+    refs = refs.append_column("png", pa.array([names.get(n, "") for n in listed["file_name"]]))
     stage = StageDir(cfg.output_dir, STAGE)
     stage.start(to_dict(cfg), {**depends_on(cfg, ["predict"]), "images": source,
                                "model": _digest(model)})  # fmt: skip

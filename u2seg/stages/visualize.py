@@ -7,7 +7,9 @@ them; for cluster `gallery.png`, one row of mask crops per pseudo class.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,44 @@ from u2seg.artifacts import StageDir
 from u2seg.config import PipelineConfig
 from u2seg.data.coco import rgb_to_id, rle_to_mask
 from u2seg.data.images import ImageError, list_images, read_image
+from u2seg.lease import leased
 from u2seg.ops.figures import contact_sheet, overlay
 
 STAGES = ("maskcut", "cluster", "panoptic", "predict")
 
 
-def _masks_by_image(dataset: dict[str, Any]) -> dict[int, list[np.ndarray]]:
-    masks: dict[int, list[np.ndarray]] = {im["id"]: [] for im in dataset["images"]}
+#: Pictures are drawn at most this many pixels on their long side (a 40-megapixel photo is
+#: drawn from a 1024-pixel copy, its masks decoded one at a time).
+PICTURE_SIDE = 1024
+
+
+def _segmentations_by_image(dataset: dict[str, Any], limit: int) -> dict[int, list[Any]]:
+    """The first `limit` images with annotations -> their encoded masks (decoded later, one
+    image at a time)."""
+    found: dict[int, list[Any]] = {}
     for ann in dataset["annotations"]:
-        masks[ann["image_id"]].append(rle_to_mask(ann["segmentation"]))
-    return masks
+        if ann["image_id"] in found or len(found) < limit:
+            found.setdefault(ann["image_id"], []).append(ann["segmentation"])
+    return found
+
+
+def _decode(segmentations: list[Any]) -> list[np.ndarray]:
+    return [rle_to_mask(r) for r in segmentations]
+
+
+def _shrink(image: np.ndarray, masks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image and masks scaled to at most PICTURE_SIDE on the long side."""
+    height, width = image.shape[:2]
+    scale = PICTURE_SIDE / max(height, width)
+    if scale >= 1:
+        return image, masks
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    shrunk = [
+        np.asarray(Image.fromarray(m.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)) > 0
+        for m in masks
+    ]
+    return small, shrunk
 
 
 def _load_json(url: str, stage: str) -> Any:
@@ -55,17 +85,12 @@ def _read(paths: dict[int, str], image_id: int, max_pixels: int) -> np.ndarray |
         return None
 
 
-def _panoptic_masks(
-    cfg: PipelineConfig, dataset: dict[str, Any], stage: str
-) -> dict[int, list[np.ndarray]]:
-    """Per image, one bool mask per segment (things first, then stuff) of panoptic.json."""
-    masks: dict[int, list[np.ndarray]] = {}
-    for ann in dataset["annotations"]:
-        png = np.asarray(Image.open(f"{cfg.output_dir}/{stage}/panoptic/{ann['file_name']}"))
-        ids = rgb_to_id(png)
-        order = sorted(ann["segments_info"], key=lambda s: not s["isthing"])
-        masks[ann["image_id"]] = [ids == s["id"] for s in order]
-    return masks
+def _panoptic_masks(cfg: PipelineConfig, ann: dict[str, Any], stage: str) -> list[np.ndarray]:
+    """One bool mask per segment (things first, then stuff) of a panoptic.json annotation."""
+    png = np.asarray(Image.open(f"{cfg.output_dir}/{stage}/panoptic/{ann['file_name']}"))
+    ids = rgb_to_id(png)
+    order = sorted(ann["segments_info"], key=lambda s: not s["isthing"])
+    return [ids == s["id"] for s in order]
 
 
 def cluster_gallery(cfg: PipelineConfig, per_cluster: int = 8, clusters: int = 12) -> np.ndarray:
@@ -98,6 +123,7 @@ def cluster_gallery(cfg: PipelineConfig, per_cluster: int = 8, clusters: int = 1
     return grid
 
 
+@leased
 def run(cfg: PipelineConfig, stage: str = "maskcut", limit: int = 50) -> Path:
     """Pictures of `stage`: overlays of its masks on the first `limit` images (maskcut,
     panoptic, predict) or the gallery of pseudo classes (cluster); returns the folder written."""
@@ -108,19 +134,22 @@ def run(cfg: PipelineConfig, stage: str = "maskcut", limit: int = 50) -> Path:
     if stage == "cluster":
         Image.fromarray(cluster_gallery(cfg)).save(out / "gallery.png")
         return out
+    paths = _image_paths(cfg, stage)
+    masks: dict[int, Callable[[], list[np.ndarray]]]  # decoded when the image is drawn
     if stage == "maskcut":
         dataset = _load_json(f"{cfg.output_dir}/maskcut/instances.json", stage)
-        masks = _masks_by_image(dataset)
+        encoded = _segmentations_by_image(dataset, limit)
+        masks = {i: functools.partial(_decode, rles) for i, rles in encoded.items()}
     else:
         dataset = _load_json(f"{cfg.output_dir}/{stage}/panoptic.json", stage)
-        masks = _panoptic_masks(cfg, dataset, stage)
-    paths = _image_paths(cfg, stage)
+        masks = {a["image_id"]: functools.partial(_panoptic_masks, cfg, a, stage)
+                 for a in dataset["annotations"][:limit]}  # fmt: skip
     drawn = []
-    for image_id, image_masks in tqdm(list(masks.items())[:limit], desc="visualize"):
+    for image_id, decode in tqdm(list(masks.items())[:limit], desc="visualize"):
         image = _read(paths, image_id, cfg.data.max_pixels)
         if image is None:
             continue
-        picture = overlay(image, image_masks)
+        picture = overlay(*_shrink(image, decode()))
         Image.fromarray(picture).save(out / f"{image_id:08d}_{Path(paths[image_id]).stem}.png")
         drawn.append(picture)
     if drawn:
