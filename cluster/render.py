@@ -21,11 +21,18 @@ or `--s3 URL`: runs, data and weights under that prefix, no volume, credentials 
 Secret `u2seg-s3` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL
 for an S3-compatible store). Ray's token authentication is on: the token comes from the
 Secret `--auth-secret` (key `auth_token`), which KubeRay puts into every Ray container.
+
+Network: a NetworkPolicy lets into the Ray pods only the Ray pods themselves (GCS, object
+transfer, workers; the job submitter carries their label), the KubeRay operator (it reads
+job status from the dashboard port), Prometheus from `--monitoring-namespace` on the metrics
+port, and, with `--job-api-namespace NS`, the job API (dashboard port 8265) from pods of NS.
+`kubectl port-forward` reaches the dashboard through the kubelet, outside the policy.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +52,15 @@ AUTH_SECRET = "u2seg-ray-token"
 CONFIG = "configs/coco.yaml"
 USER = 1000  # the image's non-root user (cluster/Dockerfile)
 METRICS_PORT = 8080  # Ray's metrics export port, scraped by the PodMonitor
+DASHBOARD_PORT = 8265  # the dashboard and the job API
+MONITORING_NAMESPACE = "monitoring"
 MANIFESTS = (
     "shared-storage.yaml", "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
-    "rayjob-self-train.yaml", "podmonitor.yaml",
+    "rayjob-self-train.yaml", "podmonitor.yaml", "networkpolicy.yaml",
 )  # fmt: skip
+# What every container of a pod must say to pass Pod Security "restricted" (the pod adds
+# runAsNonRoot and the seccomp profile).
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 LABELS = {"app.kubernetes.io/name": "u2seg"}
 
 
@@ -67,6 +79,8 @@ class Options:
     kueue_queue: str | None = None
     prometheus: str | None = None  # the dashboard's metrics charts read these two
     grafana: str | None = None
+    monitoring_namespace: str = MONITORING_NAMESPACE  # where Prometheus scrapes from
+    job_api_namespace: str | None = None  # a namespace whose pods may submit jobs
 
     @property
     def root(self) -> str:
@@ -111,10 +125,7 @@ def _container(
         "env": _env(options),
         "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": dict(CONTAINER_SECURITY),
     }
 
 
@@ -180,6 +191,7 @@ def cluster_spec(options: Options) -> dict[str, Any]:
                 "limits": {"cpu": "500m", "memory": "1Gi"},
                 "requests": {"cpu": "500m", "memory": "1Gi"},
             },
+            "securityContext": dict(CONTAINER_SECURITY),
         },
         "headGroupSpec": {
             "serviceType": "ClusterIP",  # the dashboard stays inside: kubectl port-forward
@@ -221,9 +233,12 @@ def _metadata(options: Options, name: str) -> dict[str, Any]:
     return {"name": name, "labels": labels}
 
 
-def _job(options: Options, name: str, entrypoint: str, deadline_hours: int) -> dict[str, Any]:
+def _job(
+    options: Options, name: str, entrypoint: str, deadline_hours: int, output: str
+) -> dict[str, Any]:
     submitter = _container(options, "ray-job-submitter", "500m", "1Gi", "1Gi")
-    del submitter["ports"], submitter["volumeMounts"]
+    # It submits the job and follows its logs: no storage, no S3 keys, no caches.
+    del submitter["ports"], submitter["volumeMounts"], submitter["env"]
     submitter_pod = _pod(options, submitter, "1Gi")
     submitter_pod["spec"] = {
         "restartPolicy": "Never",
@@ -235,6 +250,10 @@ def _job(options: Options, name: str, entrypoint: str, deadline_hours: int) -> d
         "metadata": _metadata(options, name),
         "spec": {
             "entrypoint": entrypoint,
+            # The submission id follows from the job and its output: Ray refuses a second
+            # submission of the same id to a cluster, and the output's lease refuses a
+            # second driver on any cluster (docs/reliability.md).
+            "jobId": f"{name}-{hashlib.sha256(output.encode()).hexdigest()[:12]}",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
             "activeDeadlineSeconds": deadline_hours * 3600,
@@ -250,9 +269,40 @@ def _job(options: Options, name: str, entrypoint: str, deadline_hours: int) -> d
     }
 
 
+def network_policy(options: Options) -> dict[str, Any]:
+    """Ingress to the Ray pods (see the module docstring); egress stays open (S3, images)."""
+    ray_pods = {"podSelector": {"matchLabels": dict(LABELS)}}
+    operator = {
+        "namespaceSelector": {},  # any namespace: the operator's pods by their chart's label
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+    }
+    monitoring = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": options.monitoring_namespace}}}  # fmt: skip
+    rules: list[dict[str, Any]] = [
+        {"from": [ray_pods]},
+        {"from": [operator], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+        {"from": [monitoring], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+    ]
+    if options.job_api_namespace:
+        api = {"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": options.job_api_namespace}}}  # fmt: skip
+        rules.append({"from": [api], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "u2seg-ray", "labels": dict(LABELS)},
+        "spec": {
+            "podSelector": {"matchLabels": dict(LABELS)},
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },  # fmt: skip
+    }
+
+
 def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
     root = options.root
-    args = f"--config {CONFIG} output={root}/runs/coco data.source={root}/coco/train2017"
+    output = f"{root}/runs/coco"
+    args = f"--config {CONFIG} output={output} data.source={root}/coco/train2017"
     weights = f"{root}/weights/dino_resnet50_pretrain.pth"  # what training starts from
     found: dict[str, dict[str, Any]] = {
         "raycluster.yaml": {
@@ -262,13 +312,17 @@ def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
             "spec": cluster_spec(options),
         },
         "rayjob-labels.yaml": _job(
-            options, "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72
+            options, "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72, output
         ),
         "rayjob-train.yaml": _job(
-            options, "u2seg-train", f"python ray_jobs/train.py {args} train.weights={weights}", 240
+            options,
+            "u2seg-train",
+            f"python ray_jobs/train.py {args} train.weights={weights}",
+            240,
+            output,
         ),
         "rayjob-self-train.yaml": _job(
-            options, "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240
+            options, "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240, output
         ),
         # Prometheus operator: scrape every Ray pod's metrics port (Ray's Grafana dashboards
         # read these series).
@@ -281,6 +335,7 @@ def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
                 "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],
             },
         },
+        "networkpolicy.yaml": network_policy(options),
     }
     if not options.s3:
         found["shared-storage.yaml"] = {
@@ -338,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kueue-queue", help="Kueue LocalQueue of the jobs and the cluster")
     parser.add_argument("--prometheus", help="Prometheus URL for the Ray dashboard's charts")
     parser.add_argument("--grafana", help="Grafana URL for the Ray dashboard's charts")
+    parser.add_argument(
+        "--monitoring-namespace",
+        default=MONITORING_NAMESPACE,
+        help="namespace of the Prometheus that scrapes the metrics port (NetworkPolicy)",
+    )
+    parser.add_argument(
+        "--job-api-namespace",
+        help="let pods of this namespace reach the job API (port 8265); default: none",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     if args.s3 is not None and not args.s3.startswith("s3://"):
         parser.error(f"--s3 wants an s3:// URL, got {args.s3!r}")
@@ -346,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         auth_secret=args.auth_secret, gpu_product=args.gpu_product,
         priority_class=args.priority_class, kueue_queue=args.kueue_queue,
         prometheus=args.prometheus, grafana=args.grafana,
+        monitoring_namespace=args.monitoring_namespace, job_api_namespace=args.job_api_namespace,
     )  # fmt: skip
     if args.check:
         stale = [

@@ -215,6 +215,9 @@ def test_the_s3_variant_has_no_volume_and_reads_its_credentials_from_a_secret(
             kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
             assert all(v["name"] != "shared" for v in pod["spec"].get("volumes", []))
             for container in pod["spec"]["containers"]:
+                if container["name"] == "ray-job-submitter":  # submits, reads no data
+                    assert "env" not in container
+                    continue
                 secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
                            for e in container["env"] if "valueFrom" in e}  # fmt: skip
                 assert (
@@ -253,3 +256,75 @@ def test_the_dockerfile_installs_what_the_jobs_need() -> None:
     assert "build-essential" not in final and "USER 1000" in final
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".cache", ".git"} <= set(ignored)
+
+
+def _restricted(pod_spec: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """What keeps a container from Pod Security "restricted" (its pod's settings count)."""
+    pod, own = pod_spec.get("securityContext", {}), container.get("securityContext", {})
+    found = []
+    if not own.get("runAsNonRoot", pod.get("runAsNonRoot")):
+        found.append("runAsNonRoot")
+    seccomp = own.get("seccompProfile", pod.get("seccompProfile", {}))
+    if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+        found.append("seccompProfile")
+    if own.get("allowPrivilegeEscalation") is not False:
+        found.append("allowPrivilegeEscalation")
+    if own.get("capabilities", {}).get("drop") != ["ALL"]:
+        found.append("capabilities.drop")
+    if own.get("privileged") or any("hostPath" in v for v in pod_spec.get("volumes", [])):
+        found.append("privileged or hostPath")
+    return found
+
+
+@pytest.mark.parametrize("name", RAY_MANIFESTS)
+def test_every_container_passes_pod_security_restricted(name: str) -> None:
+    manifest = _load(name)
+    for pod in _pods(manifest):
+        for container in pod["spec"]["containers"]:
+            assert _restricted(pod["spec"], container) == [], container["name"]
+    # KubeRay adds the autoscaler to the head pod with autoscalerOptions' securityContext.
+    spec = _cluster_spec(manifest)
+    head = spec["headGroupSpec"]["template"]["spec"]
+    autoscaler = {"name": "autoscaler", **spec["autoscalerOptions"]}
+    assert _restricted(head, autoscaler) == []
+    assert _restricted(head, {"name": "bare"}) == ["allowPrivilegeEscalation", "capabilities.drop"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_network_policy_admits_the_ray_pods_the_operator_and_prometheus(
+    version: str, tmp_path: Path
+) -> None:
+    policy = _load("networkpolicy.yaml")
+    kubernetes_validate.validate(policy, version, strict=True)
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for name in RAY_MANIFESTS:  # it covers every Ray pod, and they (the submitter too) talk
+        for pod in _pods(_load(name)):
+            assert selector.items() <= pod["metadata"]["labels"].items()
+    rules = policy["spec"]["ingress"]
+    assert rules[0] == {"from": [{"podSelector": {"matchLabels": selector}}]}
+    opened = {r["ports"][0]["port"]: r["from"][0] for r in rules[1:]}
+    assert opened[8265]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kuberay-operator"
+    }
+    assert opened[8080] == {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}  # fmt: skip
+    assert len(rules) == 3  # nothing else: GCS, client port and job API stay inside
+    render = _render()
+    assert render.main(["--out", str(tmp_path), "--job-api-namespace", "ml-platform",
+                        "--monitoring-namespace", "prom"]) == 0  # fmt: skip
+    policy = yaml.safe_load((tmp_path / "networkpolicy.yaml").read_text())
+    kubernetes_validate.validate(policy, version, strict=True)
+    froms = [r["from"][0].get("namespaceSelector", {}).get("matchLabels") for r in
+             policy["spec"]["ingress"]]  # fmt: skip
+    assert {"kubernetes.io/metadata.name": "ml-platform"} in froms
+    assert {"kubernetes.io/metadata.name": "prom"} in froms
+
+
+def test_a_resubmitted_job_has_the_same_submission_id() -> None:
+    ids = {name: _load(name)["spec"]["jobId"] for name in RAY_MANIFESTS[1:]}
+    assert len(set(ids.values())) == len(ids)  # one id per job and output
+    render = _render()
+    again = render.manifests(render.Options())
+    assert {n: again[n]["spec"]["jobId"] for n in ids} == ids  # rendered again: the same
+    other = render.manifests(render.Options(s3="s3://bucket/u2seg"))
+    assert all(other[n]["spec"]["jobId"] != ids[n] for n in ids)  # another output: another
