@@ -14,6 +14,7 @@ baseline's token scores are averaged and upsampled instead (tokens are 384 wide)
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,11 @@ def decode_labels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)))
 
 
-def _fit_images(cfg: PipelineConfig, actor: type[BackboneActor], kwargs: dict[str, Any]) -> Any:
-    """Result batches of `actor` over at most `fit_images` images spread over the dataset."""
+def _fit_images(
+    cfg: PipelineConfig, actor: type[BackboneActor], kwargs: dict[str, Any]
+) -> tuple[int, Any]:
+    """(how many, result batches) of `actor` over at most `fit_images` images spread over
+    the dataset."""
     import ray.data
 
     sc: SemanticConfig = cfg.semantic
@@ -189,7 +193,7 @@ def _fit_images(cfg: PipelineConfig, actor: type[BackboneActor], kwargs: dict[st
         SquareImages(size, cfg.data.max_pixels), batch_size=8, num_cpus=cfg.data.read_num_cpus
     )
     ds = backbone_pool(ds, cfg, sc, actor, kwargs, "semantic")
-    return ds.iter_batches(batch_size=None, batch_format="numpy")
+    return subset.num_rows, ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def _fit_patch_kmeans(cfg: PipelineConfig) -> np.ndarray:
@@ -199,7 +203,7 @@ def _fit_patch_kmeans(cfg: PipelineConfig) -> np.ndarray:
     with ray_session(cfg.ray):
         samples = [
             b["samples"][b["error"] == ""].reshape(-1, b["samples"].shape[-1])
-            for b in _fit_images(cfg, PatchSampler, kwargs)
+            for b in _fit_images(cfg, PatchSampler, kwargs)[1]
         ]
     return fit_stuff_clusters(np.concatenate(samples), sc.num_classes, sc.niter, sc.seed)
 
@@ -244,22 +248,56 @@ def _train_head(cfg: PipelineConfig, tokens_path: str, stage: StageDir) -> dict[
     return state
 
 
+#: Bytes copied at once when the token cache is cut to the rows that came.
+COPY_BYTES = 64 << 20
+
+
+def write_rows(batches: Iterable[np.ndarray], most: int, path: Path) -> int:
+    """Stream row batches (each (n, ...) of one dtype and row shape, n >= 0) into the `.npy`
+    file `path`, at most `most` rows in all, without holding them: they fill a memory-mapped
+    file of `most` rows, copied a slice at a time into one of the exact count when fewer
+    came (unreadable images). Returns the count."""
+    partial = path.with_name(f".tmp-{path.name}")
+    rows, out = 0, None
+    for batch in batches:
+        if out is None:
+            out = np.lib.format.open_memmap(partial, "w+", batch.dtype, (most, *batch.shape[1:]))
+        out[rows : rows + len(batch)] = batch
+        rows += len(batch)
+    if out is None:
+        return 0
+    out.flush()
+    if rows < most:
+        exact = np.lib.format.open_memmap(path, "w+", out.dtype, (rows, *out.shape[1:]))
+        step = max(1, COPY_BYTES // max(1, out[0].nbytes))
+        for start in range(0, rows, step):
+            exact[start : start + step] = out[start : min(rows, start + step)]
+        exact.flush()
+        del out, exact
+        partial.unlink()
+    else:
+        del out
+        partial.replace(path)
+    return rows
+
+
 def _fit_stego(cfg: PipelineConfig, stage: StageDir) -> np.ndarray:
     """(S, C) float32 centroids of the STEGO head's codes; writes `head.pt`.
 
-    The token grids of the fit images go to a local `tokens.npy` that every training worker
-    memory-maps (Ray Train workers on other nodes need the run directory on shared storage).
+    The token grids of the fit images stream into a local `tokens.npy` (never held whole by
+    the driver) that every training worker memory-maps (Ray Train workers on other nodes
+    need the run directory on shared storage).
     """
     sc = cfg.semantic
     with ray_session(cfg.ray):
-        grids = [b["tokens"][b["error"] == ""] for b in _fit_images(cfg, TokenGrids, {})]
-        tokens = np.concatenate(grids)
-        if len(tokens) < 2:
-            raise ValueError("semantic: STEGO needs at least 2 readable images to train on")
+        count, batches = _fit_images(cfg, TokenGrids, {})
         Path(stage.path).mkdir(parents=True, exist_ok=True)
-        tokens_path = str(Path(stage.path).resolve() / "tokens.npy")
-        np.save(tokens_path, tokens)
-        state = _train_head(cfg, tokens_path, stage)
+        tokens_path = Path(stage.path).resolve() / "tokens.npy"
+        ok = (b["tokens"][b["error"] == ""] for b in batches)
+        if write_rows(ok, count, tokens_path) < 2:
+            raise ValueError("semantic: STEGO needs at least 2 readable images to train on")
+        tokens = np.load(tokens_path, mmap_mode="r")
+        state = _train_head(cfg, str(tokens_path), stage)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with stage.open_atomic(HEAD) as fh:
