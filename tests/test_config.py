@@ -139,3 +139,7 @@ def test_secrets_read_from_the_environment_never_reach_a_saved_config(
         assert "hunter2" not in text and "tok-123456" not in text
         assert "s3://bucket/${oc.env:BUCKET_PASS}/photos" in text
     assert manifest["config"]["name"] == "${oc.env:MY_API_TOKEN}"
+    # A short value is no secret, even under a secret's name: "tokens" stays a word.
+    monkeypatch.setenv("SHORT_KEY", "token")
+    stage.write_json("x.json", {"feature": "tokens"})
+    assert stage.read_json("x.json") == {"feature": "tokens"}

@@ -511,8 +511,11 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
 
 
 #: Environment variables whose values never reach a saved config (`redact`): those named
-#: like a secret, and every one a loaded config reads with ${oc.env:NAME}.
-_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|AUTH", re.IGNORECASE)
+#: like a secret, and every one a loaded config reads with ${oc.env:NAME}; values of 8
+#: characters or more (shorter ones, such as RAY_AUTH_MODE=token, are no secrets, and
+#: replacing them would garble ordinary words).
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASS|CREDENTIAL", re.IGNORECASE)
+_SECRET_LENGTH = 8
 _ENV_READ: set[str] = set()
 _OC_ENV = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -520,10 +523,10 @@ _OC_ENV = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)")
 def redact(obj: Any) -> Any:
     """`obj` (JSON-like) with the values of secret environment variables (see above) in its
     strings replaced by `${oc.env:NAME}`: a config.json or manifest shows where a value came
-    from, never a key or token (values under 4 characters are not secrets and stay)."""
+    from, never a key or token."""
     secrets = sorted(
         ((v, n) for n, v in os.environ.items()
-         if len(v) >= 4 and (n in _ENV_READ or _SECRET_NAME.search(n))),
+         if len(v) >= _SECRET_LENGTH and (n in _ENV_READ or _SECRET_NAME.search(n))),
         key=lambda item: -len(item[0]),
     )  # fmt: skip
 
