@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,17 +47,25 @@ def s3() -> Iterator[Any]:
         port = probe.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # The server's buckets live in moto's process-wide state: start every test empty.
+    reset = f"http://127.0.0.1:{port}/moto-api/reset"
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=30).close()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    try:
-        import fsspec
+    import fsspec
+    import s3fs
 
+    # fsspec keeps one S3 filesystem per set of arguments, made with the endpoint of its
+    # time: one left from an earlier server would call a port nobody listens on.
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("u2seg")
         yield fs
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
         for key, value in saved.items():
             if value is None:

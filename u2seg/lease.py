@@ -59,6 +59,8 @@ class Lease:
         self.fs: fsspec.AbstractFileSystem
         self.fs, root = url_to_fs(output_dir)
         self.path = f"{root.rstrip('/')}/{LEASE}"
+        local = isinstance(self.fs, LocalFileSystem)
+        self.url = self.path if local else self.fs.unstrip_protocol(self.path)  # for people
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.token = uuid.uuid4().hex
         self.holder = {
@@ -108,15 +110,14 @@ class Lease:
                     continue  # released or replaced meanwhile: try again
                 reason = self.stale_reason(record)
                 if reason is None:
-                    url = self.fs.unstrip_protocol(self.path)
-                    raise LeaseHeld(_describe(url, record)) from None
+                    raise LeaseHeld(_describe(self.url, record)) from None
                 self.fs.rm(self.path)
                 self.took_over = {**record, "reason": reason}
         else:
-            raise LeaseHeld(f"{self.fs.unstrip_protocol(self.path)}: could not be taken")
+            raise LeaseHeld(f"{self.url}: could not be taken")
         if self.took_over is not None:
             print(
-                f"[lease] took over {self.fs.unstrip_protocol(self.path)} from "
+                f"[lease] took over {self.url} from "
                 f"{self.took_over['host']} pid {self.took_over['pid']}: "
                 f"{self.took_over['reason']}",
                 file=sys.stderr,
@@ -129,7 +130,7 @@ class Lease:
             record = self.read()
             if record is not None and record.get("token") != self.token:
                 print(
-                    f"[lease] {self.fs.unstrip_protocol(self.path)} was taken over by "
+                    f"[lease] {self.url} was taken over by "
                     f"{record.get('host')} pid {record.get('pid')}: stopping this driver",
                     file=sys.stderr,
                 )
