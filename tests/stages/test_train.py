@@ -125,25 +125,28 @@ def test_listed_names_never_write_outside_the_output(trained, tmp_path: Path) ->
     # A listing whose names climb out of the image root, or name a file elsewhere: recorded
     # with the reason, nothing written beside the output; the photos under the root predicted.
     photos, run, _ = trained
-    root = tmp_path / "data" / "images"
+    root = tmp_path / "data" / "set" / "images"
     root.mkdir(parents=True)
     (root / "p0.png").write_bytes((photos / "p0.png").read_bytes())
     (tmp_path / "photo.png").write_bytes((photos / "p1.png").read_bytes())
-    names = ["p0.png", "../../photo.png", str(tmp_path / "photo.png"), str(root / "p0.png")]
+    # From the root and from <output>/predict/panoptic alike, ../../../ climbs 3 folders.
+    names = ["p0.png", "../../../photo.png", str(tmp_path / "photo.png"), str(root / "p0.png")]
     listing = tmp_path / "data" / "listing.json"
     listing.write_text(json.dumps({"images": [{"id": k, "file_name": n}
                                               for k, n in enumerate(names, 1)]}))  # fmt: skip
     before = sorted(p for p in tmp_path.rglob("*"))
-    out = tmp_path / "out"
+    out = tmp_path / "runs" / "out"
     cfg = train_config(photos, out, f"data.source={listing}", f"data.root={root}",
                        f"predict.model={run / 'train' / 'model.pt'}", "predict.short_side=128",
                        "predict.max_side=128")  # fmt: skip
     manifest = u2seg.run_predict(cfg)
-    after = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    after = sorted(
+        p for p in tmp_path.rglob("*") if out not in p.parents and p not in (out, out.parent)
+    )
     assert after == before
     reasons = {(r["file_name"], r["reason"]) for r in manifest["errors"]["first"]}
     assert reasons == {
-        ("../../photo.png", "a file name with a '..' part (outputs are named after file names)"),
+        ("../../../photo.png", "a file name with a '..' part (outputs are named after file names)"),
         (str(tmp_path / "photo.png"), f"outside data.root ({root}): set data.root to a folder "
          "holding it"),
         ("p0.png", "listed before, as image 1"),  # the absolute name under the root
