@@ -37,9 +37,9 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 ERRORS = "errors.parquet"
 SUPERSEDED = "superseded"
-#: Names in a stage directory that are not results: its config, temporary files, the
-#: shards moved aside and the run's lease (`u2seg.lease`).
-_NOT_RESULTS = re.compile(r"^(config\.json|\.tmp-.*|superseded|\.lease.*)$")
+#: Names in a stage directory that are not results: its config, temporary files and the
+#: shards moved aside.
+_NOT_RESULTS = re.compile(r"^(config\.json|\.tmp-.*|superseded)$")
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 INPUTS_KEY = b"u2seg.inputs"
 
@@ -205,29 +205,32 @@ class StageDir:
             },
         )
 
+    def _names(self, folder: str) -> list[str]:
+        """The entries of `folder` by name ([] when it does not exist). Listed afresh: on
+        object stores fsspec caches listings, and Ray's workers, another driver or a person
+        may have written or removed files since this process looked."""
+        self.fs.invalidate_cache(folder)
+        if not self.fs.exists(folder):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+
     def holds_results(self) -> bool:
         """Whether the directory holds anything a stage made: shards, a manifest, label
-        PNGs, assignments, centroids, a head... (anything but its config, temporary files,
-        shards moved aside and the lease). One rule for every stage, whatever its results."""
-        self.fs.invalidate_cache(self.path)
-        if not self.fs.exists(self.path):
-            return False
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
-        return any(not _NOT_RESULTS.match(n) for n in names)
+        PNGs, assignments, centroids, a head... (anything but its config, temporary files
+        and shards moved aside). One rule for every stage, whatever its results."""
+        return any(not _NOT_RESULTS.match(n) for n in self._names(self.path))
+
+    def _shards_in(self, folder: str) -> set[int]:
+        return {int(m.group(1)) for n in self._names(folder) if (m := _SHARD_RE.match(n))}
 
     @staticmethod
     def shard_name(index: int) -> str:
         return f"part-{index:05d}.parquet"
 
     def complete_shards(self) -> set[int]:
-        """Indices of the shards already written in full (temporary files are ignored).
-        Listed afresh: on object stores fsspec caches listings, and Ray's workers, another
-        driver or a person may have written or removed shards since this process looked."""
-        self.fs.invalidate_cache(self.path)
-        if not self.fs.exists(self.path):
-            return set()
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
-        return {int(m.group(1)) for n in names if (m := _SHARD_RE.match(n))}
+        """Indices of the shards already written in full (temporary files are ignored),
+        listed afresh."""
+        return self._shards_in(self.path)
 
     def shard_inputs(self, index: int, folder: str = "") -> str | None:
         """The inputs digest a shard was written with (None for a shard without one);
@@ -238,20 +241,13 @@ class StageDir:
         value = metadata.get(INPUTS_KEY)
         return value.decode() if value is not None else None
 
-    def _superseded(self) -> set[int]:
-        folder = self.file(SUPERSEDED)
-        if not self.fs.exists(folder):
-            return set()
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
-        return {int(m.group(1)) for n in names if (m := _SHARD_RE.match(n))}
-
     def reusable_shards(self, digests: dict[int, str]) -> set[int]:
         """The complete shards made from the inputs the plan now gives them (`digests`:
         shard index -> `inputs_digest` of its inputs). The other complete shards (outside
         the plan, or made from other inputs) are moved aside to `superseded/`, so no reader
         picks them up and a failed attempt can put them back (`discard_attempt`); a shard
         there that the plan gives again (the listing changed back) is put back and reused."""
-        complete, aside = self.complete_shards(), self._superseded()
+        complete, aside = self.complete_shards(), self._shards_in(self.file(SUPERSEDED))
         reusable = set()
         for index in sorted(complete | aside):
             want = digests.get(index)

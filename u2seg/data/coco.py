@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -80,6 +79,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from u2seg.data.names import leaves_root
 from u2seg.ops.panoptic import PanopticResult
 
 
@@ -228,7 +228,7 @@ def panoptic_file_names(image_file_names: Sequence[str]) -> dict[str, str]:
     x.png: x.jpg-0.png, x.jpg-2.png). Names are relative and without '..' parts (the listing
     refuses others), so no label lands outside its folder."""
     for name in image_file_names:
-        if name.startswith("/") or "://" in name or ".." in re.split(r"[/\\]", name):
+        if leaves_root(name):
             raise ValueError(f"{name!r}: an output name must be a relative name without '..'")
     plain = [panoptic_file_name(n) for n in image_file_names]
     shared = {p for p, count in Counter(plain).items() if count > 1}

@@ -30,6 +30,8 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from u2seg.data.names import is_absolute, leaves_root
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 REF_SCHEMA = pa.schema(
     [
@@ -52,18 +54,14 @@ class ImageError(ValueError):
     """One image cannot be used; the message is the reason stored in the error table."""
 
 
-def _is_absolute(name: str) -> bool:
-    return name.startswith("/") or "://" in name
-
-
 def _listed(root: str, name: str) -> tuple[str, str, str]:
     """(file_name, path, error) of a listed name under `root` (see the module docstring)."""
     prefix = f"{root.rstrip('/')}/"
-    if _is_absolute(name):
+    if is_absolute(name):
         if not name.startswith(prefix):
             return name, "", f"outside data.root ({root}): set data.root to a folder holding it"
         name = name[len(prefix) :]
-    if ".." in re.split(r"[/\\]", name):
+    if leaves_root(name):
         return name, "", "a file name with a '..' part (outputs are named after file names)"
     return name, f"{prefix}{name}", ""
 
