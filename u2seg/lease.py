@@ -110,7 +110,7 @@ class Lease:
                     continue  # released or replaced meanwhile: try again
                 reason = self.stale_reason(record)
                 if reason is None:
-                    raise LeaseHeld(_describe(self.url, record)) from None
+                    raise LeaseHeld(_describe(self.url, record, self.stale_s)) from None
                 self.fs.rm(self.path)
                 self.took_over = {**record, "reason": reason}
         else:
@@ -162,14 +162,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _describe(url: str, record: dict[str, Any]) -> str:
+def _describe(url: str, record: dict[str, Any], stale_s: float) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("since", 0))))
     beat = time.time() - float(record.get("heartbeat", 0))
     return (
         f"another driver is writing this output: {url} is held by {record.get('host')} "
         f"pid {record.get('pid')} since {since} (last heartbeat {beat:.0f} s ago; "
         f"command: {record.get('command')}). Wait for it, stop it, or use another output; "
-        f"a driver that is gone is taken over after {STALE_S:.0f} s without heartbeat"
+        f"a driver that is gone is taken over after {stale_s:.0f} s without heartbeat"
     )
 
 
