@@ -1,4 +1,4 @@
-"""Evaluation cores (METHOD.md stage 7) on hand-made label maps, boxes and segments."""
+"""Evaluation cores (docs/method.md stage 7) on hand-made label maps, boxes and segments."""
 
 from __future__ import annotations
 

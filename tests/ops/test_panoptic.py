@@ -1,4 +1,4 @@
-"""Panoptic merge (METHOD.md stage 5) and its COCO encoders on hand-made masks."""
+"""Panoptic merge (docs/method.md stage 5) and its COCO encoders on hand-made masks."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def reference_merge(
     overlap: float,
     void: int,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """METHOD.md stage 5 written as plainly as possible, one full-image mask at a time:
+    """docs/method.md stage 5 written as plainly as possible, one full-image mask at a time:
     (H, W) segment ids and [(id, category_id)]."""
     areas = []
     for m in masks:
@@ -124,7 +124,7 @@ def test_min_visible_drops_a_group_left_as_fragments_and_gives_its_pixels_below(
     group = box(shape, (2, 12), (2, 18))  # 160 px holding its two members
     left, right = box(shape, (2, 12), (2, 9)), box(shape, (2, 12), (11, 18))  # 70 px each
     masks = [scene, group, left, right]
-    # METHOD.md's merge keeps the group as the 20 px strip between its members.
+    # docs/method.md's merge keeps the group as the 20 px strip between its members.
     plain = paint_instances(masks)
     assert plain.order == (0, 1, 2, 3) and np.count_nonzero(plain.index_map == 1) == 20
     painting = paint_instances(masks, min_visible=0.5)
@@ -430,7 +430,7 @@ def test_background_masks_are_those_along_the_frame_except_the_first() -> None:
     assert border_share(person) == pytest.approx(10 / 156)
     masks = [close_up, sky, person, cup, close_up]
     assert background_masks(masks, 0.15).tolist() == [False, True, False, False, True]
-    assert background_masks(masks, 0.0).tolist() == [False] * 5  # off: METHOD.md's merge
+    assert background_masks(masks, 0.0).tolist() == [False] * 5  # off: docs/method.md's merge
     assert background_masks(masks, 0.5).tolist() == [False, False, False, False, True]
     assert background_masks([], 0.15).tolist() == []
 

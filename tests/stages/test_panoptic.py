@@ -92,7 +92,7 @@ def test_paint_score_puts_the_first_listed_mask_on_top(tmp_path: Path) -> None:
         row = panoptic.label_row(image, [big, small], [1, 2], stuff, cfg, str(tmp_path))
         return [s for s in json.loads(row["segments_info"]) if s["isthing"]]
 
-    area = segments()  # METHOD.md: the smaller box on top
+    area = segments()  # docs/method.md: the smaller box on top
     assert [(s["category_id"], s["area"]) for s in area] == [(1, 18 * 26 - 36), (2, 36)]
     score = segments(**{"panoptic.paint": "score"})  # the best on top: the small one hidden
     assert [(s["category_id"], s["area"]) for s in score] == [(1, 18 * 26)]

@@ -1,4 +1,4 @@
-"""Evaluation on hand-made scenes whose scores are known (METHOD.md stage 7)."""
+"""Evaluation on hand-made scenes whose scores are known (docs/method.md stage 7)."""
 
 from __future__ import annotations
 

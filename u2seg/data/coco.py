@@ -1,7 +1,7 @@
 """COCO formats written and read by every stage: instance annotations (RLE), panoptic
 PNG ids and JSON, the instances JSON of the pseudo classes, detectron2's metadata.
 
-Instance annotations (METHOD.md stage 2, step 8): one category per mask, RLE segmentation
+Instance annotations (docs/method.md stage 2, step 8): one category per mask, RLE segmentation
 (pycocotools, Fortran order, counts as str), bbox [x, y, w, h] from the mask, area, iscrowd
 0, image width and height in COCO's order (upstream swapped them).
 

@@ -1,4 +1,4 @@
-"""Training samples for the panoptic model from the `panoptic/` artifact (METHOD.md stage 6).
+"""Training samples for the panoptic model from the `panoptic/` artifact (docs/method.md stage 6).
 
 `panoptic/` holds what detectron2's "separated" panoptic format needs: `instances.json`
 (COCO instances, RLE masks, thing classes 1..K), `panoptic.json` (its categories: K things,

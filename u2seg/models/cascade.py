@@ -1,4 +1,4 @@
-"""Cascade R-CNN box heads with class-agnostic regression, and the mask head (METHOD.md
+"""Cascade R-CNN box heads with class-agnostic regression, and the mask head (docs/method.md
 stage 6), on torchvision's Matcher, BoxCoder, sampler, RoIAlign and mask-head layers.
 
 Training (detectron2's CascadeROIHeads, which U2Seg trains):

@@ -1,4 +1,4 @@
-"""Panoptic FPN with Cascade ROI heads (METHOD.md stage 6): the model U2Seg trains.
+"""Panoptic FPN with Cascade ROI heads (docs/method.md stage 6): the model U2Seg trains.
 
 A feature pyramid (`u2seg.models.pyramid`: ResNet-50 + FPN, or the pseudo labels' ViT
 behind a simple feature pyramid), torchvision's RPN on p2..p6 (anchors 32..512, ratios

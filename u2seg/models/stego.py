@@ -1,4 +1,4 @@
-"""STEGO's segmentation head: a small network over frozen ViT patch tokens (METHOD.md stage 4).
+"""STEGO's segmentation head: a small network over frozen ViT patch tokens (docs/method.md stage 4).
 
 Trained by `u2seg.stages._stego_train` with the correspondence loss of `u2seg.ops.stuff`;
 its codes are clustered by the unsupervised cluster probe (`u2seg.ops.stuff.fit_cluster_probe`).

@@ -1,4 +1,4 @@
-"""Copy-paste augmentation of training samples (CutLER's, METHOD.md stage 6).
+"""Copy-paste augmentation of training samples (CutLER's, docs/method.md stage 6).
 
 `copy_paste(target, source, rng, scale)` pastes 1..n-1 of the source's n instances (1 when
 it has one) onto the target: the whole source image is resized by r ~ U(scale), placed at a

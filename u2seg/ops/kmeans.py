@@ -1,4 +1,4 @@
-"""k-means of embedding vectors with faiss (METHOD.md stage 3): the numeric core.
+"""k-means of embedding vectors with faiss (docs/method.md stage 3): the numeric core.
 
 - `kmeans_local`: `faiss.Kmeans` (faiss's C++ loop) on an in-memory (N, d) array.
 - `train_kmeans`: the same k-means over any `DatasetAssign` (faiss.contrib.clustering's

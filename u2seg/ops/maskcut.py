@@ -1,6 +1,6 @@
 """Stage 2, MaskCut: iterated normalized cuts of one image's patch graph (pure numeric core).
 
-For patch features F (h, w, d) of one image, each round builds the graph of METHOD.md stage 2,
+For patch features F (h, w, d) of one image, each round builds the graph of docs/method.md stage 2,
 
     A_ij = 1 if cos(f_i, f_j) > tau else eps (eps = 1e-5),   D = diag(A 1),
 

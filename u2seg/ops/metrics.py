@@ -1,4 +1,4 @@
-"""Numeric cores of unsupervised evaluation (METHOD.md stage 7); no file I/O.
+"""Numeric cores of unsupervised evaluation (docs/method.md stage 7); no file I/O.
 
 Unsupervised predictions carry cluster ids, not ground-truth classes, so every score here
 first needs a map from predicted ids to GT classes. Both maps are fit on the evaluation

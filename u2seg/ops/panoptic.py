@@ -10,7 +10,7 @@ Conventions (one set, used by every function here)
 - Thing classes are the stage-3 pseudo classes 1..K; a thing segment's category_id is its
   class, isthing 1.
 - Stuff clusters are the stage-4 labels c = 0..S-1 (k-means / cluster-probe indices). The
-  stuff segment of cluster c has category_id K + 1 + c, isthing 0: METHOD.md's "K + c"
+  stuff segment of cluster c has category_id K + 1 + c, isthing 0: docs/method.md's "K + c"
   counts c from 1, this module counts it from 0, and both give categories K+1..K+S.
 - A pixel of the stuff map equal to `void` (default 255, the value a uint8 label PNG keeps
   free; -1 works as well) belongs to no cluster. Any other value outside 0..S-1 is an error.
@@ -25,7 +25,7 @@ Conventions (one set, used by every function here)
 
 Images without instances
 ------------------------
-METHOD.md builds labels only for images with at least one pseudo instance. `merge_panoptic`
+docs/method.md builds labels only for images with at least one pseudo instance. `merge_panoptic`
 still accepts an empty instance list (the result is stuff only); the stage keeps an image
 when `has_things(result)` is true, which also drops images whose every mask was empty.
 """
@@ -116,7 +116,7 @@ def paint_instances(
     visible above the instances painted over it, and is dropped otherwise, so that its
     pixels go to the instances under it (or to stuff). Decided from the top (smallest box)
     down, each instance seeing only the kept ones above it. 0 keeps every instance, as
-    METHOD.md stage 5 does; a mask that holds several smaller ones (a group beside its
+    docs/method.md stage 5 does; a mask that holds several smaller ones (a group beside its
     members) is then left as the fragments between them.
     """
     if not 0.0 <= min_visible <= 1.0:
@@ -254,7 +254,7 @@ def merge_panoptic(
     min_visible: float = 0.0,
     background: Sequence[bool] | np.ndarray | None = None,
 ) -> PanopticResult:
-    """Merge thing instances and a stuff map into one panoptic label (METHOD.md stage 5).
+    """Merge thing instances and a stuff map into one panoptic label (docs/method.md stage 5).
 
     instance_masks: N bool (H, W) masks; instance_classes: their thing classes, 1..K.
     stuff: int (H, W) stuff clusters 0..S-1, or `void`. areas: bbox areas for the painting
@@ -293,7 +293,7 @@ def merge_panoptic(
 
     total = np.bincount(labels.ravel(), minlength=num_stuff + 1)[:num_stuff]
     covered = np.bincount(labels[painted], minlength=num_stuff + 1)[:num_stuff]
-    # The ratio as METHOD.md writes it (not covered > 0.7 * total): a correctly rounded
+    # The ratio as docs/method.md writes it (not covered > 0.7 * total): a correctly rounded
     # quotient equals the literal 0.7 exactly when covered / total is 7/10.
     with np.errstate(divide="ignore", invalid="ignore"):
         share = covered / total

@@ -1,4 +1,4 @@
-"""Refinement of MaskCut pseudo masks (METHOD.md stage 2, step 7): pure array functions.
+"""Refinement of MaskCut pseudo masks (docs/method.md stage 2, step 7): pure array functions.
 
 A patch mask is upsampled to the square MaskCut frame (480x480), refined so that its edges
 follow the image (dense CRF, or a cheap guided-filter fallback), hole-filled, dropped when the
@@ -45,7 +45,8 @@ BACKENDS = ("auto", "torch", "densecrf", "guided", "none")
 class CRFParams:
     """Dense-CRF settings: mean-field iterations, the Gaussian (smoothness) kernel's sxy and
     compat, the bilateral (appearance) kernel's sxy, srgb and compat. The defaults are
-    MaskCut's (METHOD.md stage 2); the stuff labels use STEGO's (`u2seg.ops.stuff.STEGO_CRF`)."""
+    MaskCut's (docs/method.md stage 2); the stuff labels use STEGO's
+    (`u2seg.ops.stuff.STEGO_CRF`)."""
 
     iterations: int = 10
     gaussian_sxy: float = 3.0

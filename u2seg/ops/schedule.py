@@ -1,4 +1,4 @@
-"""The training schedule's numeric rules (METHOD.md stage 6, detectron2's conventions).
+"""The training schedule's numeric rules (docs/method.md stage 6, detectron2's conventions).
 
 - `learning_rate`: linear warm-up from `warmup_factor` x base over `warmup_iters`, then the
   base rate times `gamma` for every milestone passed (WarmupMultiStepLR);

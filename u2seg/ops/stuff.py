@@ -1,4 +1,4 @@
-"""Stage 4 numeric core: pseudo stuff classes (METHOD.md, stage 4).
+"""Stage 4 numeric core: pseudo stuff classes (docs/method.md, stage 4).
 
 Two methods give every pixel one of S stuff clusters:
 
@@ -234,7 +234,7 @@ def flip_average(
     return (out + mirrored) / 2
 
 
-# STEGO's inference values (METHOD.md stage 4).
+# STEGO's inference values (docs/method.md stage 4).
 STEGO_CRF = CRFParams(
     iterations=10,
     gaussian_sxy=1.0,

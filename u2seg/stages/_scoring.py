@@ -1,4 +1,4 @@
-"""What the `evaluate` stage computes per chunk of images (METHOD.md stage 7).
+"""What the `evaluate` stage computes per chunk of images (docs/method.md stage 7).
 
 Unsupervised predictions carry cluster ids, so every class-aware score first maps them to
 ground-truth classes; both maps are fit on the evaluation set itself (transductive, as
@@ -421,7 +421,7 @@ def score_chunk(job: Job, part: Any, maps: Maps | None) -> Stats:
 
 
 def fit_maps(job: Job, stats: Stats) -> Maps:
-    """The maps of METHOD.md stage 7 from the first pass's statistics."""
+    """The maps of docs/method.md stage 7 from the first pass's statistics."""
     maps = Maps()
     category_of_row = [c.id for c in job.pred.categories]
     if job.class_aware:
