@@ -216,6 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
+    p = sub.add_parser(
+        "plan",
+        help="what each stage will ask of the cluster, and whether it fits (runs nothing)",
+        description="Print, without running anything, what each stage asks of the Ray "
+        "cluster: actors x CPUs / GPUs, training workers, the k-means task, with the setting "
+        "that gives each number, sized for the cluster: the one at ray.address / RAY_ADDRESS, "
+        "this machine for a local Ray, or one described by --cpus / --gpus / --memory "
+        "(per node, --nodes equal nodes). Settings left unset are sized here, as every stage "
+        "sizes them: one actor and one training worker per GPU, one CPU actor per core without "
+        "GPUs, a local training process on one machine without GPUs. A plan that does not "
+        "fit names the settings to change and exits with status 2; `u2seg run` and every "
+        "stage check the same plan before they start.\n\n" + _CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--cpus", type=float, help="CPUs per node (default: this machine's)")
+    p.add_argument("--gpus", type=float, help="GPUs per node (default: 0 with other flags)")
+    p.add_argument("--memory", type=float, metavar="GIB", help="memory per node, GiB")
+    p.add_argument("--nodes", type=int, default=1, help="equal nodes (1)")
+    p.add_argument(
+        "--autoscaler", action="store_true", help="nodes may join: a shortfall waits, not refused"
+    )
+    p.add_argument(
+        "--stages", default=",".join(_PIPELINE), help="comma-separated stages (every one of run)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_config_args(p)
     sub.add_parser(
         "reference",
         help="print the configuration reference (Markdown)",
@@ -235,6 +261,33 @@ def demo_config_path() -> Path:
             "or pass --config"
         )
     return path
+
+
+def _cluster_of(args: argparse.Namespace, cfg: PipelineConfig) -> Any:
+    """The cluster `u2seg plan` sizes for: described by its flags, or the one found."""
+    from u2seg import plan
+
+    flags = (args.cpus, args.gpus, args.memory)
+    if flags == (None, None, None) and args.nodes == 1 and not args.autoscaler:
+        return plan.find_cluster(cfg)
+    here = plan.find_cluster(dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, address="")))
+    cpus = args.cpus if args.cpus is not None else here.largest("cpus")
+    memory = args.memory if args.memory is not None else here.largest("memory_gib")
+    return plan.described(cpus, args.gpus or 0.0, memory, args.nodes, args.autoscaler)
+
+
+def _plan(args: argparse.Namespace, cfg: PipelineConfig) -> None:
+    from u2seg import plan
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(plan.STAGES))
+    if unknown:
+        raise ConfigError(f"--stages: unknown {', '.join(unknown)}: of {', '.join(plan.STAGES)}")
+    cluster = _cluster_of(args, cfg)
+    report = plan.report(cfg, stages, cluster)
+    print(json.dumps(report, indent=2) if args.json else plan.report_text(report, cluster))
+    if not report["fits"]:
+        raise plan.PlanError("the plan does not fit: change the settings named above")
 
 
 def _run_stages(cfg: PipelineConfig, names: Sequence[str]) -> None:
@@ -303,17 +356,23 @@ def _command(args: argparse.Namespace) -> None:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
     local_ray_address(cfg.ray)
+    if args.command == "plan":
+        _plan(args, cfg)
+        return
+    from u2seg import plan
     from u2seg.stages import visualize
 
+    until = _PIPELINE[: _PIPELINE.index(args.until) + 1] if args.command == "run" else ()
+    names = {"run": list(until), "demo": [*_PIPELINE, "evaluate"], "visualize": []}.get(
+        args.command, [args.command]
+    )
+    # Every stage checks its own plan; a run checks all of them before anything starts.
+    cfg = plan.check(cfg, names, plan.find_cluster(cfg)) if names else cfg
     # One driver per output: a second command on it is refused while this one runs.
     with hold(cfg.output_dir):
         if args.command == "visualize":
             print(f"[visualize] wrote {visualize.run(cfg, args.stage, args.limit)}/")
             return
-        until = _PIPELINE[: _PIPELINE.index(args.until) + 1] if args.command == "run" else ()
-        names = {"run": list(until), "demo": [*_PIPELINE, "evaluate"]}.get(
-            args.command, [args.command]
-        )
         _run_stages(cfg, names)
         if args.command == "demo":
             for stage in visualize.STAGES:

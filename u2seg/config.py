@@ -58,6 +58,7 @@ class RayConfig:
 
     `address` None starts a local Ray in-process (bound to 127.0.0.1) unless the process was
     launched by `ray job submit`, which sets RAY_ADDRESS; "auto" joins a running cluster.
+    `num_cpus`: the local Ray's CPUs (None: every CPU of the machine).
     `gpu_wait_s`: how long a stage that is asked for GPUs (`train.use_gpu`, an actor
     section's `num_gpus`) waits for the cluster to have them, asking its autoscaler, before
     it fails naming the cause (a GPU group that scales from 0 needs minutes for a node).
@@ -111,8 +112,10 @@ class BackboneConfig:
 class ActorConfig:
     """The Ray Data actor pool of a per-image stage.
 
-    `concurrency` actors of `num_cpus` CPUs and `num_gpus` GPUs each (None: 1 when the
-    cluster has GPUs, else 0), fed `batch_size` images at a time. `max_concurrency`: None
+    `concurrency` actors of `num_cpus` CPUs and `num_gpus` GPUs each (`num_gpus` None: 1 when
+    the cluster has GPUs, else 0; `concurrency` None: one actor per GPU, or on a cluster
+    without GPUs one per CPU core the read tasks leave; `u2seg plan` shows the result), fed
+    `batch_size` images at a time. `max_concurrency`: None
     keeps the pool at `concurrency` actors; a larger number lets it grow to that many while
     the cluster adds GPUs or CPUs (an autoscaling pool, `concurrency` its minimum).
     `torch_threads`: intra-op threads of a CPU actor (Ray gives fractional-CPU actors one
@@ -121,7 +124,7 @@ class ActorConfig:
     """
 
     batch_size: int = at_least(1, 8)
-    concurrency: int = at_least(1, 1)
+    concurrency: int | None = at_least(1, None)
     max_concurrency: int | None = at_least(1, None)
     num_cpus: float = at_least(0, 0.5)
     num_gpus: float | None = at_least(0, None)
@@ -203,9 +206,10 @@ class ClusterConfig:
 
     `k`: 300 / 800 (COCO), 2911 (ImageNet). `mode`: "auto" (local when the vectors fit
     `max_local_vectors`, else sharded), "local" (one Ray task of `num_cpus` CPUs, which faiss
-    uses as threads, asking Ray for 12 bytes per vector dimension: on a cluster it runs on a
-    worker node, not on the head) or "sharded" (Ray actors of `shard_num_cpus` hold shards of
-    the vectors and compute assignments; faiss drives the loop). `gpu`: faiss-gpu in the
+    uses as threads, None: every CPU of the largest node; it asks Ray for 12 bytes per vector
+    dimension: on a cluster it runs on a worker node, not on the head) or "sharded" (Ray
+    actors of `shard_num_cpus` hold shards of the vectors and compute assignments; faiss
+    drives the loop). `gpu`: faiss-gpu in the
     task or actors (the `gpu` extra), which then ask for a GPU each.
     """
 
@@ -214,7 +218,7 @@ class ClusterConfig:
     seed: int = 0
     mode: str = "auto"
     max_local_vectors: int = at_least(0, 5_000_000)
-    num_cpus: float = above(0, 1.0)
+    num_cpus: float | None = above(0, None)
     num_shards: int = at_least(1, 4)
     shard_num_cpus: float = at_least(0, 1.0)
     gpu: bool = False
@@ -231,7 +235,7 @@ class SemanticConfig(ActorConfig):
     each of at most `fit_images` images (spread over the dataset); `flip` averages the class
     scores of the image and its mirror image; `crf` refines the labels with the dense CRF
     (STEGO's parameters; needs the `crf` extra). `train_workers`: Ray Train workers for the
-    STEGO head (0 trains in the driver process).
+    STEGO head (0 trains in the driver process; None: one per GPU, 0 without GPUs).
     """
 
     method: str = "patch-kmeans"
@@ -246,7 +250,7 @@ class SemanticConfig(ActorConfig):
     stego_steps: int = at_least(1, 5000)
     stego_code_dim: int = at_least(1, 70)
     stego_batch_size: int = at_least(2, 16)  # the loss pairs each image with another
-    train_workers: int = at_least(0, 0)
+    train_workers: int | None = at_least(0, None)
 
 
 @dataclass(frozen=True)
@@ -256,15 +260,15 @@ class PanopticConfig:
     A stuff class whose pixels are more than `stuff_overlap` painted by instances is
     skipped in that image. `min_visible`: an instance that keeps less than this share of
     its mask under the smaller instances painted over it is dropped, its pixels left to
-    the ones below (0: METHOD.md's merge, which drops only instances left with no pixel;
+    the ones below (0: docs/method.md's merge, which drops only instances left with no pixel;
     for overlapping pseudo masks such as the candidate pool's, whose groups hold their
     members, 0.5 keeps the members whole instead of the group's fragments).
-    `paint`: the painting order. "area": METHOD.md's, larger boxes first, smaller on top;
+    `paint`: the painting order. "area": docs/method.md's, larger boxes first, smaller on top;
     "score": the instances' own ranking, the best on top (MaskCut's order, best first; in
     self-training the kept predictions by score, then the old masks added back).
     `stuff_border`: a pseudo mask covering at least this share of the frame's border pixels
     is background, not a thing: it is left out of the things and its pixels go to the stuff
-    map, except the image's first (best-ranked) mask (0: off, METHOD.md's merge). For
+    map, except the image's first (best-ranked) mask (0: off, docs/method.md's merge). For
     discovery that finds the background too (the candidate pool's sky, floor and table
     masks); the published rounds keep only the foreground side and leave it off.
     """
@@ -279,11 +283,13 @@ class PanopticConfig:
 class TrainConfig:
     """Training the panoptic model on the pseudo labels (the `train/` artifact).
 
-    Defaults are the paper's schedule (METHOD.md stage 6; 16 images per batch on COCO).
+    Defaults are the paper's schedule (docs/method.md stage 6; 16 images per batch on COCO).
     `strategy`: "deepspeed" (Ray Train workers, DeepSpeed ZeRO `zero_stage` 1 or 2, bf16 on
     GPU, fp32 on CPU with gloo), "ddp" (Ray Train workers, torch DistributedDataParallel) or
-    "local" (one process, no Ray: for debugging). `num_workers` Ray Train workers with
-    `cpus_per_worker` CPUs and a GPU each when `use_gpu` (None: when the cluster has GPUs).
+    "local" (one process, no Ray); None: "local" on one machine without GPUs (the cheapest
+    there, docs/benchmarks.md), else "deepspeed". `num_workers` Ray Train workers with
+    `cpus_per_worker` CPUs and a GPU each when `use_gpu` (None: when the cluster has GPUs);
+    `num_workers` None: one per GPU, or without GPUs as many as the CPUs hold.
     Elastic (`min_workers` set): Ray Train starts as soon as `min_workers` fit, grows to
     `num_workers` as the cluster adds them and goes on with fewer after losing some, each
     time from the last checkpoint; at another world size the weights are restored and the
@@ -318,9 +324,9 @@ class TrainConfig:
     the RPN, box, mask and semantic heads read (256: the paper's).
     """
 
-    strategy: str = "deepspeed"
+    strategy: str | None = None
     zero_stage: int = between(1, 2, 2)
-    num_workers: int = at_least(1, 8)
+    num_workers: int | None = at_least(1, None)
     min_workers: int | None = at_least(1, None)
     resize: str = "fixed-batch"
     cpus_per_worker: float = above(0, 1.0)
@@ -375,7 +381,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SelfTrainConfig:
     """Self-training rounds on the model's own confident predictions (the `self-train/`
-    artifact; METHOD.md stage 6, CutLER's recipe).
+    artifact; docs/method.md stage 6, CutLER's recipe).
 
     `rounds` rounds; round r keeps the predictions (at most `detections_per_image` per
     image) with score >= `score_thresh[r - 1]` (the last value for later rounds), adds
@@ -401,7 +407,7 @@ class PredictConfig(ActorConfig):
     COCO JSON or list (default: `data.source`). Test size: short side `short_side`, long
     side at most `max_side`. Inference: cascade scores averaged, per-class NMS
     `nms_thresh`, detections with score >= `score_thresh`, at most `detections_per_image`;
-    panoptic merge (METHOD.md): instances with score >= `instance_score`, overlap with
+    panoptic merge (docs/method.md): instances with score >= `instance_score`, overlap with
     painted pixels <= `overlap`, stuff regions of >= `stuff_area` pixels (`u2seg
     visualize --stage predict` draws the results). `precision` of the model's forward, as
     `backbone.precision`: "auto" (bf16 autocast on a GPU, fp32 on a CPU), "fp32" or "bf16";
@@ -598,10 +604,22 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
         ):
             raise ConfigError(f"bad value {key}={value!r}: must be {_range_text(f)}")
     most = getattr(cfg, "max_concurrency", None)
-    if most is not None and most < cfg.concurrency:
+    least = getattr(cfg, "concurrency", None)
+    if most is not None and least is not None and most < least:
         raise ConfigError(
-            f"bad value {prefix}max_concurrency={most}: below {prefix}concurrency={cfg.concurrency}"
+            f"bad value {prefix}max_concurrency={most}: below {prefix}concurrency={least}"
         )
+
+
+T = typing.TypeVar("T")
+
+
+def sized(value: T | None, key: str) -> T:
+    """A sizing setting's value once `u2seg.plan` has decided it (a stage's `run` sizes its
+    config first); an error naming `key` if it is still unset."""
+    if value is None:
+        raise ConfigError(f"{key} is unset: size the config for a cluster (u2seg.plan.size) first")
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -614,7 +632,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 EXECUTION_ONLY = frozenset(
     {"batch_size", "concurrency", "max_concurrency", "num_cpus", "num_gpus", "torch_threads",
      "read_num_cpus", "fail_after", "cpus_per_worker", "data_num_cpus", "use_gpu",
-     "checkpoint_every", "keep", "max_failures", "timeout_s", "log_every", "overlays"}
+     "checkpoint_every", "keep", "max_failures", "timeout_s", "log_every", "overlays",
+     "num_workers", "train_workers"}
 )  # fmt: skip
 
 

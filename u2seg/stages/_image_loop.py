@@ -19,7 +19,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
-from u2seg.config import ActorConfig, PipelineConfig, depends_on, to_dict
+from u2seg.config import ActorConfig, PipelineConfig, depends_on, sized, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.models.vit import backbone_state, check_precision, check_weights, input_size
 from u2seg.runtime import actor_pool, gpus_per_actor, ray_session
@@ -177,7 +177,9 @@ def backbone_pool(
             **actor_kwargs,
         },
         batch_size=actors.batch_size,
-        compute=actor_pool(actors.concurrency, actors.max_concurrency),
+        compute=actor_pool(
+            sized(actors.concurrency, f"{name}.concurrency"), actors.max_concurrency
+        ),
         num_cpus=actors.num_cpus,
         num_gpus=num_gpus,
     )

@@ -6,7 +6,7 @@ head that drives the job), else the sharded mode: Ray actors each load one `embe
 and compute assignments and partial sums, driven by faiss's C++ k-means loop step for step
 (u2seg.ops.kmeans), so both modes give the same clustering. Outputs
 `cluster/centroids.npy` (K, d) float32 and `cluster/assignments.parquet` (annotation_id,
-image_id, cluster 0..K-1, category_id = cluster + 1, the pseudo class of METHOD.md stage 3).
+image_id, cluster 0..K-1, category_id = cluster + 1, the pseudo class of docs/method.md stage 3).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from u2seg.artifacts import MANIFEST, StageDir
-from u2seg.config import ClusterConfig, PipelineConfig, depends_on, to_dict
+from u2seg.config import ClusterConfig, PipelineConfig, depends_on, sized, to_dict
 from u2seg.data.vectors import vectors_from_arrow
 from u2seg.lease import leased
 from u2seg.ops.kmeans import KMeansResult, as_vectors, kmeans_local
+from u2seg.plan import planned
 from u2seg.runtime import gpus_asked, ray_session
 from u2seg.stages._sharded_kmeans import ShardSource, kmeans_sharded, known_count, load_shards
 
@@ -51,7 +52,7 @@ def _kmeans_task(run_dir: str, names: list[str], c: ClusterConfig) -> tuple[KMea
     import faiss
     import ray
 
-    faiss.omp_set_num_threads(max(1, int(c.num_cpus)))
+    faiss.omp_set_num_threads(max(1, int(sized(c.num_cpus, "cluster.num_cpus"))))
     vectors = np.concatenate([shard_vectors(run_dir, n) for n in names])
     result = kmeans_local(vectors, c.k, c.niter, c.seed, c.gpu)
     return result, ray.get_runtime_context().get_node_id()
@@ -84,6 +85,7 @@ def _cluster(
         return result, mode, node
 
 
+@planned("cluster")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Cluster every embedded mask; returns the stage manifest."""

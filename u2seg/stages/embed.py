@@ -28,6 +28,7 @@ from u2seg.models.vit import (
     check_weights,
     input_size,
 )
+from u2seg.plan import planned
 from u2seg.runtime import ray_session
 from u2seg.stages._image_loop import backbone_pool, drain
 from u2seg.workers.vit import CropEmbedder
@@ -184,6 +185,7 @@ def shard_plan(maskcut: StageDir) -> pa.Table:
     )
 
 
+@planned("embed")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Embed every MaskCut pseudo mask; returns the stage manifest."""

@@ -51,6 +51,7 @@ from u2seg.data.predictions import (
 from u2seg.lease import leased
 from u2seg.ops.figures import blend, color_segments, confusion_figure, iou_bars, side_by_side
 from u2seg.ops.metrics import MIOU_RULES, VOTE_RULES
+from u2seg.plan import planned
 from u2seg.runtime import actor_pool, ray_session
 from u2seg.stages._report import json_ready, protocol, report, tables
 from u2seg.stages._scoring import (
@@ -385,6 +386,7 @@ def set_names(sets: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return named
 
 
+@planned("evaluate")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Score every prediction set of `evaluate.predictions`; metrics, report, maps."""

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from u2seg.config import PipelineConfig
 from u2seg.lease import leased
+from u2seg.plan import planned
 from u2seg.stages._image_loop import ImageStage, base_columns, run_image_stage
 from u2seg.workers.vit import FeatureExtractor
 
@@ -38,6 +39,7 @@ def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
     )
 
 
+@planned("features")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Extract features for every image of `cfg.data`; returns the stage manifest."""

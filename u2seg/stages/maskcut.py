@@ -25,6 +25,7 @@ from u2seg.artifacts import StageDir
 from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
 from u2seg.lease import leased
 from u2seg.ops.refine import resolve_backend
+from u2seg.plan import planned
 from u2seg.stages._image_loop import ImageStage, base_columns, run_image_stage
 from u2seg.workers.maskcut import MaskCutWorker
 
@@ -104,6 +105,7 @@ def write_instances(stage: StageDir) -> tuple[int, int]:
     return counts["images"], counts["annotations"]
 
 
+@planned("maskcut")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Pseudo masks for every image of `cfg.data`; returns the stage manifest."""

@@ -1,6 +1,6 @@
 """Stage `panoptic`: merge pseudo things and pseudo stuff into COCO panoptic pseudo labels.
 
-For each image with at least one pseudo instance (METHOD.md stage 5): its MaskCut masks with
+For each image with at least one pseudo instance (docs/method.md stage 5): its MaskCut masks with
 their k-means classes (things 1..K) are painted by descending box area, the stuff map of the
 `semantic` stage fills the rest (stuff K+1..K+S, a class mostly under instances skipped).
 One Ray task per shard writes the PNGs and returns the shard's rows; the driver keeps the
@@ -38,6 +38,7 @@ from u2seg.data.coco import (
 )
 from u2seg.lease import leased
 from u2seg.ops.panoptic import background_masks, merge_panoptic, semantic_map
+from u2seg.plan import planned
 from u2seg.runtime import ray_session
 from u2seg.stages.embed import shard_plan
 from u2seg.stages.semantic import decode_labels
@@ -218,6 +219,7 @@ def write_outputs(
     return {"images": panoptic["images"], "instances": instances["annotations"]}
 
 
+@planned("panoptic")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Panoptic pseudo labels from the maskcut, cluster and semantic stages."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from u2seg.artifacts import ArtifactError, StageDir, png_bytes
-from u2seg.config import PipelineConfig, depends_on, to_dict
+from u2seg.config import PipelineConfig, depends_on, sized, to_dict
 from u2seg.data.coco import id_to_rgb, mask_to_annotation, panoptic_file_names
 from u2seg.data.images import ImageError, list_images, read_image
 from u2seg.data.training import target_size
@@ -38,6 +38,7 @@ from u2seg.lease import leased
 from u2seg.models.vit import autocast_dtype, check_precision
 from u2seg.ops.panoptic import combine_predictions
 from u2seg.ops.resize import FullMasks, mask_windows, resized_argmax
+from u2seg.plan import planned
 from u2seg.runtime import (
     actor_pool,
     gpus_per_actor,
@@ -170,6 +171,7 @@ def _digest(url: str) -> str:
     return digest.hexdigest()[:32]
 
 
+@planned("predict")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Predict every image of `predict.images` (default `data.source`); the manifest."""
@@ -230,7 +232,8 @@ def _process(
                 "device": "cuda" if num_gpus else "cpu", "threads": p.torch_threads,
                 "max_pixels": cfg.data.max_pixels,
             },
-            batch_size=batch, compute=actor_pool(p.concurrency, p.max_concurrency),
+            batch_size=batch,
+            compute=actor_pool(sized(p.concurrency, "predict.concurrency"), p.max_concurrency),
             num_cpus=p.num_cpus, num_gpus=num_gpus,
         )  # fmt: skip
         return drain(ds, writer, _to_rows, todo.num_rows, STAGE, cfg.data.fail_after)

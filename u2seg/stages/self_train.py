@@ -1,4 +1,4 @@
-"""Stage `self-train`: rounds of training on the model's own confident predictions (METHOD.md
+"""Stage `self-train`: rounds of training on the model's own confident predictions (docs/method.md
 stage 6, CutLER's recipe), after `train` (round 0).
 
 Round r = 1..R lives in `self-train/round-<r>/`, a run directory of its own whose steps are
@@ -41,6 +41,7 @@ from u2seg.artifacts import StageDir, inputs_digest
 from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
 from u2seg.data.coco import load_json, panoptic_file_names, rle_to_mask
 from u2seg.lease import leased
+from u2seg.plan import planned
 from u2seg.runtime import ray_session
 from u2seg.stages import panoptic, predict, train
 from u2seg.stages.panoptic import ROW_SCHEMA, write_outputs
@@ -219,6 +220,7 @@ def relabel(cfg: PipelineConfig, r: int, old_dir: StageDir) -> dict[str, Any]:
     return stage.finish(counts, empty, {"threshold": threshold})
 
 
+@planned("self-train")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """R self-training rounds after `train`; returns the stage manifest."""

@@ -1,4 +1,4 @@
-"""Stage `semantic`: S stuff pseudo classes per pixel (METHOD.md stage 4).
+"""Stage `semantic`: S stuff pseudo classes per pixel (docs/method.md stage 4).
 
 Two passes over the images on Ray Data. Fit, on at most `semantic.fit_images` images spread
 over the dataset: "patch-kmeans" samples their patch tokens into a spherical faiss k-means
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from u2seg.artifacts import StageDir, png_bytes
-from u2seg.config import PipelineConfig, SemanticConfig, depends_on, to_dict
+from u2seg.config import PipelineConfig, SemanticConfig, depends_on, sized, to_dict
 from u2seg.data.images import SquareImages, list_images
 from u2seg.lease import leased
 from u2seg.models.stego import load_head
@@ -39,6 +39,7 @@ from u2seg.ops.stuff import (
     stuff_logits,
     upsample_logits,
 )
+from u2seg.plan import planned
 from u2seg.runtime import gpus_asked, ray_session
 from u2seg.stages._image_loop import (
     BackboneActor,
@@ -223,7 +224,8 @@ def _train_head(cfg: PipelineConfig, tokens_path: str, stage: StageDir) -> dict[
         "batch_size": sc.stego_batch_size,
         "seed": sc.seed,
     }
-    if sc.train_workers == 0:
+    workers = sized(sc.train_workers, "semantic.train_workers")
+    if workers == 0:
         trained = train_loop_per_worker(loop_config)
         assert trained is not None
         state: dict[str, torch.Tensor] = trained["state_dict"]
@@ -231,11 +233,11 @@ def _train_head(cfg: PipelineConfig, tokens_path: str, stage: StageDir) -> dict[
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = gpus_asked("semantic.num_gpus", sc.num_gpus, sc.train_workers, cfg.ray.gpu_wait_s)
+    use_gpu = gpus_asked("semantic.num_gpus", sc.num_gpus, workers, cfg.ray.gpu_wait_s)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=sc.train_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name="stego", storage_path=str(Path(tokens_path).parent / "ray_train")
         ),
@@ -306,6 +308,7 @@ def _fit_stego(cfg: PipelineConfig, stage: StageDir) -> np.ndarray:
     return fit_cluster_probe(head, tokens, sc.num_classes, sc.sample_patches, sc.niter, sc.seed)
 
 
+@planned("semantic")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Stuff pseudo labels for every image; returns the stage manifest."""

@@ -1,6 +1,6 @@
 """Stage `train`: the panoptic model (Panoptic FPN + Cascade) on the panoptic pseudo labels.
 
-METHOD.md stage 6. `train.strategy` picks how:
+docs/method.md stage 6. `train.strategy` picks how:
 
 - "deepspeed": a Ray Train `TorchTrainer`; each worker builds the model and hands it to
   `deepspeed.initialize` (ZeRO stage `train.zero_stage`, fp32 with gloo on CPU) with
@@ -48,7 +48,7 @@ import pyarrow as pa
 import torch
 
 from u2seg.artifacts import MANIFEST, StageDir, read_parquet
-from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, to_dict
+from u2seg.config import ConfigError, PipelineConfig, check_scale_range, depends_on, sized, to_dict
 from u2seg.data.images import list_images
 from u2seg.data.training import (
     SAMPLE_KEYS,
@@ -59,6 +59,7 @@ from u2seg.data.training import (
 from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file, write_model_file
 from u2seg.lease import leased
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
+from u2seg.plan import planned
 from u2seg.runtime import (
     NoGpu,
     cuda_problem,
@@ -113,7 +114,7 @@ def _check(cfg: PipelineConfig) -> int:
             read_model_file(train.init)
         except ModelFileError as exc:
             raise ConfigError(f"train.init: {exc}") from None
-    world = 1 if train.strategy == "local" else train.num_workers
+    world = 1 if train.strategy == "local" else sized(train.num_workers, "train.num_workers")
     if train.min_workers is not None:
         if train.strategy == "local":
             raise ConfigError("train.min_workers (elastic training) needs Ray Train workers")
@@ -148,6 +149,7 @@ def _has_checkpoint(stage: StageDir) -> bool:
     return False
 
 
+@planned("train")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Train on `<output>/panoptic/`; returns the stage manifest (see the module docstring).
@@ -798,7 +800,7 @@ def _fit_on_ray(cfg: PipelineConfig, loop: dict[str, Any], stage: StageDir) -> d
         from ray.train.torch import TorchConfig, TorchTrainer
 
         train = cfg.train
-        workers = train.min_workers or train.num_workers
+        workers = train.min_workers or sized(train.num_workers, "train.num_workers")
         use_gpu = gpus_asked("train.use_gpu", train.use_gpu, workers, cfg.ray.gpu_wait_s)
         loop = {**loop, "use_gpu": use_gpu}
         datasets: dict[str, Any] = {}
