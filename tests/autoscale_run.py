@@ -16,13 +16,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 from ray.cluster_utils import FAKE_HEAD_NODE_ID
 
 from tests.helpers import demo_config, save_photo, stop_ray_in
+from u2seg.plan import PlanError, find_cluster, size
 from u2seg.stages import features
+
+
+@contextmanager
+def refused_at_once() -> Iterator[None]:
+    """No group's node has 3 CPUs: the stage is refused at once, no node is asked for."""
+    try:
+        yield
+    except PlanError as exc:
+        assert "lower features.num_cpus" in str(exc), exc
+    else:
+        raise AssertionError("an actor no node group can hold was not refused")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -110,14 +125,26 @@ def main(out: Path, cache: Path) -> None:
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        # What a cluster config says for a GPU stage: one GPU per actor (the stage asks the
-        # autoscaler for it and waits), a pool of 2 actors; the fake nodes' GPUs are only
-        # logical, so the actors compute on the CPU (on `auto` they would refuse CUDA).
+        # The pool is left unset: sized from the autoscaler's GPU group (2 nodes of 1 GPU),
+        # one GPU per actor (the stage asks the autoscaler for it and waits), 2 actors. The
+        # fake nodes' GPUs are only logical, so the actors compute on the CPU (on `auto`
+        # they would refuse CUDA).
         cfg = demo_config(
             photos, out / "run", cache, "features.image_size=112", "features.batch_size=1",
-            "features.num_gpus=1", "features.num_cpus=0.5", "features.concurrency=2",
+            "features.num_cpus=0.5", "features.concurrency=null",
             "data.read_num_cpus=0.25", "ray.gpu_wait_s=120", "backbone.device=cpu",
         )  # fmt: skip
+        # The groups as cluster/render.py describes a RayCluster's to every pod.
+        os.environ["U2SEG_NODE_GROUPS"] = json.dumps(
+            [{"name": "gpu", "cpus": 2, "gpus": 1, "memory_gib": 4, "max": 2}]
+        )
+        cluster = find_cluster(cfg)
+        sized = size(cfg, cluster)
+        seen["plan"] = {"groups_known": cluster.groups_known, "gpus": cluster.gpus,
+                        "concurrency": sized.features.concurrency,
+                        "num_gpus": sized.features.num_gpus}  # fmt: skip
+        with refused_at_once():
+            features.run(replace(cfg, features=replace(cfg.features, num_cpus=3.0)))
         manifest = features.run(cfg)
         done.set()
         watcher.join()

@@ -33,6 +33,9 @@ def test_a_stage_grows_the_cluster_from_zero_and_lets_it_go(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
+    # The plan reads the autoscaler's node groups: the pool is one GPU actor per GPU the
+    # GPU group can grow to, and an actor no group can hold was refused.
+    assert seen["plan"] == {"groups_known": True, "gpus": 2.0, "concurrency": 2, "num_gpus": 1.0}
     assert seen["before"] == 0  # no worker node when the stage started
     assert seen["most"] == 2  # the autoscaler added a node for each of the 2 GPU actors
     assert seen["ok"] == 12  # every image went through

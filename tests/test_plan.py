@@ -137,3 +137,14 @@ def test_the_plan_of_this_machine_fits_the_demo(capsys: pytest.CaptureFixture[st
     assert code == 0 and plan["fits"]
     assert plan["cluster"]["source"].startswith("this machine")
     assert len(plan["cluster"]["nodes"]) == 1
+
+
+def test_node_groups_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from u2seg.plan import NODE_GROUPS_ENV, _autoscaler_groups
+
+    groups = '[{"name": "gpu", "cpus": 8, "gpus": 1, "memory_gib": 64, "max": 16}]'
+    monkeypatch.setenv(NODE_GROUPS_ENV, groups)
+    assert _autoscaler_groups() == [(described(8, 1, 64).nodes[0], 16)]
+    monkeypatch.setenv(NODE_GROUPS_ENV, '[{"name": "gpu"}]')
+    with pytest.raises(PlanError, match=NODE_GROUPS_ENV):
+        _autoscaler_groups()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -50,12 +51,21 @@ class Node:
 
 @dataclass(frozen=True)
 class Cluster:
-    """The nodes work can run on now; `autoscaler`: nodes may join while a stage waits
-    (a joined cluster: KubeRay's autoscaler adds GPU nodes on demand)."""
+    """The nodes work can run on. `autoscaler`: nodes may join while a stage waits (a
+    joined cluster: KubeRay's autoscaler adds GPU nodes on demand). Where the autoscaler's
+    node groups are known (Ray's autoscaler v2 publishes them), `nodes` are the ones the
+    cluster can grow to (the head and every group at its maximum), so an actor or task no
+    group can hold is refused; otherwise a shortfall waits."""
 
     nodes: tuple[Node, ...]
     autoscaler: bool
     source: str
+    groups_known: bool = False
+
+    @property
+    def waits(self) -> bool:
+        """A shortfall is waited for (nodes may join), not refused."""
+        return self.autoscaler and not self.groups_known
 
     @property
     def cpus(self) -> float:
@@ -75,8 +85,7 @@ class Cluster:
     def describe(self) -> str:
         return (
             f"{self.source}: {len(self.nodes)} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs, "
-            f"{self.memory_gib:.0f} GiB"
-            + (" (an autoscaler may add nodes)" if self.autoscaler else "")
+            f"{self.memory_gib:.0f} GiB" + (" (an autoscaler may add nodes)" if self.waits else "")
         )
 
 
@@ -100,19 +109,56 @@ def _this_machine(num_cpus: int | None) -> Cluster:
     return Cluster((node,), False, "this machine (a local Ray)")
 
 
+def _node(resources: Any) -> Node:
+    return Node(
+        float(resources.get("CPU", 0)),
+        float(resources.get("GPU", 0)),
+        float(resources.get("memory", 0)) / 2**30,
+    )
+
+
+#: The worker groups an autoscaler may add, as JSON: [{"name": "gpu", "cpus": 8, "gpus": 1,
+#: "memory_gib": 64, "max": 16}, ...]; cluster/render.py sets it in every pod from the
+#: manifest's groups.
+NODE_GROUPS_ENV = "U2SEG_NODE_GROUPS"
+
+
+def _autoscaler_groups() -> list[tuple[Node, int]] | None:
+    """The node groups (shape, most nodes) an autoscaler may add: U2SEG_NODE_GROUPS, else
+    those Ray's autoscaler publishes in the GCS where it does (Ray Data and Train read them
+    too); None when neither says."""
+    described = os.environ.get(NODE_GROUPS_ENV)
+    if described:
+        try:
+            return [(Node(float(g["cpus"]), float(g["gpus"]), float(g["memory_gib"])),
+                     int(g["max"])) for g in json.loads(described)]  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PlanError(
+                f"{NODE_GROUPS_ENV}={described!r} is not a list of groups: {exc}"
+            ) from None
+    from ray._private.state import state
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # an older GCS, or none of the autoscaler's keys
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [(_node(g.resources), int(g.max_count)) for g in config.node_group_configs]
+
+
 def _running_ray(source: str) -> Cluster:
     import ray
 
-    nodes = tuple(
-        Node(
-            float(n["Resources"].get("CPU", 0)),
-            float(n["Resources"].get("GPU", 0)),
-            float(n["Resources"].get("memory", 0)) / 2**30,
-        )
-        for n in ray.nodes()
-        if n.get("Alive")
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    groups = _autoscaler_groups()
+    if groups is None:
+        return Cluster(tuple(_node(n["Resources"]) for n in alive), True, source)
+    heads = [_node(n["Resources"]) for n in alive if "node:__internal_head__" in n["Resources"]]
+    grown = [shape for shape, most in groups for _ in range(max(0, most))]
+    return Cluster(
+        tuple(heads + grown), True, f"{source} (grown to its autoscaler's maximum)", True
     )
-    return Cluster(nodes, True, source)
 
 
 def find_cluster(cfg: PipelineConfig) -> Cluster:
@@ -322,7 +368,7 @@ def check(cfg: PipelineConfig, stages: Sequence[str], cluster: Cluster) -> Pipel
     `ray.gpu_wait_s` for GPUs)."""
     sized = size(cfg, cluster)
     found = [p for ask in asks(sized, stages) for p in shortfalls(ask, cluster)]
-    if found and not cluster.autoscaler:
+    if found and not cluster.waits:
         raise PlanError(f"the plan does not fit {cluster.describe()}:\n  " + "\n  ".join(found))
     return sized
 
@@ -350,12 +396,13 @@ def report(cfg: PipelineConfig, stages: Sequence[str], cluster: Cluster) -> dict
     rows = []
     for ask in asks(sized, stages):
         short = shortfalls(ask, cluster)
-        waits, refused = (short, []) if cluster.autoscaler else ([], short)
+        waits, refused = (short, []) if cluster.waits else ([], short)
         rows.append({**ask.row(), "problems": refused, "waits": waits})
     return {
         "cluster": {
             "source": cluster.source,
             "autoscaler": cluster.autoscaler,
+            "groups_known": cluster.groups_known,
             "nodes": [dataclasses.asdict(n) for n in cluster.nodes],
         },
         "asks": rows,
