@@ -6,12 +6,22 @@
         --image ghcr.io/u2seg/u2seg@sha256:... --gpu-product NVIDIA-H100-80GB-HBM3 \\
         --priority-class research --kueue-queue gpu-queue
     python cluster/render.py --out my-cluster --s3 s3://bucket/u2seg   # no volume at all
+    python cluster/render.py --out my-cluster --config my.yaml --set cluster.k=300 \
+        --set train.max_iter=90000                # your config and overrides in every job
 
-One RayCluster for interactive use and `ray job submit`, and three RayJobs that bring up
+One RayCluster for interactive use and `ray job submit`, and five RayJobs that bring up
 the same cluster for one job and take it down afterwards: the pseudo-label pipeline
-(`ray_jobs/run.py --until panoptic`), training (`ray_jobs/train.py`) and self-training
-(`ray_jobs/self_train.py`). All share the pod templates below, so the image, the worker
-groups, the storage and the security settings cannot drift apart; `tests/test_cluster.py`
+(`ray_jobs/run.py --until panoptic`), training (`ray_jobs/train.py`), self-training
+(`ray_jobs/self_train.py`), prediction (`ray_jobs/predict.py`) and evaluation
+(`ray_jobs/evaluate.py`). Every job runs configs/coco.yaml (the COCO recipe, from the image),
+or with `--config FILE` that file, which it carries in the ConfigMap `u2seg-config`
+(configmap.yaml) mounted into the head pod, where the job's driver runs; each `--set
+KEY=VALUE` is appended to every job's command line. Both are checked when rendering: an
+unknown key or a wrong type is refused by name. The data root (`/data` on the volume, or the
+`--s3` prefix) reaches the config as U2SEG_DATA: configs/coco.yaml finds COCO, the DINO
+weights and its output under it, so no job downloads anything at run time. All share the
+pod templates below, so the image, the worker groups, the storage and the security settings
+cannot drift apart; `tests/test_cluster.py`
 validates the files against KubeRay's CRD schemas and the core Kubernetes Pod schema.
 
 Storage: a ReadWriteMany volume of `--storage-class` (the default cloud classes are
@@ -33,7 +43,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
+import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +68,22 @@ USER = 1000  # the image's non-root user (cluster/Dockerfile)
 METRICS_PORT = 8080  # Ray's metrics export port, scraped by the PodMonitor
 DASHBOARD_PORT = 8265  # the dashboard and the job API
 MONITORING_NAMESPACE = "monitoring"
+REPO = HERE.parent
+CONFIG_MAP = "u2seg-config"
+CONFIG_DIR = "/etc/u2seg"  # where the head pod mounts the ConfigMap
 MANIFESTS = (
     "shared-storage.yaml", "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
-    "rayjob-self-train.yaml", "podmonitor.yaml", "networkpolicy.yaml",
+    "rayjob-self-train.yaml", "rayjob-predict.yaml", "rayjob-evaluate.yaml",
+    "podmonitor.yaml", "networkpolicy.yaml",
 )  # fmt: skip
+# The jobs: (name, entry point and its arguments, deadline in hours).
+JOBS = (
+    ("labels", "ray_jobs/run.py --until panoptic", 72),
+    ("train", "ray_jobs/train.py", 240),
+    ("self-train", "ray_jobs/self_train.py", 240),
+    ("predict", "ray_jobs/predict.py", 24),
+    ("evaluate", "ray_jobs/evaluate.py", 24),
+)
 # What every container of a pod must say to pass Pod Security "restricted" (the pod adds
 # runAsNonRoot and the seccomp profile).
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -81,10 +107,26 @@ class Options:
     grafana: str | None = None
     monitoring_namespace: str = MONITORING_NAMESPACE  # where Prometheus scrapes from
     job_api_namespace: str | None = None  # a namespace whose pods may submit jobs
+    config: str | None = None  # the text of the user's config (ConfigMap), None: coco.yaml
+    sets: tuple[str, ...] = ()  # KEY=VALUE overrides for every job
 
     @property
     def root(self) -> str:
         return self.s3.rstrip("/") if self.s3 else "/data"
+
+
+# The worker groups: (name, CPUs, memory GiB, GPUs, most pods). The plan of every stage
+# reads them from U2SEG_NODE_GROUPS: an actor no group can hold is refused at once.
+GROUPS = (("cpu", 16, 64, 0, 8), ("gpu", 8, 64, 1, 16))
+
+
+def _node_groups() -> str:
+    return json.dumps(
+        [
+            {"name": n, "cpus": c, "gpus": g, "memory_gib": m, "max": most}
+            for n, c, m, g, most in GROUPS
+        ]  # fmt: skip
+    )
 
 
 def _env(options: Options) -> list[dict[str, Any]]:
@@ -92,6 +134,8 @@ def _env(options: Options) -> list[dict[str, Any]]:
     # pod finds them; with S3, on the pod's local disk.
     cache = "/tmp/u2seg-cache" if options.s3 else "/data/.cache"
     env: list[dict[str, Any]] = [
+        {"name": "U2SEG_DATA", "value": options.root},
+        {"name": "U2SEG_NODE_GROUPS", "value": _node_groups()},
         {"name": "TORCH_EXTENSIONS_DIR", "value": f"{cache}/torch_extensions"},
         {"name": "TORCH_HOME", "value": f"{cache}/torch"},
         {"name": "HF_HOME", "value": f"{cache}/huggingface"},
@@ -172,6 +216,10 @@ def cluster_spec(options: Options) -> dict[str, Any]:
     if options.grafana:
         head["env"] += [{"name": "RAY_GRAFANA_HOST", "value": options.grafana},
                         {"name": "RAY_GRAFANA_IFRAME_HOST", "value": options.grafana}]  # fmt: skip
+    head_pod = _pod(options, head, "8Gi")
+    if options.config is not None:  # the job's driver runs here and reads the config
+        head["volumeMounts"].append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
+        head_pod["spec"]["volumes"].append({"name": "config", "configMap": {"name": CONFIG_MAP}})
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
@@ -196,32 +244,23 @@ def cluster_spec(options: Options) -> dict[str, Any]:
         "headGroupSpec": {
             "serviceType": "ClusterIP",  # the dashboard stays inside: kubectl port-forward
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", **metrics},
-            "template": _pod(options, head, "8Gi"),
+            "template": head_pod,
         },
         "workerGroupSpecs": [
             {
-                "groupName": "cpu",
+                "groupName": name,
                 "replicas": 0,
                 "minReplicas": 0,
-                "maxReplicas": 8,
-                "rayStartParams": dict(metrics),
-                "template": _pod(
-                    options, _container(options, "ray-worker", "16", "64Gi", "100Gi"), "16Gi"
-                ),
-            },
-            {
-                "groupName": "gpu",
-                "replicas": 0,
-                "minReplicas": 0,
-                "maxReplicas": 16,
+                "maxReplicas": most,
                 "rayStartParams": dict(metrics),
                 "template": _pod(
                     options,
-                    _container(options, "ray-worker", "8", "64Gi", "100Gi", gpus=1),
+                    _container(options, "ray-worker", str(cpus), f"{memory}Gi", "100Gi", gpus=gpus),
                     "16Gi",
-                    gpu=True,
+                    gpu=bool(gpus),
                 ),
-            },
+            }
+            for name, cpus, memory, gpus, most in GROUPS
         ],
     }
 
@@ -299,11 +338,31 @@ def network_policy(options: Options) -> dict[str, Any]:
     }
 
 
+def job_output(options: Options) -> str:
+    """The output the jobs write, as the job's driver will resolve it (U2SEG_DATA = the data
+    root); a ConfigError naming the key for an unknown key or a wrong type in the config or
+    the overrides."""
+    from u2seg.config import load_config
+
+    saved = os.environ.get("U2SEG_DATA")
+    os.environ["U2SEG_DATA"] = options.root
+    try:
+        if options.config is None:
+            return load_config(REPO / CONFIG, options.sets).output_dir
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "config.yaml"
+            path.write_text(options.config)
+            return load_config(path, options.sets).output_dir
+    finally:
+        if saved is None:
+            os.environ.pop("U2SEG_DATA", None)
+        else:
+            os.environ["U2SEG_DATA"] = saved
+
+
 def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
-    root = options.root
-    output = f"{root}/runs/coco"
-    args = f"--config {CONFIG} output={output} data.source={root}/coco/train2017"
-    weights = f"{root}/weights/dino_resnet50_pretrain.pth"  # what training starts from
+    output = job_output(options)
+    config = f"{CONFIG_DIR}/config.yaml" if options.config is not None else CONFIG
     found: dict[str, dict[str, Any]] = {
         "raycluster.yaml": {
             "apiVersion": "ray.io/v1",
@@ -311,19 +370,16 @@ def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
             "metadata": _metadata(options, "u2seg"),
             "spec": cluster_spec(options),
         },
-        "rayjob-labels.yaml": _job(
-            options, "u2seg-labels", f"python ray_jobs/run.py --until panoptic {args}", 72, output
-        ),
-        "rayjob-train.yaml": _job(
-            options,
-            "u2seg-train",
-            f"python ray_jobs/train.py {args} train.weights={weights}",
-            240,
-            output,
-        ),
-        "rayjob-self-train.yaml": _job(
-            options, "u2seg-self-train", f"python ray_jobs/self_train.py {args}", 240, output
-        ),
+        **{
+            f"rayjob-{name}.yaml": _job(
+                options,
+                f"u2seg-{name}",
+                shlex.join(["python", *entry.split(), "--config", config, *options.sets]),
+                hours,
+                output,
+            )  # fmt: skip
+            for name, entry, hours in JOBS
+        },
         # Prometheus operator: scrape every Ray pod's metrics port (Ray's Grafana dashboards
         # read these series).
         "podmonitor.yaml": {
@@ -337,6 +393,13 @@ def manifests(options: Options = Options()) -> dict[str, dict[str, Any]]:
         },
         "networkpolicy.yaml": network_policy(options),
     }
+    if options.config is not None:
+        found["configmap.yaml"] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": CONFIG_MAP, "labels": dict(LABELS)},
+            "data": {"config.yaml": options.config},
+        }
     if not options.s3:
         found["shared-storage.yaml"] = {
             "apiVersion": "v1",
@@ -402,16 +465,34 @@ def main(argv: list[str] | None = None) -> int:
         "--job-api-namespace",
         help="let pods of this namespace reach the job API (port 8265); default: none",
     )
+    parser.add_argument(
+        "--config", type=Path,
+        help="your config YAML, carried to every job in a ConfigMap (default: the image's "
+        f"{CONFIG})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override appended to every job's command (repeat it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)  # fmt: skip
     if args.s3 is not None and not args.s3.startswith("s3://"):
         parser.error(f"--s3 wants an s3:// URL, got {args.s3!r}")
+    if args.config is not None and not args.config.is_file():
+        parser.error(f"--config: no such file: {args.config}")
     options = Options(
         image=args.image, storage_class=args.storage_class, s3=args.s3,
         auth_secret=args.auth_secret, gpu_product=args.gpu_product,
         priority_class=args.priority_class, kueue_queue=args.kueue_queue,
         prometheus=args.prometheus, grafana=args.grafana,
         monitoring_namespace=args.monitoring_namespace, job_api_namespace=args.job_api_namespace,
+        config=args.config.read_text() if args.config else None, sets=tuple(args.sets),
     )  # fmt: skip
+    from u2seg.config import ConfigError
+
+    try:
+        rendered = manifests(options)
+    except ConfigError as exc:
+        parser.error(str(exc))
     if args.check:
         stale = [
             name
@@ -425,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, manifest in manifests(options).items():
+    for name, manifest in rendered.items():
         (args.out / name).write_text(render(name, manifest))
     return 0
 

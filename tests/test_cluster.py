@@ -73,8 +73,10 @@ def _load(name: str) -> dict[str, Any]:
     return data
 
 
-RAY_MANIFESTS = ["raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml",
-                 "rayjob-self-train.yaml"]  # fmt: skip
+RAY_MANIFESTS = [
+    "raycluster.yaml", "rayjob-labels.yaml", "rayjob-train.yaml", "rayjob-self-train.yaml",
+    "rayjob-predict.yaml", "rayjob-evaluate.yaml",
+]  # fmt: skip
 K8S_VERSIONS = ["1.30", "1.33", "1.37"]
 
 
@@ -223,9 +225,8 @@ def test_the_s3_variant_has_no_volume_and_reads_its_credentials_from_a_secret(
                 assert (
                     secrets["AWS_ACCESS_KEY_ID"] == secrets["AWS_SECRET_ACCESS_KEY"] == "u2seg-s3"
                 )
-        if manifest["kind"] == "RayJob":
-            words = shlex.split(manifest["spec"]["entrypoint"])
-            assert "output=s3://bucket/u2seg/runs/coco" in words
+        head = _cluster_spec(manifest)["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert {"name": "U2SEG_DATA", "value": "s3://bucket/u2seg"} in head["env"]
     with pytest.raises(SystemExit):
         render.main(["--out", str(tmp_path), "--s3", "/data"])
 
@@ -328,3 +329,40 @@ def test_a_resubmitted_job_has_the_same_submission_id() -> None:
     assert {n: again[n]["spec"]["jobId"] for n in ids} == ids  # rendered again: the same
     other = render.manifests(render.Options(s3="s3://bucket/u2seg"))
     assert all(other[n]["spec"]["jobId"] != ids[n] for n in ids)  # another output: another
+
+
+def test_a_deployment_carries_its_config_and_overrides_into_every_job(tmp_path: Path) -> None:
+    """--config FILE becomes the ConfigMap the head pod mounts and every job reads; each
+    --set is on every job's command line; a wrong key is refused when rendering."""
+    render = _render()
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: photos\noutput: ${oc.env:U2SEG_DATA}/runs/photos\ncluster:\n  k: 120\n")
+    out = tmp_path / "out"
+    assert render.main(["--out", str(out), "--config", str(mine), "--set", "cluster.k=300",
+                        "--set", "train.max_iter=90000"]) == 0  # fmt: skip
+    config_map = yaml.safe_load((out / "configmap.yaml").read_text())
+    assert config_map["kind"] == "ConfigMap"
+    assert config_map["data"]["config.yaml"] == mine.read_text()
+    kubernetes_validate.validate(config_map, K8S_VERSIONS[-1], strict=True)
+    ids = set()
+    for name in RAY_MANIFESTS:
+        manifest = yaml.safe_load((out / name).read_text())
+        _check(manifest)
+        for pod in _pods(manifest):
+            kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+        head = _cluster_spec(manifest)["headGroupSpec"]["template"]["spec"]
+        (volume,) = [v for v in head["volumes"] if v["name"] == "config"]
+        assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+        (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == "config"]
+        if manifest["kind"] != "RayJob":
+            continue
+        words = shlex.split(manifest["spec"]["entrypoint"])
+        config = words[words.index("--config") + 1]
+        assert config == f"{mount['mountPath']}/config.yaml"
+        assert words[-2:] == ["cluster.k=300", "train.max_iter=90000"]
+        ids.add(manifest["spec"]["jobId"])
+    assert len(ids) == 5
+    default_ids = {_load(n)["spec"]["jobId"] for n in RAY_MANIFESTS[1:]}
+    assert not ids & default_ids  # another output (runs/photos): other submission ids
+    with pytest.raises(SystemExit):
+        render.main(["--out", str(out), "--config", str(mine), "--set", "cluster.kk=3"])

@@ -403,19 +403,23 @@ class SelfTrainConfig:
 class PredictConfig(ActorConfig):
     """The trained model over images (the `predict/` artifact, in `evaluate`'s layout).
 
-    `model`: a weights file (default: this run's `train/model.pt`). `images`: a folder,
-    COCO JSON or list (default: `data.source`). Test size: short side `short_side`, long
-    side at most `max_side`. Inference: cascade scores averaged, per-class NMS
-    `nms_thresh`, detections with score >= `score_thresh`, at most `detections_per_image`;
-    panoptic merge (docs/method.md): instances with score >= `instance_score`, overlap with
-    painted pixels <= `overlap`, stuff regions of >= `stuff_area` pixels (`u2seg
-    visualize --stage predict` draws the results). `precision` of the model's forward, as
-    `backbone.precision`: "auto" (bf16 autocast on a GPU, fp32 on a CPU), "fp32" or "bf16";
-    anchors and box decoding stay fp32 under autocast, as in training.
+    `model`: a weights file (default: this run's `train/model.pt`; a local path or an fsspec
+    URL). `images`: a folder, COCO JSON or list (default: `data.source`), `root` where the
+    `file_name`s of a COCO JSON or the relative lines of a list resolve (as `data.root`;
+    default: the folder of the JSON / list), e.g. COCO's val2017 JSON and its photo folder.
+    Test size: short side `short_side`, long side at most `max_side`. Inference: cascade
+    scores averaged, per-class NMS `nms_thresh`, detections with score >= `score_thresh`, at
+    most `detections_per_image`; panoptic merge (docs/method.md stage 6): instances with
+    score >= `instance_score`, overlap with painted pixels <= `overlap`, stuff regions of
+    >= `stuff_area` pixels (`u2seg visualize --stage predict` draws the results).
+    `precision` of the model's forward, as `backbone.precision`: "auto" (bf16 autocast on a
+    GPU, fp32 on a CPU), "fp32" or "bf16"; anchors and box decoding stay fp32 under
+    autocast, as in training.
     """
 
     model: str = ""
     images: str = ""
+    root: str | None = None
     short_side: int = at_least(1, 800)
     max_side: int = at_least(1, 1333)
     score_thresh: float = between(0, 1, 0.05)

@@ -178,7 +178,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     model = _model_url(cfg)
     _, meta = read_model_file(model)  # a bad file is refused before anything starts
     check_precision(cfg.predict.precision)
-    source, root = (cfg.predict.images, None) if cfg.predict.images else (
+    source, root = (cfg.predict.images, cfg.predict.root) if cfg.predict.images else (
         cfg.data.source, cfg.data.root)  # fmt: skip
     refs = plan_shards(list_images(source, root), cfg.data.shard_size)
     listed = refs.to_pydict()

@@ -68,7 +68,11 @@ def round_config(cfg: PipelineConfig, r: int, model: str) -> PipelineConfig:
         cfg,
         output=round_dir(cfg, r),
         predict=dataclasses.replace(
-            cfg.predict, model=model, images="", detections_per_image=st.detections_per_image
+            cfg.predict,
+            model=model,
+            images="",
+            root=None,
+            detections_per_image=st.detections_per_image,
         ),
         train=dataclasses.replace(
             cfg.train,
