@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 
 from tests.helpers import DEMO_CONFIG, demo_config
 from u2seg.artifacts import ArtifactError
+from u2seg.cli import main
 from u2seg.config import PipelineConfig, load_config
 from u2seg.data.coco import rgb_to_id
 from u2seg.data.demo import write_demo_dataset
@@ -175,6 +176,22 @@ def test_pictures_of_every_stage(run_dir: tuple[Path, PipelineConfig]) -> None:
         pictures = list(folder.glob("*.png"))
         assert pictures, stage
         assert Image.open(pictures[0]).size[0] > 0
+
+
+def test_pictures_without_data_source_use_the_images_the_stage_ran_on(
+    run_dir: tuple[Path, PipelineConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`u2seg visualize --config ... output=<run> --stage panoptic` as getting-started shows
+    it: no data.source on the command line; the stage's config.json names the photos."""
+    out, cfg = run_dir
+    sheet = out / "visualize" / "panoptic" / "sheet.png"
+    sheet.unlink(missing_ok=True)
+    args = ["--config", str(DEMO_CONFIG), f"output={out}", "--stage", "panoptic"]
+    assert main(["visualize", *args]) == 0, capsys.readouterr().err
+    assert Image.open(sheet).size[0] > 0
+    empty = out.parent / "nothing-run"
+    assert main(["visualize", "--config", str(DEMO_CONFIG), f"output={empty}"]) == 2
+    assert "pass data.source=" in capsys.readouterr().err
 
 
 def test_evaluate_scores_pseudo_masks_and_pseudo_labels(

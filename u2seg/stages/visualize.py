@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from u2seg.artifacts import StageDir
-from u2seg.config import PipelineConfig
+from u2seg.artifacts import CONFIG, StageDir
+from u2seg.config import PipelineConfig, to_dict
 from u2seg.data.coco import rgb_to_id, rle_to_mask
 from u2seg.data.images import ImageError, list_images, read_image
 from u2seg.lease import leased
@@ -70,11 +70,27 @@ def _load_json(url: str, stage: str) -> Any:
         raise FileNotFoundError(f"{url} not found: run `u2seg {stage}` first") from None
 
 
-def _image_paths(cfg: PipelineConfig, stage: str = "") -> dict[int, str]:
-    if stage == "predict" and cfg.predict.images:
-        refs = list_images(cfg.predict.images).to_pylist()
-    else:
-        refs = list_images(cfg.data.source, cfg.data.root).to_pylist()
+def _source(cfg: PipelineConfig, stage: str) -> tuple[str, str | None]:
+    """(source, root) of the images `stage` ran on: `predict.images` for predict, else
+    `data.source`; where the command leaves both unset, those the stage's own config.json
+    records."""
+    resolved = to_dict(cfg)
+    ran = StageDir(cfg.output_dir, "maskcut" if stage == "cluster" else stage)
+    given = cfg.data.source or (stage == "predict" and cfg.predict.images)
+    if not given and ran.exists(CONFIG):
+        resolved = ran.read_json(CONFIG)["resolved"]
+    if stage == "predict" and resolved["predict"]["images"]:
+        return resolved["predict"]["images"], resolved["predict"].get("root")
+    if resolved["data"]["source"]:
+        return resolved["data"]["source"], resolved["data"]["root"]
+    raise ValueError(
+        f"visualize: data.source is unset and {ran.path}/{CONFIG} does not name the images: "
+        "pass data.source=..."
+    )
+
+
+def _image_paths(cfg: PipelineConfig, stage: str) -> dict[int, str]:
+    refs = list_images(*_source(cfg, stage)).to_pylist()
     return {r["image_id"]: r["path"] for r in refs}
 
 
@@ -110,7 +126,7 @@ def cluster_gallery(cfg: PipelineConfig, per_cluster: int = 8, clusters: int = 1
         rng.permutation(rest)[: clusters - clusters // 2].tolist()
     )
     anns = {a["id"]: a for a in instances["annotations"]}
-    paths = _image_paths(cfg)
+    paths = _image_paths(cfg, "cluster")
     cell = 96
     grid = np.full((len(picked) * cell, per_cluster * cell, 3), 255, dtype=np.uint8)
     for r, category in enumerate(picked):
