@@ -301,8 +301,10 @@ class TrainConfig:
     `data_num_cpus` CPUs, apart from the training workers) or "workers" (each worker decodes
     its own share; the local strategy always does). `ims_per_batch` is the global batch
     (a multiple of the world size).
-    Model: `backbone` "resnet50" (`weights`: a DINO / torchvision ResNet-50 checkpoint
-    file, or "random" to train from scratch: left empty it is refused; `norm` "bn" or
+    Model: `backbone` "resnet50" (`weights`: "hub", DINO's ResNet-50 from its public URL,
+    cached by torch.hub; a DINO / torchvision ResNet-50 checkpoint file, local or a URL;
+    or "random" to train from scratch: left empty it is refused; the vit backbone ignores
+    "hub"; `norm` "bn" or
     "frozen_bn"; BatchNorm becomes SyncBatchNorm on distributed GPUs) or "vit" (the
     `backbone` section's ViT behind a simple feature pyramid, frozen unless
     `vit_trainable`); `init`: a u2seg model file (`train/model.pt`
@@ -335,7 +337,7 @@ class TrainConfig:
     data_num_cpus: float = above(0, 1.0)
     torch_threads: int | None = at_least(1, None)
     backbone: str = "resnet50"
-    weights: str = ""
+    weights: str = "hub"
     init: str = ""
     norm: str = "bn"
     vit_trainable: bool = False

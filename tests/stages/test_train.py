@@ -456,8 +456,11 @@ def test_a_checkpoint_holding_pickled_objects_is_not_loaded(tmp_path: Path) -> N
         (["train.copy_paste_scale=[0.8,0.3]"], r"train\.copy_paste_scale=\[0\.8, 0\.3\]"),
         (["train.weights=/nowhere.pth"], "set train.backbone=resnet50"),
         (["train.backbone=resnet50", "train.weights=/nowhere.pth"], "checkpoint not found"),
-        (["train.backbone=resnet50"], "would start from random weights"),
-        (["train.num_workers=8", "train.ims_per_batch=8"], "4 training images for 8 workers"),
+        (["train.backbone=resnet50", "train.weights=''"], "would start from random weights"),
+        (
+            ["train.num_workers=8", "train.ims_per_batch=8", "train.cpus_per_worker=0.1"],
+            "4 training images for 8 workers",
+        ),
     ],
 )
 def test_bad_training_settings_are_refused_by_name(
@@ -475,8 +478,47 @@ def test_paper_configs_name_the_resnet_checkpoint_and_random_init_is_asked_for()
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.train.backbone == "resnet50", name
         assert cfg.train.weights.endswith(".pth"), name
-    scratch = load_config(overrides=["train.backbone=resnet50", "train.weights=random"])
+    scratch = load_config(
+        overrides=[
+            "train.backbone=resnet50",
+            "train.weights=random",
+            "train.strategy=deepspeed",
+            "train.num_workers=8",
+        ]
+    )
     assert train_stage._check(scratch) == scratch.train.num_workers
+
+
+def test_the_default_resnet_weights_are_dinos_from_torch_hub(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """train.weights=hub (the default) loads DINO's ResNet-50 through torch.hub's cache; the
+    download itself is replaced here (no network), the wiring is not."""
+    from torchvision.models import resnet50
+
+    from u2seg.models import pyramid
+
+    published = resnet50().state_dict()
+    asked = []
+
+    def fetch(url: str, **kwargs: object) -> dict:
+        asked.append(url)
+        return {k: v for k, v in published.items()}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetch)
+    assert load_config().train.weights == pyramid.HUB
+    model = pyramid.ResNetFPN()
+    pyramid.load_resnet_checkpoint(model, pyramid.HUB)
+    assert asked == [pyramid.DINO_RESNET50_URL]
+    loaded = model.resnet.state_dict()
+    assert all(torch.equal(loaded[k], published[k]) for k in published if not k.startswith("fc."))
+
+    def offline(url: str, **kwargs: object) -> dict:
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(pyramid.CheckpointError, match="set train.weights=<that file>"):
+        pyramid.load_resnet_checkpoint(model, pyramid.HUB)
 
 
 def test_a_local_checkpoint_on_an_object_store_is_whole_before_its_marker(

@@ -73,9 +73,30 @@ class ResNetFPN(nn.Module):
         return OrderedDict(zip(LEVELS, out.values(), strict=True))
 
 
+#: DINO's ResNet-50 (facebookresearch/dino), what `train.weights: hub` starts from.
+DINO_RESNET50_URL = (
+    "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"
+)
+HUB = "hub"
+
+
+def _hub_state() -> object:
+    """DINO's ResNet-50 weights, downloaded once into torch.hub's cache (TORCH_HOME)."""
+    try:
+        return torch.hub.load_state_dict_from_url(
+            DINO_RESNET50_URL, map_location="cpu", weights_only=True
+        )
+    except OSError as exc:  # no network, a proxy, a full disk
+        raise CheckpointError(
+            f"train.weights=hub: could not fetch {DINO_RESNET50_URL} ({exc}); download it "
+            "where the internet can be reached and set train.weights=<that file>"
+        ) from None
+
+
 def load_resnet_checkpoint(model: ResNetFPN, path: str | Path) -> None:
-    """Load a ResNet-50 checkpoint (torchvision layout, e.g. DINO's; a local path or an fsspec
-    URL such as s3://bucket/dino_resnet50_pretrain.pth) into `model.resnet`.
+    """Load a ResNet-50 checkpoint (torchvision layout, e.g. DINO's; a local path, an fsspec
+    URL such as s3://bucket/dino_resnet50_pretrain.pth, or `HUB`: DINO's from its public
+    URL, cached by torch.hub) into `model.resnet`.
 
     The file is read with `weights_only=True` (no pickled objects). A dict holding the
     weights under "state_dict", "model", "teacher" or "student" is unwrapped and the usual
@@ -83,8 +104,13 @@ def load_resnet_checkpoint(model: ResNetFPN, path: str | Path) -> None:
     missing, unexpected or of another shape is a `CheckpointError` naming the file.
     """
     try:
-        data = read_weights_file(str(path))
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if str(path) == HUB:
+            state = _hub_state()
+        else:
+            data = read_weights_file(str(path))
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"ResNet checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises many types for a corrupt or unsafe file

@@ -45,8 +45,8 @@ def build_from_spec(
     spec: dict[str, Any], device: torch.device, weights: str = "", **inference: Any
 ) -> PanopticFPN:
     """The model of `spec` on `device`. A ViT backbone loads its self-supervised weights
-    (the run's `backbone` section); `weights`: a ResNet-50 checkpoint to start from ("" or
-    `RANDOM_INIT`: random).
+    (the run's `backbone` section); `weights`: a ResNet-50's to start from (a checkpoint,
+    "hub": DINO's; "" or `RANDOM_INIT`: random), which a ViT backbone ignores.
     `inference`: PanopticFPN options that only change inference (score / NMS thresholds,
     detections per image) and override the spec's."""
     vit = None
@@ -58,9 +58,7 @@ def build_from_spec(
         spec["backbone"], spec["num_things"], spec["num_stuff"], vit=vit, norm=spec["norm"],
         vit_trainable=spec["vit_trainable"], channels=spec.get("fpn_channels", 256), **heads,
     )  # fmt: skip
-    if weights and weights != RANDOM_INIT:
-        if spec["backbone"] != "resnet50":
-            raise ValueError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
+    if weights and weights != RANDOM_INIT and spec["backbone"] == "resnet50":
         assert isinstance(model.backbone, ResNetFPN)
         load_resnet_checkpoint(model.backbone, weights)
     for tensor in [*model.parameters(), *model.buffers()]:

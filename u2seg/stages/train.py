@@ -58,6 +58,7 @@ from u2seg.data.training import (
 )
 from u2seg.data.weights import ModelFileError, check_state_dict, read_model_file, write_model_file
 from u2seg.lease import leased
+from u2seg.models.pyramid import HUB
 from u2seg.models.vit import weights_file_exists
 from u2seg.ops.schedule import clip_per_parameter, clipped, learning_rate, parameter_groups
 from u2seg.plan import planned
@@ -98,18 +99,18 @@ def _check(cfg: PipelineConfig) -> int:
     if not train.short_sides or min(train.short_sides) < 1:
         raise ConfigError(f"bad value train.short_sides={list(train.short_sides)}")
     check_scale_range("train.copy_paste_scale", train.copy_paste_scale)
-    if train.weights and train.backbone != "resnet50":
+    if train.weights not in ("", HUB) and train.backbone != "resnet50":
         raise ConfigError("train.weights is a ResNet-50 checkpoint: set train.backbone=resnet50")
     if train.backbone == "resnet50" and not (train.weights or train.init):
         raise ConfigError(
             "train.weights is empty: train.backbone=resnet50 would start from random weights "
-            "(U2Seg starts from DINO ResNet-50); give a checkpoint file, or "
-            f"train.weights={RANDOM_INIT} to train from scratch"
+            f"(U2Seg starts from DINO ResNet-50): train.weights={HUB} fetches DINO's, or give a "
+            f"checkpoint file, or train.weights={RANDOM_INIT} to train from scratch"
         )
-    if train.weights not in ("", RANDOM_INIT) and not weights_file_exists(train.weights):
+    if train.weights not in ("", RANDOM_INIT, HUB) and not weights_file_exists(train.weights):
         raise ConfigError(f"train.weights: checkpoint not found: {train.weights}")
     if train.init:
-        if train.weights:
+        if train.weights not in ("", HUB):
             raise ConfigError("train.init replaces every weight: leave train.weights empty")
         try:
             read_model_file(train.init)
