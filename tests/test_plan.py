@@ -148,3 +148,26 @@ def test_node_groups_are_read_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(NODE_GROUPS_ENV, '[{"name": "gpu"}]')
     with pytest.raises(PlanError, match=NODE_GROUPS_ENV):
         _autoscaler_groups()
+
+
+def test_the_kmeans_task_asks_for_the_memory_of_the_vectors_once_they_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before embed has run the plan cannot know it; after, a task no node can hold is
+    refused, naming the sharded mode."""
+    out = tmp_path / "run"
+    args = ["--gpus", "1", "--cpus", "16", "--memory", "64", "--stages", "cluster",
+            f"output={out}", "backbone.name=dino_vitb8",
+            "cluster.max_local_vectors=20000000"]  # fmt: skip
+    code, plan, _ = _plan(capsys, *args)
+    assert code == 0 and plan["asks"][0]["memory_gib"] == 0
+    (out / "embed").mkdir(parents=True)
+    (out / "embed" / "manifest.json").write_text(json.dumps({"counts": {"embedded": 10_000_000}}))
+    code, plan, _ = _plan(capsys, *args)
+    (task,) = plan["asks"]
+    assert task["memory_gib"] == pytest.approx(12 * 10_000_000 * 768 / 2**30)  # 85.8 GiB
+    assert code == 2 and "set cluster.mode=sharded" in task["problems"][0]
+    code, plan, _ = _plan(capsys, *args, "cluster.mode=sharded")
+    assert code == 0 and plan["asks"][0]["what"] == "k-means shard actors"
+    code, plan, _ = _plan(capsys, *args[:-1])  # auto: above 5 M vectors it shards
+    assert code == 0 and plan["asks"][0]["what"] == "k-means shard actors"

@@ -253,6 +253,7 @@ class Ask:
     key: str
     unit_keys: tuple[str, str]
     grows_to: int | None = None
+    memory_gib: float = 0.0  # what it asks Ray for (the k-means task, once the vectors exist)
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "unit_keys"}
@@ -294,14 +295,18 @@ def _stage_asks(stage: str, cfg: PipelineConfig) -> list[Ask]:
     if stage == "cluster":
         c = cfg.cluster
         gpus = float(c.gpu)
-        if c.mode == "sharded":
+        vectors = _embedded(cfg)
+        many = vectors is not None and vectors > c.max_local_vectors
+        if c.mode == "sharded" or (c.mode == "auto" and many):
             keys = ("cluster.shard_num_cpus", "cluster.gpu")
             what = "k-means shard actors"
             return [
                 Ask(stage, what, c.num_shards, c.shard_num_cpus, gpus, "cluster.num_shards", keys)
             ]
         keys = ("cluster.num_cpus", "cluster.gpu")
-        return [Ask(stage, "k-means task", 1, float(c.num_cpus or 1), gpus, "cluster.mode", keys)]
+        task = Ask(stage, "k-means task", 1, float(c.num_cpus or 1), gpus, "cluster.mode", keys)
+        memory = _kmeans_memory_gib(cfg, vectors) if vectors is not None else 0.0
+        return [dataclasses.replace(task, memory_gib=memory)]
     if stage == "train":
         return _train_asks(stage, cfg)
     if stage == "self-train":
@@ -320,6 +325,25 @@ def _stage_asks(stage: str, cfg: PipelineConfig) -> list[Ask]:
         keys = ("data.read_num_cpus", "data.read_num_cpus")
         return [Ask(stage, "merge tasks", 1, cfg.data.read_num_cpus, 0.0, keys[0], keys)]
     raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+
+
+def _embedded(cfg: PipelineConfig) -> int | None:
+    """How many vectors `embed/` made (None before it has run)."""
+    from u2seg.artifacts import ArtifactError, StageDir
+
+    try:
+        return int(StageDir(cfg.output_dir, "embed").manifest()["counts"]["embedded"])
+    except (ArtifactError, KeyError):
+        return None
+
+
+def _kmeans_memory_gib(cfg: PipelineConfig, vectors: int) -> float:
+    """What the local k-means task asks Ray for: 12 bytes per vector dimension (the
+    cluster stage's rule)."""
+    from u2seg.models.vit import BACKBONES
+
+    spec = BACKBONES.get(cfg.backbone.name)
+    return 12 * vectors * (spec.embed_dim if spec else 768) / 2**30
 
 
 def asks(cfg: PipelineConfig, stages: Iterable[str]) -> list[Ask]:
@@ -352,6 +376,12 @@ def shortfalls(ask: Ask, cluster: Cluster) -> list[str]:
         out.append(
             f"{where}: {ask.key}={ask.count} asks for {ask.count * ask.gpus:g} GPUs, but the "
             f"cluster has {cluster.gpus:g}: set {ask.key}={fits} (or leave it unset: one per GPU)"
+        )
+    most_memory = cluster.largest("memory_gib")
+    if ask.memory_gib > most_memory:
+        out.append(
+            f"{where} asks for {ask.memory_gib:.1f} GiB, but no node has more than "
+            f"{most_memory:.0f} GiB: set cluster.mode=sharded (the vectors spread over actors)"
         )
     if ask.count * ask.cpus > cluster.cpus:
         out.append(
@@ -425,6 +455,7 @@ def report_text(plan: dict[str, Any], cluster: Cluster) -> str:
     for row in plan["asks"]:
         grows = f" (grows to {row['grows_to']})" if row["grows_to"] else ""
         gpus = f" + {row['gpus']:g} GPU" if row["gpus"] else ""
+        gpus += f" + {row['memory_gib']:.1f} GiB" if row["memory_gib"] else ""
         lines.append(
             f"{row['stage']:<11} {row['count']} x {row['what']}{grows}: "
             f"{row['cpus']:g} CPU{gpus} each  [{row['key']}]"
