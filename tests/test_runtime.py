@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import stop_ray_in
 from u2seg.config import ConfigError, load_config
 from u2seg.runtime import actor_pool, drop_noise, quiet_ray_stderr
 
@@ -100,6 +101,9 @@ def test_a_run_without_an_address_starts_its_own_ray_beside_a_local_head() -> No
         assert run.returncode == 0, run.stderr[-3000:]
         assert "cpus 2.0" in run.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # The head's whole process group, at once (on SIGTERM `ray start --block` waits 30 s
+        # for its processes); any process of it left elsewhere names the temp root.
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
+        stop_ray_in(root)
         shutil.rmtree(root, ignore_errors=True)

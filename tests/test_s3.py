@@ -26,18 +26,18 @@ def test_the_pipeline_runs_on_s3_and_resumes_there(
     s3: Any, tmp_path: Path, weights_cache: Path
 ) -> None:
     from u2seg.runtime import ray_session
-    from u2seg.stages import cluster, embed, features, maskcut, panoptic, predict, semantic, train
+    from u2seg.stages import cluster, embed, maskcut, panoptic, predict, semantic, train
 
     for k in range(3):
         save_photo(tmp_path / f"p{k}.jpg", (96, 80), seed=k)
         s3.put(str(tmp_path / f"p{k}.jpg"), f"u2seg/photos/p{k}.jpg")
     cfg = demo_config("s3://u2seg/photos", "s3://u2seg/run", weights_cache, *SMALL)  # type: ignore[arg-type]
-    stages = (features, maskcut, embed, cluster, semantic, panoptic, train, predict)
+    stages = (maskcut, embed, cluster, semantic, panoptic, train, predict)
     with ray_session(cfg.ray):
         for stage in stages:
             stage.run(cfg)
         assert {p.rstrip("/").rsplit("/", 1)[1] for p in s3.ls("u2seg/run")} - {"run"} == {
-            "features", "maskcut", "embed", "cluster", "semantic", "panoptic", "train", "predict"
+            "maskcut", "embed", "cluster", "semantic", "panoptic", "train", "predict"
         }  # fmt: skip
         # Ray Train kept its checkpoints in the bucket; the model is there.
         assert s3.glob("u2seg/run/train/ray/**/checkpoint_*")

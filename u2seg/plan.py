@@ -147,13 +147,13 @@ def _autoscaler_groups() -> list[tuple[Node, int]] | None:
     return [(_node(g.resources), int(g.max_count)) for g in config.node_group_configs]
 
 
-def _running_ray(source: str) -> Cluster:
+def _running_ray(source: str, local: bool = False) -> Cluster:
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    groups = _autoscaler_groups()
+    groups = None if local else _autoscaler_groups()
     if groups is None:
-        return Cluster(tuple(_node(n["Resources"]) for n in alive), True, source)
+        return Cluster(tuple(_node(n["Resources"]) for n in alive), not local, source)
     heads = [_node(n["Resources"]) for n in alive if "node:__internal_head__" in n["Resources"]]
     grown = [shape for shape, most in groups for _ in range(max(0, most))]
     return Cluster(
@@ -165,13 +165,14 @@ def find_cluster(cfg: PipelineConfig) -> Cluster:
     """The cluster the stages will run on: the Ray this process is connected to, the one
     at `ray.address` / RAY_ADDRESS (joined now: a stage would join it anyway), or this
     machine for a local Ray (not started: a stage starts its own)."""
-    from u2seg.runtime import local_ray_address
+    from u2seg.runtime import local_ray_address, local_ray_running
 
     address = local_ray_address(cfg.ray)
     import ray
 
     if ray.is_initialized():
-        return _running_ray("the running Ray")
+        local = local_ray_running()
+        return _running_ray("this machine's running Ray" if local else "the running Ray", local)
     if address:
         ray.init(address=address)
         return _running_ray(f"the Ray cluster at {address}")

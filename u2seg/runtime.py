@@ -106,6 +106,15 @@ def local_ray_address(cfg: RayConfig) -> str | None:
     return address
 
 
+_LOCAL_RAY: list[bool] = []  # True while a local Ray that `ray_session` started is up
+
+
+def local_ray_running() -> bool:
+    """Whether the running Ray is a local one `ray_session` started (no autoscaler: it has
+    the machine's resources and no more)."""
+    return bool(_LOCAL_RAY)
+
+
 @contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[None]:
     """Use the running Ray, join the one in `cfg.address` / RAY_ADDRESS, or start a local one.
@@ -139,6 +148,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
                 configure_logging=False,
             )
             watchdog = _start_watchdog()
+            _LOCAL_RAY.append(True)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
@@ -156,6 +166,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         if started:
             ray.shutdown()
         if watchdog is not None:
+            _LOCAL_RAY.clear()
             watchdog.terminate()
             watchdog.wait()
 

@@ -50,6 +50,11 @@ def _registered_step(run: Path) -> int:
     return int(latest.get("metrics", {}).get("step", 0))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray(local_ray: None) -> None:
+    """One local Ray for the module's in-process stages (each would start its own)."""
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     """A DeepSpeed ZeRO-2 run of 3 steps on 2 workers fed by Ray Data."""
@@ -355,7 +360,8 @@ def _train_command(photos: Path, run: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "u2seg.cli", "train", "--config", str(DEMO_CONFIG),
         f"data.source={photos}", f"output={run}", "data.shard_size=2",
         f"backbone.cache_dir={REPO / '.cache' / 'weights'}",
-        *SMALL_TRAIN, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2", *extra,
+        *SMALL_TRAIN, *DEEPSPEED_2, "train.max_iter=8", "train.checkpoint_every=2",
+        "train.loader=workers", *extra,
     ]  # fmt: skip
 
 

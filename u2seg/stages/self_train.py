@@ -237,26 +237,28 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     stage.start(to_dict(cfg), depends, has_results=stage.fs.exists(stage.path))
     model = first.fs.unstrip_protocol(first.file(train.MODEL_FILE))
     labels = StageDir(cfg.output_dir, panoptic.STAGE)
-    rounds = []
-    for r in range(1, cfg.self_train.rounds + 1):
-        round_cfg = round_config(cfg, r, model)
-        predicted = predict.run(round_cfg)
-        relabelled = relabel(cfg, r, labels)
-        trained = train.run(round_cfg)
-        out = StageDir(round_cfg.output_dir, train.STAGE)
-        model = out.fs.unstrip_protocol(out.file(train.MODEL_FILE))
-        labels = StageDir(round_cfg.output_dir, panoptic.STAGE)
-        curve = trained["curve"]
-        rounds.append({"round": r, "from": round_cfg.train.init,
-                       "threshold": relabelled["threshold"], "predicted": predicted["counts"],
-                       "labels": relabelled["counts"], "train": trained["counts"],
-                       "loss": curve[-1]["loss"] if curve else None})  # fmt: skip
-    final_dir = f"{FINAL}-{len(rounds)}"  # one per round count: more rounds, new predictions
-    final = dataclasses.replace(
-        cfg, output=f"{cfg.output_dir.rstrip('/')}/{STAGE}/{final_dir}",
-        predict=dataclasses.replace(cfg.predict, model=model),
-    )  # fmt: skip
-    final_manifest = predict.run(final)
+    # One Ray for every round's stages and the final predictions (each would start its own).
+    with ray_session(cfg.ray):
+        rounds = []
+        for r in range(1, cfg.self_train.rounds + 1):
+            round_cfg = round_config(cfg, r, model)
+            predicted = predict.run(round_cfg)
+            relabelled = relabel(cfg, r, labels)
+            trained = train.run(round_cfg)
+            out = StageDir(round_cfg.output_dir, train.STAGE)
+            model = out.fs.unstrip_protocol(out.file(train.MODEL_FILE))
+            labels = StageDir(round_cfg.output_dir, panoptic.STAGE)
+            curve = trained["curve"]
+            rounds.append({"round": r, "from": round_cfg.train.init,
+                           "threshold": relabelled["threshold"], "predicted": predicted["counts"],
+                           "labels": relabelled["counts"], "train": trained["counts"],
+                           "loss": curve[-1]["loss"] if curve else None})  # fmt: skip
+        final_dir = f"{FINAL}-{len(rounds)}"  # one per round count: more rounds, new predictions
+        final = dataclasses.replace(
+            cfg, output=f"{cfg.output_dir.rstrip('/')}/{STAGE}/{final_dir}",
+            predict=dataclasses.replace(cfg.predict, model=model),
+        )  # fmt: skip
+        final_manifest = predict.run(final)
     counts = {"rounds": len(rounds), "images": final_manifest["counts"].get("images", 0)}
     empty = pa.table({"image_id": pa.array([], pa.int64())})
     return stage.finish(counts, empty, {"rounds": rounds, "model": model,
