@@ -457,9 +457,9 @@ def report_text(plan: dict[str, Any], cluster: Cluster) -> str:
         grows = f" (grows to {row['grows_to']})" if row["grows_to"] else ""
         gpus = f" + {row['gpus']:g} GPU" if row["gpus"] else ""
         gpus += f" + {row['memory_gib']:.1f} GiB" if row["memory_gib"] else ""
+        each = f"{row['cpus']:g} CPU{gpus} each" if row["cpus"] else (gpus[3:] or "its CPUs")
         lines.append(
-            f"{row['stage']:<11} {row['count']} x {row['what']}{grows}: "
-            f"{row['cpus']:g} CPU{gpus} each  [{row['key']}]"
+            f"{row['stage']:<11} {row['count']} x {row['what']}{grows}: {each}  [{row['key']}]"
         )
         lines += [f"{'':<11}   NO: {p}" for p in row["problems"]]
         lines += [f"{'':<11}   waits for the autoscaler: {p}" for p in row["waits"]]
