@@ -24,7 +24,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import FAKE_HEAD_NODE_ID
 
-from tests.helpers import demo_config, save_photo, stop_ray_in
+from tests.helpers import demo_config, save_photo, stop_session
 from u2seg.plan import PlanError, find_cluster, size
 from u2seg.stages import features
 
@@ -82,9 +82,9 @@ def _config(gcs: str) -> dict[str, object]:
     }  # fmt: skip
 
 
-def _start(temp_dir: str) -> str:
+def _start(temp_dir: str) -> tuple[str, subprocess.Popen[bytes]]:
     """`ray start --head` with autoscaler v2 on the fake provider, on free ports and its own
-    temporary folder; the GCS address."""
+    temporary folder, started in a session of its own; the GCS address and the process."""
     gcs_port, client, agent, agent_grpc, env_agent, metrics = _free_ports(6)
     gcs = f"127.0.0.1:{gcs_port}"
     config = Path(temp_dir) / "autoscaling.json"
@@ -92,16 +92,16 @@ def _start(temp_dir: str) -> str:
     env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
            "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}  # fmt: skip
-    subprocess.check_call(
+    start = subprocess.Popen(
         ["ray", "start", "--head", f"--autoscaling-config={config}", "--num-cpus=0",
          f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
          f"--metrics-export-port={metrics}", "--include-dashboard=false",
          "--disable-usage-stats"],
-        env=env,
+        env=env, start_new_session=True,
     )  # fmt: skip
-    return gcs
+    return gcs, start
 
 
 def _workers() -> int:
@@ -110,8 +110,11 @@ def _workers() -> int:
 
 def main(out: Path, cache: Path) -> None:
     temp_dir = tempfile.mkdtemp(prefix="u2as-", dir="/tmp")  # short: Ray's socket paths
+    gcs, start = _start(temp_dir)
     try:
-        ray.init(_start(temp_dir))
+        if start.wait(timeout=300):
+            raise RuntimeError(f"ray start failed with {start.returncode}")
+        ray.init(gcs)
         photos = out / "photos"
         photos.mkdir(parents=True)
         for k in range(12):
@@ -156,7 +159,7 @@ def main(out: Path, cache: Path) -> None:
         (out / "seen.json").write_text(json.dumps(seen))
     finally:
         ray.shutdown()
-        print(f"stopped {stop_ray_in(temp_dir)} processes of this cluster", file=sys.stderr)
+        print(f"stopped {stop_session(start.pid)} processes of this cluster", file=sys.stderr)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -81,13 +81,19 @@ def fault_when(
         thread.join()
 
 
-def stop_ray_in(temp_dir: str) -> int:
-    """Kill the processes of the Ray started with `--temp-dir=temp_dir` (their command lines
-    name it), and no other: `ray stop` would stop every Ray on the machine. How many."""
-    ours = [
-        p for p in psutil.process_iter(["pid", "cmdline"])
-        if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or [])
-    ]  # fmt: skip
+def stop_session(sid: int) -> int:
+    """Kill every process of the session `sid` (a `ray start` run with
+    `start_new_session=True`: its daemons keep the session wherever they are reparented and
+    whatever names they take) and no other: `ray stop` would stop every Ray on the machine.
+    How many."""
+
+    def of_session(pid: int) -> bool:
+        try:
+            return pid != os.getpid() and os.getsid(pid) == sid
+        except OSError:  # gone, or not ours to ask
+            return False
+
+    ours = [p for p in psutil.process_iter() if of_session(p.pid)]
     for process in ours:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import stop_ray_in
+from tests.helpers import stop_session
 from u2seg.config import ConfigError, load_config
 from u2seg.runtime import actor_pool, drop_noise, quiet_ray_stderr
 
@@ -101,9 +100,8 @@ def test_a_run_without_an_address_starts_its_own_ray_beside_a_local_head() -> No
         assert run.returncode == 0, run.stderr[-3000:]
         assert "cpus 2.0" in run.stdout
     finally:
-        # The head's whole process group, at once (on SIGTERM `ray start --block` waits 30 s
-        # for its processes); any process of it left elsewhere names the temp root.
-        os.killpg(head.pid, signal.SIGKILL)
+        # The head's whole session, at once (on SIGTERM `ray start --block` waits 30 s for
+        # its processes).
+        stop_session(head.pid)
         head.wait(timeout=60)
-        stop_ray_in(root)
         shutil.rmtree(root, ignore_errors=True)
