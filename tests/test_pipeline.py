@@ -29,7 +29,15 @@ K, S = 3, 4
 
 def _config(folder: Path, out: Path, cache: Path, *extra: str) -> PipelineConfig:
     """The demo config, smaller: 224 px MaskCut, 112 px crops and stuff maps, K and S."""
-    small = ("maskcut.image_size=224", "embed.image_size=112", "semantic.image_size=112")
+    small = (
+        "maskcut.image_size=224",
+        "embed.image_size=112",
+        "semantic.image_size=112",
+        # one actor a stage: 6 photos need no second, whose start costs a torch import
+        "maskcut.concurrency=1",
+        "embed.concurrency=1",
+        "semantic.concurrency=1",
+    )
     classes = (f"cluster.k={K}", f"semantic.num_classes={S}")
     pseudo = "evaluate.predictions=[maskcut,semantic,panoptic]"  # this run trains nothing
     return demo_config(folder, out, cache, *small, *classes, pseudo, *extra)

@@ -39,7 +39,7 @@ def _command(photos: Path, out: Path, cache: Path) -> list[str]:
     return [
         sys.executable, "-m", "u2seg.cli", "maskcut", "--config", str(DEMO_CONFIG),
         f"data.source={photos}", f"output={out}", "data.shard_size=2", "maskcut.batch_size=2",
-        "maskcut.image_size=224", f"backbone.cache_dir={cache}",
+        "maskcut.image_size=224", "maskcut.n_masks=10", f"backbone.cache_dir={cache}",
     ]  # fmt: skip
 
 

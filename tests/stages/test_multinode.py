@@ -98,9 +98,9 @@ def test_losing_a_node_mid_stage_still_labels_every_image_once(
     _labelled_once(out)
 
 
-def _train_losing_a_node(tmp_path: Path, node_cpus: int, *overrides: str) -> tuple[dict, int]:
-    """2 DeepSpeed workers for 8 steps on a 2-node cluster (`node_cpus` each); the node of
-    one of them is removed after the first registered checkpoint. The manifest and the
+def _train_losing_a_node(tmp_path: Path, *overrides: str) -> tuple[dict, int]:
+    """2 DeepSpeed workers for 8 steps on a 2-node cluster (1 CPU each: a worker a node);
+    the node of one of them is removed after the first registered checkpoint. The manifest and the
     step of that checkpoint."""
     import ray
     from ray.cluster_utils import Cluster
@@ -112,7 +112,7 @@ def _train_losing_a_node(tmp_path: Path, node_cpus: int, *overrides: str) -> tup
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [nodes.add_node(num_cpus=node_cpus) for _ in range(2)]
+    workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
     nodes.wait_for_nodes()
     ray.init(address=nodes.address)
     photos, run = write_trainset(tmp_path)
@@ -140,20 +140,11 @@ def _train_losing_a_node(tmp_path: Path, node_cpus: int, *overrides: str) -> tup
     return manifest, removed["after_step"]
 
 
-def test_training_survives_the_loss_of_a_node(tmp_path: Path) -> None:
-    """The group restarts on the node left (it holds both workers) and finishes."""
-    manifest, after_step = _train_losing_a_node(tmp_path, 2)
-    assert manifest["counts"]["steps"] == 8 and manifest["counts"]["restarts"] == 1
-    assert manifest["attempts"][1]["start_step"] >= after_step
-    assert [e["step"] for e in manifest["curve"]] == list(range(1, 9))
-    assert manifest["training"]["ranks_agree"] is True
-
-
 def test_elastic_training_goes_on_with_fewer_workers_after_losing_a_node(tmp_path: Path) -> None:
     """`train.min_workers=1` on two nodes that hold one worker each: the run finishes with
     one worker, from the last registered checkpoint, at the same global batch."""
     manifest, after_step = _train_losing_a_node(
-        tmp_path, 1, "train.min_workers=1", "train.cpus_per_worker=1"
+        tmp_path, "train.min_workers=1", "train.cpus_per_worker=1"
     )
     first, *later = manifest["attempts"]
     assert first["world_size"] == 2 and later and later[-1]["world_size"] == 1
