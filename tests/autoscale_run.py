@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import FAKE_HEAD_NODE_ID
 
-from tests.helpers import demo_config, save_photo, stop_session
+from tests.helpers import demo_config, free_ports, save_photo, stop_session
 from u2seg.plan import PlanError, find_cluster, size
 from u2seg.stages import features
 
@@ -38,16 +37,6 @@ def refused_at_once() -> Iterator[None]:
         assert "lower features.num_cpus" in str(exc), exc
     else:
         raise AssertionError("an actor no node group can hold was not refused")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _config(gcs: str) -> dict[str, object]:
@@ -85,7 +74,7 @@ def _config(gcs: str) -> dict[str, object]:
 def _start(temp_dir: str) -> tuple[str, subprocess.Popen[bytes]]:
     """`ray start --head` with autoscaler v2 on the fake provider, on free ports and its own
     temporary folder, started in a session of its own; the GCS address and the process."""
-    gcs_port, client, agent, agent_grpc, env_agent, metrics = _free_ports(6)
+    gcs_port, client, agent, agent_grpc, env_agent, metrics = free_ports(6)
     gcs = f"127.0.0.1:{gcs_port}"
     config = Path(temp_dir) / "autoscaling.json"
     config.write_text(json.dumps(_config(gcs)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,3 +100,15 @@ def stop_session(sid: int) -> int:
             process.kill()
     psutil.wait_procs(ours, timeout=30)
     return len(ours)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now, for a Ray head's services: its defaults are
+    fixed ports, which a second Ray on the machine may hold."""
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports

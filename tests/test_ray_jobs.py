@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,16 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, stop_session
+from tests.helpers import REPO, free_ports, stop_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +29,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
         RAY_AUTH_TOKEN=secrets.token_hex(32),
     )
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
+    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
     temp = tmp_path_factory.mktemp("ray")
     start = subprocess.Popen(
         [RAY, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
-         f"--port={_free_port()}", f"--dashboard-port={dashboard}", f"--temp-dir={temp}"],
+         f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+         f"--temp-dir={temp}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     output, _ = start.communicate(timeout=120)
