@@ -296,9 +296,10 @@ def _stage_asks(stage: str, cfg: PipelineConfig) -> list[Ask]:
     if stage == "cluster":
         c = cfg.cluster
         gpus = float(c.gpu)
+        from u2seg.stages.cluster import resolve_mode
+
         vectors = _embedded(cfg)
-        many = vectors is not None and vectors > c.max_local_vectors
-        if c.mode == "sharded" or (c.mode == "auto" and many):
+        if (resolve_mode(c, vectors) if vectors is not None else c.mode) == "sharded":
             keys = ("cluster.shard_num_cpus", "cluster.gpu")
             what = "k-means shard actors"
             return [
@@ -339,12 +340,12 @@ def _embedded(cfg: PipelineConfig) -> int | None:
 
 
 def _kmeans_memory_gib(cfg: PipelineConfig, vectors: int) -> float:
-    """What the local k-means task asks Ray for: 12 bytes per vector dimension (the
-    cluster stage's rule)."""
+    """What the local k-means task asks Ray for (the cluster stage's rule)."""
     from u2seg.models.vit import BACKBONES
+    from u2seg.stages.cluster import task_memory
 
     spec = BACKBONES.get(cfg.backbone.name)
-    return 12 * vectors * (spec.embed_dim if spec else 768) / 2**30
+    return task_memory(vectors, spec.embed_dim if spec else 768) / 2**30
 
 
 def asks(cfg: PipelineConfig, stages: Iterable[str]) -> list[Ask]:

@@ -58,6 +58,18 @@ def _kmeans_task(run_dir: str, names: list[str], c: ClusterConfig) -> tuple[KMea
     return result, ray.get_runtime_context().get_node_id()
 
 
+def resolve_mode(c: ClusterConfig, count: int) -> str:
+    """The mode `cluster.mode` runs for `count` vectors (auto: local up to
+    `cluster.max_local_vectors`, sharded above)."""
+    return c.mode if c.mode != "auto" else ("local" if count <= c.max_local_vectors else "sharded")
+
+
+def task_memory(count: int, dim: int) -> int:
+    """Bytes the local mode's task asks Ray for: the shards, their concatenation and faiss's
+    copy, 4 bytes a value each."""
+    return 3 * 4 * count * max(1, dim)
+
+
 def _cluster(
     cfg: PipelineConfig, embed: StageDir, names: list[str], count: int
 ) -> tuple[KMeansResult, str, str | None]:
@@ -65,7 +77,7 @@ def _cluster(
     c = cfg.cluster
     if c.mode not in MODES:
         raise ValueError(f"cluster.mode={c.mode!r} is not one of {', '.join(MODES)}")
-    mode = c.mode if c.mode != "auto" else ("local" if count <= c.max_local_vectors else "sharded")
+    mode = resolve_mode(c, count)
     with ray_session(cfg.ray):
         import ray
 
@@ -79,7 +91,7 @@ def _cluster(
         task = ray.remote(_kmeans_task).options(
             num_cpus=c.num_cpus,
             num_gpus=1 if c.gpu else 0,
-            memory=3 * 4 * count * max(1, dim),  # the shards, their concatenation, faiss's copy
+            memory=task_memory(count, dim),
         )
         result, node = ray.get(task.remote(cfg.output_dir, names, c))
         return result, mode, node
