@@ -8,6 +8,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     """A Ray head on 127.0.0.1 with its own auth token; yields (dashboard URL, env)."""
     env = dict(os.environ)
     env.update(
@@ -30,7 +31,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
     )
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
-    temp = tmp_path_factory.mktemp("ray")
+    # A short temp root: the dashboard's modules listen on Unix sockets under it, and a
+    # socket path longer than 107 bytes (pytest-xdist's worker folders add to tmp_path)
+    # fails to bind ("Module MetricsHead failed to start").
+    temp = tempfile.mkdtemp(prefix="u2rj-", dir="/tmp")
     start = subprocess.Popen(
         [RAY, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
