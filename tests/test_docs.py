@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from u2seg.cli import build_parser, main
+from u2seg.cli import main, parse_args
 from u2seg.config import PipelineConfig, load_config, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,10 +144,10 @@ def test_every_command_in_the_docs_names_real_commands_and_keys(
         words[0] = "features"
     if "--help" in words:
         with pytest.raises(SystemExit) as done:
-            build_parser().parse_args(words)
+            parse_args(words)
         assert done.value.code == 0
         return
-    args = build_parser().parse_args(words)
+    args = parse_args(words)
     overrides = [w for w in getattr(args, "overrides", []) if "=" in w and "..." not in w]
     config = getattr(args, "config", None)
     if config is not None and str(config).startswith("configs/"):

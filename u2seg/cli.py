@@ -187,6 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p = sub.add_parser(
+        "import-masks",
+        help="masks made elsewhere (a COCO instances JSON) in place of MaskCut's",
+        description="Import the masks of a COCO instances JSON (CutLER's published pseudo "
+        "masks, SAM's, a labelling tool's) as the maskcut stage: the same files as a cut, so "
+        "embed, cluster, panoptic and train run on them; the same as `u2seg maskcut "
+        "maskcut.source=PATH` (with maskcut.source in a config, `u2seg run` imports too).\n\n"
+        "in:  PATH: compressed or uncompressed RLE or polygons; category_id is ignored, a "
+        "score\n"
+        "     ranks an image's masks. The file's images are matched to the photos of\n"
+        "     data.source by file_name (relative to data.root).\n"
+        "out: <output>/maskcut/ as the maskcut stage writes it; errors.parquet lists photos\n"
+        "     without masks, rejected annotations (bad RLE, a polygon of < 3 points, a box\n"
+        "     outside the photo, a size other than the photo's) and masks without a photo,\n"
+        "     each with its reason; manifest.json counts them by reason. Resumable.\n\n"
+        + _CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="a COCO instances JSON of masks (local or an fsspec URL)")
+    _add_config_args(p)
+    p = sub.add_parser(
         "visualize",
         help="pictures: masks over images, the gallery of pseudo classes",
         description="Draw a stage's results.\n\n"
@@ -333,8 +353,21 @@ def _demo(config: Path | None, overrides: list[str]) -> PipelineConfig:
     return cfg
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; overrides may also follow an option (`u2seg import-masks PATH
+    --config C k=v`): argparse takes one run of positionals, later ones come back as
+    extras and are added to the overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "reference":
         print(reference_markdown())
         return 0
@@ -350,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(args: argparse.Namespace) -> None:
     if args.command == "demo":
         cfg = _demo(args.config, args.overrides)
+    elif args.command == "import-masks":
+        cfg = load_config(args.config, [*args.overrides, f"maskcut.source={args.path}"])
     else:
         cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -363,9 +398,12 @@ def _command(args: argparse.Namespace) -> None:
     from u2seg.stages import visualize
 
     until = _PIPELINE[: _PIPELINE.index(args.until) + 1] if args.command == "run" else ()
-    names = {"run": list(until), "demo": [*_PIPELINE, "evaluate"], "visualize": []}.get(
-        args.command, [args.command]
-    )
+    names = {
+        "run": list(until),
+        "demo": [*_PIPELINE, "evaluate"],
+        "visualize": [],
+        "import-masks": ["maskcut"],
+    }.get(args.command, [args.command])
     # Every stage checks its own plan; a run checks all of them before anything starts.
     cfg = plan.check(cfg, names, plan.find_cluster(cfg)) if names else cfg
     # One driver per output: a second command on it is refused while this one runs.

@@ -158,6 +158,10 @@ class MaskCutConfig(ActorConfig):
     below `min_refine_iou` is dropped, or with `keep_unrefined` kept as it was before the
     refinement.
 
+    `source`: a COCO instances JSON of masks made elsewhere (CutLER's published pseudo
+    masks, SAM, a labelling tool), local or an fsspec URL: the stage imports it instead of
+    cutting (`u2seg import-masks PATH`; docs/pipeline.md); the options below are then not used.
+
     `discovery`: "rounds" (the published MaskCut: `n_masks` iterated cuts, the options
     above) or "pool" (u2seg.ops.discovery: candidates of recursive bisection `pool_depth`
     levels deep and of k-means for k = 2..`pool_max_k`, on keys and tokens, components of at
@@ -166,6 +170,7 @@ class MaskCutConfig(ActorConfig):
     `tau` and the robust options are not used).
     """
 
+    source: str = ""
     image_size: int = at_least(1, 480)
     feature: str = "keys"
     n_masks: int = at_least(1, 3)

@@ -26,6 +26,7 @@ from u2seg.config import MaskCutConfig, PipelineConfig, to_dict
 from u2seg.lease import leased
 from u2seg.ops.refine import resolve_backend
 from u2seg.plan import planned
+from u2seg.stages import import_masks
 from u2seg.stages._image_loop import ImageStage, base_columns, run_image_stage
 from u2seg.workers.maskcut import MaskCutWorker
 
@@ -108,7 +109,10 @@ def write_instances(stage: StageDir) -> tuple[int, int]:
 @planned("maskcut")
 @leased
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Pseudo masks for every image of `cfg.data`; returns the stage manifest."""
+    """Pseudo masks for every image of `cfg.data`, cut, or imported from
+    `maskcut.source`; returns the stage manifest."""
+    if cfg.maskcut.source:
+        return import_masks.run(cfg)
     check_options(cfg.maskcut)
     spec = ImageStage(
         name=STAGE,

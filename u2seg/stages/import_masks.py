@@ -1,0 +1,435 @@
+"""Stage `maskcut` from masks made elsewhere: `maskcut.source`, a COCO instances JSON, in
+place of the cut (`u2seg import-masks PATH`).
+
+The stage writes what MaskCut writes (the same shards and columns, `instances.json`, the
+manifest, the config guard and resume), so embed, cluster, panoptic and training run on the
+imported masks unchanged. Its photos are the listing of `data.source` / `data.root`; the
+file's images are matched to them by `file_name` (relative to `data.root`, or absolute
+under it), which is also the match by id when the listing is the same COCO file.
+
+The file is streamed twice (ijson): its `images`, then its `annotations`, which go into
+Ray's object store in chunks of `CHUNK` rows, so the driver holds one chunk at a time
+whatever the file's size (plus the listing and an id -> photo map, one entry per image).
+Ray Data groups the chunks' rows by shard (a shuffle: the file's annotations may come in
+any order) and each group is checked and encoded in its own task (u2seg.data.mask_import),
+with the photos' sizes read from their headers. Each shard row also keeps its rejected
+annotations (`rejected`: JSON [[id, reason], ...]). Photos without masks become rows with
+an `error` (not in the file, listed without annotations, or all of theirs rejected);
+annotations whose photo is not in the listing are counted by image. The errors table lists
+every one of them, and the manifest counts them by reason.
+
+A shard is reused on a re-run while its images and the file (size and modification time or
+ETag) are unchanged; a killed import re-reads the file but decodes only missing shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import ijson
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.core import url_to_fs
+from PIL import Image, UnidentifiedImageError
+
+from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
+from u2seg.config import PipelineConfig, depends_on, to_dict
+from u2seg.data.images import ImageError, SourceError, list_images
+from u2seg.data.mask_import import pseudo_masks
+from u2seg.data.names import is_absolute
+from u2seg.runtime import ray_session
+from u2seg.stages._image_loop import StageFailed, drain, plan_shards, shard_digests
+
+STAGE = "maskcut"
+#: Annotations per chunk put into Ray's object store while the file streams past.
+CHUNK = 20_000
+#: The value of the shards' `refine` column: the masks were not cut and refined here.
+IMPORTED = "imported"
+_ROWS = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("order", pa.int64()),
+        ("seq", pa.int64()),  # an annotation's place in the file (-1: an image row)
+        ("annotation", pa.string()),  # JSON; null on an image row
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("path", pa.string()),
+        ("error", pa.string()),  # the listing's refusal, "" when none
+        ("file_width", pa.int64()),  # the size the mask file gives, -1 when none
+        ("file_height", pa.int64()),
+        ("in_file", pa.bool_()),
+    ]
+)
+ERROR_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("annotation_id", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+def source_identity(source: str) -> str:
+    """What says the mask file is unchanged: its size and its modification time or ETag."""
+    fs, path = url_to_fs(source)
+    if not fs.exists(path):
+        raise SourceError(f"maskcut.source not found: {source}")
+    info = fs.info(path)
+    stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified") if k in info), "")
+    return f"{info.get('size')}:{stamp}"
+
+
+@dataclass
+class Matched:
+    """The file's images matched to the listing (`pos_of`: file image id -> listing row)."""
+
+    pos_of: dict[int, int] = field(default_factory=dict)
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # listing row -> (w, h)
+    unmatched: dict[int, str] = field(default_factory=dict)  # file image id -> its file_name
+    repeated: dict[int, str] = field(default_factory=dict)  # a photo listed again: id -> why
+    file_images: int = 0
+
+
+def _relative(name: str, root: str) -> str:
+    prefix = f"{root.rstrip('/')}/"
+    return name[len(prefix) :] if is_absolute(name) and name.startswith(prefix) else name
+
+
+def _size(entry: dict[str, Any]) -> tuple[int, int] | None:
+    width, height = entry.get("width"), entry.get("height")
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)):
+        return int(width), int(height)
+    return None
+
+
+def match_images(source: str, refs: pa.Table, root: str) -> Matched:
+    """Stream the file's `images` and match each to a photo of the listing by file name."""
+    names = refs.column("file_name").to_pylist()
+    usable = pc.equal(refs.column("error"), "").to_pylist()
+    row_of = {n: k for k, (n, ok) in enumerate(zip(names, usable, strict=True)) if ok}
+    out = Matched()
+    taken: dict[int, int] = {}  # listing row -> the file's image id that took it
+    with fsspec.open(source, "rb") as fh:
+        try:
+            for k, entry in enumerate(ijson.items(fh, "images.item", use_float=True)):
+                if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
+                    raise SourceError(
+                        f"{source}: images[{k}] needs an 'id' and a 'file_name': {entry!r:.80}"
+                    )
+                image_id, name = int(entry["id"]), _relative(str(entry["file_name"]), root)
+                if image_id in out.pos_of or image_id in out.unmatched:
+                    raise SourceError(f"{source}: image id {image_id} is used twice")
+                out.file_images += 1
+                row = row_of.get(name)
+                if row is None:
+                    out.unmatched[image_id] = name
+                elif row in taken:
+                    out.unmatched[image_id] = name
+                    out.repeated[image_id] = f"listed before, as image {taken[row]}"
+                else:
+                    taken[row] = image_id
+                    out.pos_of[image_id] = row
+                    if (size := _size(entry)) is not None:
+                        out.sizes[row] = size
+        except ijson.JSONError as exc:
+            raise SourceError(f"{source} is not a COCO JSON: {exc}") from None
+    if not out.file_images:
+        raise SourceError(f"{source} lists no images (a COCO instances JSON is expected)")
+    return out
+
+
+@dataclass
+class Stray:
+    """Annotations no photo of the listing takes, counted by the file's image id."""
+
+    missing_photo: Counter[int] = field(default_factory=Counter)
+    unknown_image: Counter[Any] = field(default_factory=Counter)
+    malformed: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+
+
+def stream_annotations(
+    source: str, matched: Matched, shard_size: int, done: set[int], stray: Stray
+) -> Iterator[pa.Table]:
+    """The file's annotations of photos in shards not yet done, as tables of `CHUNK` rows;
+    the others are counted in `stray`."""
+    columns: dict[str, list[Any]] = {"shard": [], "order": [], "seq": [], "annotation": []}
+
+    def chunk() -> pa.Table:
+        size = len(columns["seq"])
+        table = pa.table(
+            {
+                **columns,
+                **{n: pa.nulls(size, _ROWS.field(n).type) for n in _ROWS.names[4:]},
+            },
+            schema=_ROWS,
+        )
+        for values in columns.values():
+            values.clear()
+        return table
+
+    with fsspec.open(source, "rb") as fh:
+        try:
+            for seq, ann in enumerate(ijson.items(fh, "annotations.item", use_float=True)):
+                stray.total += 1
+                image_id = ann.get("image_id") if isinstance(ann, dict) else None
+                if not isinstance(image_id, int) or isinstance(image_id, bool):
+                    stray.malformed["an annotation without an integer image_id"] += 1
+                    continue
+                row = matched.pos_of.get(image_id)
+                if row is None:
+                    if image_id in matched.unmatched:
+                        stray.missing_photo[image_id] += 1
+                    else:
+                        stray.unknown_image[image_id] += 1
+                    continue
+                if row // shard_size in done:
+                    continue
+                columns["shard"].append(row // shard_size)
+                columns["order"].append(row)
+                columns["seq"].append(seq)
+                columns["annotation"].append(json.dumps(ann, separators=(",", ":")))
+                if len(columns["seq"]) >= CHUNK:
+                    yield chunk()
+        except ijson.JSONError as exc:
+            raise SourceError(f"{source}: its annotations are not valid JSON: {exc}") from None
+    if columns["seq"]:
+        yield chunk()
+
+
+def image_rows(todo: pa.Table, matched: Matched) -> pa.Table:
+    """The rows that carry each photo to its shard's group."""
+    order = todo.column("order").to_pylist()
+    sizes = [matched.sizes.get(k, (-1, -1)) for k in order]
+    in_file = set(matched.pos_of.values())
+    n = todo.num_rows
+    return pa.table(
+        {
+            "shard": todo.column("shard"),
+            "order": todo.column("order"),
+            "seq": pa.array(np.full(n, -1, dtype=np.int64)),
+            "annotation": pa.nulls(n, pa.string()),
+            "image_id": todo.column("image_id"),
+            "file_name": todo.column("file_name"),
+            "path": todo.column("path"),
+            "error": todo.column("error"),
+            "file_width": pa.array([w for w, _ in sizes], pa.int64()),
+            "file_height": pa.array([h for _, h in sizes], pa.int64()),
+            "in_file": pa.array([k in in_file for k in order]),
+        },
+        schema=_ROWS,
+    )
+
+
+def photo_size(path: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of a photo, upright (EXIF orientation applied), from its header."""
+    try:
+        with fsspec.open(path, "rb") as fh, Image.open(fh) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise ImageError("not a readable image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot read file: {exc}") from None
+    # The orientations that turn the photo a quarter (as ImageOps.exif_transpose does).
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _one_photo(image: dict[str, Any], anns: list[Any], max_pixels: int) -> tuple[Any, ...]:
+    """(error, width, height, masks JSON, rejected JSON) of one photo."""
+    if image["error"]:
+        return image["error"], 0, 0, "[]", "[]"
+    try:
+        width, height = photo_size(image["path"], max_pixels)
+    except ImageError as exc:
+        return str(exc), 0, 0, "[]", "[]"
+    if not image["in_file"]:
+        return "no masks: not among the mask file's images", width, height, "[]", "[]"
+    said = image["file_width"], image["file_height"]
+    if said != (-1, -1) and said != (width, height):
+        reason = f"the mask file gives {said[0]}x{said[1]}, the photo is {width}x{height}"
+        return reason, width, height, "[]", "[]"
+    masks, rejected = pseudo_masks(anns, height, width)
+    error = ""
+    if not masks:
+        error = (
+            f"no masks: all {len(anns)} of the mask file's rejected"
+            if anns
+            else "no masks: the mask file lists no annotation for it"
+        )
+    return error, width, height, json.dumps(masks), json.dumps(rejected)
+
+
+def import_group(group: pa.Table, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data group function: one shard's image rows and annotation rows -> its result
+    rows (the columns of `to_shard_rows`, numpy)."""
+    is_image = pc.equal(group.column("seq"), -1)
+    images = group.filter(is_image).sort_by("order").to_pylist()
+    anns: dict[int, list[Any]] = {}
+    for row in group.filter(pc.invert(is_image)).sort_by("seq").to_pylist():
+        anns.setdefault(row["order"], []).append(json.loads(row["annotation"]))
+    out = [_one_photo(image, anns.get(image["order"], []), max_pixels) for image in images]
+    errors, widths, heights, masks, rejected = zip(*out, strict=True) if out else ([],) * 5
+
+    def column(key: str, dtype: Any) -> np.ndarray:
+        return np.asarray([r[key] for r in images], dtype=dtype)
+
+    return {
+        "image_id": column("image_id", np.int64),
+        "file_name": column("file_name", object),
+        "path": column("path", object),
+        "shard": column("shard", np.int64),
+        "order": column("order", np.int64),
+        "width": np.asarray(widths, dtype=np.int64),
+        "height": np.asarray(heights, dtype=np.int64),
+        "error": np.asarray(errors, dtype=object),
+        "annotations": np.asarray(masks, dtype=object),
+        "converged": np.asarray(
+            [json.dumps([True] * len(json.loads(m))) for m in masks], dtype=object
+        ),
+        "refine": np.full(len(images), IMPORTED, dtype=object),
+        "rejected": np.asarray(rejected, dtype=object),
+    }
+
+
+def to_shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+    """MaskCut's shard columns, and the rejected annotations of each photo."""
+    from u2seg.stages.maskcut import to_shard_rows as cut_rows
+
+    rejected = [str(r) for r in batch["rejected"]]
+    return cut_rows(batch).append_column("rejected", pa.array(rejected, pa.string()))
+
+
+def reason_class(reason: str) -> str:
+    """A reason without its numbers, sizes and names: what the manifest counts by."""
+    return re.sub(r"\d+(\.\d+)?", "N", re.sub(r"\[[^\]]*\]", "[...]", reason))
+
+
+def error_table(stage: StageDir, matched: Matched, stray: Stray) -> tuple[pa.Table, int, int]:
+    """Every photo without masks, every rejected annotation (by id) and the annotations no
+    photo takes (counted by the file's image id), with the reason; and how many photos and
+    annotations of the shards are in it."""
+    parts: list[tuple[Any, ...]] = []
+    failed = rejected = 0
+    for name in stage.shard_names():
+        table = stage.read_table(name, columns=["image_id", "file_name", "error", "rejected"])
+        for row in table.to_pylist():
+            if row["error"] is not None:
+                failed += 1
+                parts.append((row["image_id"], row["file_name"], None, row["error"]))
+            for ann_id, reason in json.loads(row["rejected"] or "[]"):
+                rejected += 1
+                ann = None if ann_id is None else str(ann_id)
+                parts.append((row["image_id"], row["file_name"], ann, reason))
+    for image_id, count in sorted(stray.missing_photo.items()):
+        why = matched.repeated.get(image_id, "not among data.source's photos")
+        reason = f"{count} masks of the file's image {image_id}: its photo is {why}"
+        parts.append((None, matched.unmatched[image_id], None, reason))
+    for image_id, count in sorted(stray.unknown_image.items()):
+        reason = f"{count} masks of image_id {image_id}, which the file's images lack"
+        parts.append((None, "", None, reason))
+    for reason, count in sorted(stray.malformed.items()):
+        parts.append((None, "", None, f"{count} x {reason}"))
+    columns = [[p[k] for p in parts] for k in range(len(ERROR_SCHEMA))]
+    table = pa.table(dict(zip(ERROR_SCHEMA.names, columns, strict=True)), schema=ERROR_SCHEMA)
+    return table, failed, rejected
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """`maskcut/` from the masks of `cfg.maskcut.source`; returns the stage manifest."""
+    import ray
+    import ray.data
+
+    source = cfg.maskcut.source
+    identity = source_identity(source)
+    listing = list_images(cfg.data.source, cfg.data.root)
+    refs = plan_shards(listing, cfg.data.shard_size)
+    digests = {k: inputs_digest([[d, source, identity]]) for k, d in shard_digests(refs).items()}
+    stage = StageDir(cfg.output_dir, STAGE)
+    matched = match_images(source, refs, _listing_root(refs))
+    if not matched.pos_of:
+        example = next(iter(matched.unmatched.values()))
+        raise SourceError(
+            f"{source}: none of its {matched.file_images} images is among data.source's "
+            f"photos (file names are matched: the file's {example!r}, the listing's "
+            f"{refs.column('file_name')[0].as_py()!r}); set data.root to the folder its "
+            "file_name values are relative to"
+        )
+    stage.start(to_dict(cfg), depends_on(cfg, ("data", "maskcut")))
+    shards = refs.column("shard").to_numpy()
+    done = stage.reusable_shards(digests)
+    todo = refs.filter(pa.array(~np.isin(shards, list(done))))
+    stray = Stray()
+    timing: dict[str, float] = {}
+    try:
+        with ray_session(cfg.ray):
+            # Tables in the object store; ObjectRef is what from_arrow_refs types.
+            chunks: list[Any] = [ray.put(image_rows(todo, matched))]
+            chunks += [ray.put(c) for c in stream_annotations(
+                source, matched, cfg.data.shard_size, done, stray)]  # fmt: skip
+            if todo.num_rows:
+                ds = ray.data.from_arrow_refs(chunks)
+                todo_shards = np.unique(todo.column("shard").to_numpy())
+                grouped = ds.groupby("shard", num_partitions=min(len(todo_shards), 64))
+                results = grouped.map_groups(
+                    functools.partial(import_group, max_pixels=cfg.data.max_pixels),
+                    batch_format="pyarrow",
+                    num_cpus=cfg.data.read_num_cpus,
+                )
+                expected = dict(zip(*np.unique(todo.column("shard").to_numpy(),
+                                               return_counts=True), strict=True))  # fmt: skip
+                writer = ShardWriter(stage, {int(k): int(v) for k, v in expected.items()},
+                                     digests)  # fmt: skip
+                # No early stop: the file may cover only the later photos of the listing.
+                timing = drain(results, writer, to_shard_rows, todo.num_rows, "import masks",
+                               todo.num_rows + 1)  # fmt: skip
+    except StageFailed:
+        stage.discard_attempt()
+        raise
+    from u2seg.stages.maskcut import write_instances
+
+    _, n_masks = write_instances(stage)
+    errors, failed, rejected = error_table(stage, matched, stray)
+    reasons = Counter(reason_class(r) for r in errors.column("reason").to_pylist())
+    counts = {
+        "images": refs.num_rows,
+        "ok": refs.num_rows - failed,
+        "errors": failed,
+        "shards": int(shards.max()) + 1,
+        "resumed_shards": len(done),
+        "masks": n_masks,
+        "unconverged_masks": 0,
+        "file_images": matched.file_images,
+        "file_annotations": stray.total,
+        "rejected_masks": rejected,
+        "masks_without_photo": sum(stray.missing_photo.values())
+        + sum(stray.unknown_image.values()),
+    }
+    extra = {
+        "timing": timing,
+        "file": "instances.json",
+        "source": source,
+        "refinement": {IMPORTED: refs.num_rows - failed},
+        "reasons": dict(reasons.most_common()),
+    }
+    return stage.finish(counts, errors, extra)
+
+
+def _listing_root(refs: pa.Table) -> str:
+    """The folder the listing's file names are relative to (from a path and its name)."""
+    for path, name in zip(refs.column("path").to_pylist(), refs.column("file_name").to_pylist(),
+                          strict=True):  # fmt: skip
+        if path and path.endswith(f"/{name}"):
+            return path[: -len(name) - 1]
+    return ""
