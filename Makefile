@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/mypy u2seg
 
 test: lint
-	$(BIN)/python -m pytest -m "" -q -rs -n 2 --dist loadfile --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -m "" -q -rs -n 2 --dist loadgroup --durations=15 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -13,6 +13,17 @@ import pytest
 
 from tests.helpers import REPO
 
+#: Module fixtures that run a stage or start a cluster (a minute or more): the tests that
+#: use one stay in one test process (`make test` runs two, `--dist loadgroup`), the others
+#: go to whichever process is free.
+SHARED = {"run_dir", "ray_head", "clean", "trained", "local_checkpoint"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SHARED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
 
 @pytest.fixture(scope="session")
 def weights_cache() -> Path:

@@ -46,7 +46,9 @@ _STAGE_HELP: dict[str, tuple[str, str]] = {
         "     CRF in torch, on the ViT's device), densecrf (pydensecrf), guided, none.\n"
         "out: <output>/maskcut/: instances.json (COCO instances, category 'fg', RLE masks,\n"
         "     file_name relative to the image root), part-*.parquet (per image: size,\n"
-        "     error, num_masks, annotations), errors.parquet, manifest.json. Resumable.",
+        "     error, num_masks, annotations), errors.parquet, manifest.json. Resumable.\n"
+        "     With maskcut.source=<COCO JSON> the masks are imported, not cut\n"
+        "     (`u2seg import-masks --help`).",
     ),
     "embed": (
         "one vector per pseudo mask: the backbone's CLS token of the instance crop",
@@ -189,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import-masks",
         help="masks made elsewhere (a COCO instances JSON) in place of MaskCut's",
-        description="Import the masks of a COCO instances JSON (CutLER's published pseudo "
-        "masks, SAM's, a labelling tool's) as the maskcut stage: the same files as a cut, so "
-        "embed, cluster, panoptic and train run on them; the same as `u2seg maskcut "
-        "maskcut.source=PATH` (with maskcut.source in a config, `u2seg run` imports too).\n\n"
+        description="Import the masks of a COCO instances JSON (CutLER's published pseudo\n"
+        "masks, SAM's, a labelling tool's) as the maskcut stage: the same files as a cut, so\n"
+        "embed, cluster, panoptic and train run on them. The same as `u2seg maskcut\n"
+        "maskcut.source=PATH`; with maskcut.source in a config, `u2seg run` imports too.\n\n"
         "in:  PATH: compressed or uncompressed RLE or polygons; category_id is ignored, a "
         "score\n"
         "     ranks an image's masks. The file's images are matched to the photos of\n"

@@ -285,7 +285,8 @@ def _train_asks(stage: str, cfg: PipelineConfig) -> list[Ask]:
 def _stage_asks(stage: str, cfg: PipelineConfig) -> list[Ask]:
     if stage == "maskcut" and cfg.maskcut.source:
         keys = ("data.read_num_cpus", "data.read_num_cpus")
-        return [Ask(stage, "import tasks", 1, cfg.data.read_num_cpus, 0.0, keys[0], keys)]
+        what = "import tasks (up to 64)"
+        return [Ask(stage, what, 1, cfg.data.read_num_cpus, 0.0, keys[0], keys)]
     if stage in ("features", "maskcut", "embed", "predict"):
         return [_pool_ask(stage, stage, getattr(cfg, stage))]
     if stage == "semantic":

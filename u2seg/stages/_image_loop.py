@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,11 +215,25 @@ def drain(
     # Results are taken as they complete, not in input order, so one slow batch does not
     # hold back the shards behind it; shards are sorted on write (ShardWriter).
     ds.context.execution_options.preserve_order = False
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    return drain_batches(batches, writer, to_rows, total, desc, fail_after, unit)
+
+
+def drain_batches(
+    batches: Iterable[dict[str, np.ndarray]],
+    writer: ShardWriter,
+    to_rows: RowsFn,
+    total: int,
+    desc: str,
+    fail_after: int,
+    unit: str = "images",
+) -> dict[str, float]:
+    """`drain` of result batches from any source."""
     start = time.perf_counter()
     first: tuple[float, int] | None = None  # (time, rows) of the first result
     with tqdm(total=total, desc=desc, unit="row") as bar:
         ok, reasons = 0, []
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             rows = to_rows(batch)
             writer.add(rows)
             bar.update(rows.num_rows)

@@ -7,16 +7,18 @@ imported masks unchanged. Its photos are the listing of `data.source` / `data.ro
 file's images are matched to them by `file_name` (relative to `data.root`, or absolute
 under it), which is also the match by id when the listing is the same COCO file.
 
-The file is streamed twice (ijson): its `images`, then its `annotations`, which go into
-Ray's object store in chunks of `CHUNK` rows, so the driver holds one chunk at a time
-whatever the file's size (plus the listing and an id -> photo map, one entry per image).
-Ray Data groups the chunks' rows by shard (a shuffle: the file's annotations may come in
-any order) and each group is checked and encoded in its own task (u2seg.data.mask_import),
-with the photos' sizes read from their headers. Each shard row also keeps its rejected
-annotations (`rejected`: JSON [[id, reason], ...]). Photos without masks become rows with
-an `error` (not in the file, listed without annotations, or all of theirs rejected);
-annotations whose photo is not in the listing are counted by image. The errors table lists
-every one of them, and the manifest counts them by reason.
+The file is streamed twice (ijson): its `images`, then its `annotations`, which the driver
+sorts into the decoding tasks they belong to and puts into Ray's object store every `CHUNK`
+rows, so it holds one chunk at a time whatever the file's size (plus the listing and an
+id -> photo map, one entry per image), and the annotations may come in any order. Ray then
+runs at most `TASKS` tasks, each of whole shards, that check and encode their masks
+(u2seg.data.mask_import) with the photos' sizes read from their headers; each shard is
+written as its task returns. (Not a Ray Data groupby: its all-to-all shuffle ran the
+import at a fifth of this speed: docs/benchmarks.md.) Each shard row
+also keeps its rejected annotations (`rejected`: JSON [[id, reason], ...]). Photos without
+masks become rows with an `error` (not in the file, listed without annotations, or all of
+theirs rejected); annotations whose photo is not in the listing are counted by image. The
+errors table lists every one of them, and the manifest counts them by reason.
 
 A shard is reused on a re-run while its images and the file (size and modification time or
 ETag) are unchanged; a killed import re-reads the file but decodes only missing shards.
@@ -24,7 +26,6 @@ ETag) are unchanged; a killed import re-reads the file but decodes only missing 
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections import Counter
@@ -46,11 +47,14 @@ from u2seg.data.images import ImageError, SourceError, list_images
 from u2seg.data.mask_import import pseudo_masks
 from u2seg.data.names import is_absolute
 from u2seg.runtime import ray_session
-from u2seg.stages._image_loop import StageFailed, drain, plan_shards, shard_digests
+from u2seg.stages._image_loop import StageFailed, drain_batches, plan_shards, shard_digests
 
 STAGE = "maskcut"
-#: Annotations per chunk put into Ray's object store while the file streams past.
+#: Annotations held by the driver while the file streams past, before they go to Ray's
+#: object store.
 CHUNK = 20_000
+#: At most this many decoding tasks, each of whole shards.
+TASKS = 64
 #: The value of the shards' `refine` column: the masks were not cut and refined here.
 IMPORTED = "imported"
 _ROWS = pa.schema(
@@ -158,24 +162,20 @@ class Stray:
 
 
 def stream_annotations(
-    source: str, matched: Matched, shard_size: int, done: set[int], stray: Stray
-) -> Iterator[pa.Table]:
-    """The file's annotations of photos in shards not yet done, as tables of `CHUNK` rows;
-    the others are counted in `stray`."""
-    columns: dict[str, list[Any]] = {"shard": [], "order": [], "seq": [], "annotation": []}
+    source: str, matched: Matched, bucket_of: dict[int, int], shard_size: int, stray: Stray
+) -> Iterator[tuple[int, pa.Table]]:
+    """The file's annotations of photos in the shards of `bucket_of` (shard -> decoding
+    task), as (task, rows) pieces: at most `CHUNK` rows are held, then every task's rows
+    go out. The annotations of the other photos are counted in `stray`."""
+    held: dict[int, dict[str, list[Any]]] = {}
+    count = 0
 
-    def chunk() -> pa.Table:
-        size = len(columns["seq"])
-        table = pa.table(
-            {
-                **columns,
-                **{n: pa.nulls(size, _ROWS.field(n).type) for n in _ROWS.names[4:]},
-            },
-            schema=_ROWS,
-        )
-        for values in columns.values():
-            values.clear()
-        return table
+    def pieces() -> Iterator[tuple[int, pa.Table]]:
+        for bucket, columns in sorted(held.items()):
+            size = len(columns["seq"])
+            nulls = {n: pa.nulls(size, _ROWS.field(n).type) for n in _ROWS.names[4:]}
+            yield bucket, pa.table({**columns, **nulls}, schema=_ROWS)
+        held.clear()
 
     with fsspec.open(source, "rb") as fh:
         try:
@@ -192,18 +192,22 @@ def stream_annotations(
                     else:
                         stray.unknown_image[image_id] += 1
                     continue
-                if row // shard_size in done:
+                bucket = bucket_of.get(row // shard_size)
+                if bucket is None:  # a shard done by an earlier run
                     continue
+                columns = held.setdefault(
+                    bucket, {"shard": [], "order": [], "seq": [], "annotation": []}
+                )
                 columns["shard"].append(row // shard_size)
                 columns["order"].append(row)
                 columns["seq"].append(seq)
                 columns["annotation"].append(json.dumps(ann, separators=(",", ":")))
-                if len(columns["seq"]) >= CHUNK:
-                    yield chunk()
+                count += 1
+                if count % CHUNK == 0:
+                    yield from pieces()
         except ijson.JSONError as exc:
             raise SourceError(f"{source}: its annotations are not valid JSON: {exc}") from None
-    if columns["seq"]:
-        yield chunk()
+    yield from pieces()
 
 
 def image_rows(todo: pa.Table, matched: Matched) -> pa.Table:
@@ -272,8 +276,8 @@ def _one_photo(image: dict[str, Any], anns: list[Any], max_pixels: int) -> tuple
 
 
 def import_group(group: pa.Table, max_pixels: int) -> dict[str, np.ndarray]:
-    """Ray Data group function: one shard's image rows and annotation rows -> its result
-    rows (the columns of `to_shard_rows`, numpy)."""
+    """The image rows of some photos and all their annotation rows -> their result rows
+    (the columns of `to_shard_rows`, numpy)."""
     is_image = pc.equal(group.column("seq"), -1)
     images = group.filter(is_image).sort_by("order").to_pylist()
     anns: dict[int, list[Any]] = {}
@@ -348,9 +352,6 @@ def error_table(stage: StageDir, matched: Matched, stray: Stray) -> tuple[pa.Tab
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """`maskcut/` from the masks of `cfg.maskcut.source`; returns the stage manifest."""
-    import ray
-    import ray.data
-
     source = cfg.maskcut.source
     identity = source_identity(source)
     listing = list_images(cfg.data.source, cfg.data.root)
@@ -374,26 +375,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     timing: dict[str, float] = {}
     try:
         with ray_session(cfg.ray):
-            # Tables in the object store; ObjectRef is what from_arrow_refs types.
-            chunks: list[Any] = [ray.put(image_rows(todo, matched))]
-            chunks += [ray.put(c) for c in stream_annotations(
-                source, matched, cfg.data.shard_size, done, stray)]  # fmt: skip
-            if todo.num_rows:
-                ds = ray.data.from_arrow_refs(chunks)
-                todo_shards = np.unique(todo.column("shard").to_numpy())
-                grouped = ds.groupby("shard", num_partitions=min(len(todo_shards), 64))
-                results = grouped.map_groups(
-                    functools.partial(import_group, max_pixels=cfg.data.max_pixels),
-                    batch_format="pyarrow",
-                    num_cpus=cfg.data.read_num_cpus,
-                )
-                expected = dict(zip(*np.unique(todo.column("shard").to_numpy(),
-                                               return_counts=True), strict=True))  # fmt: skip
-                writer = ShardWriter(stage, {int(k): int(v) for k, v in expected.items()},
-                                     digests)  # fmt: skip
-                # No early stop: the file may cover only the later photos of the listing.
-                timing = drain(results, writer, to_shard_rows, todo.num_rows, "import masks",
-                               todo.num_rows + 1)  # fmt: skip
+            timing = _decode(cfg, stage, todo, matched, digests, stray)
     except StageFailed:
         stage.discard_attempt()
         raise
@@ -424,6 +406,59 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "reasons": dict(reasons.most_common()),
     }
     return stage.finish(counts, errors, extra)
+
+
+def decode_task(max_pixels: int, images: pa.Table, *pieces: pa.Table) -> dict[str, np.ndarray]:
+    """A Ray task: the photos of some whole shards and every annotation of theirs -> their
+    result rows."""
+    return import_group(pa.concat_tables([images, *pieces]), max_pixels)
+
+
+def _decode(
+    cfg: PipelineConfig,
+    stage: StageDir,
+    todo: pa.Table,
+    matched: Matched,
+    digests: dict[int, str],
+    stray: Stray,
+) -> dict[str, float]:
+    """Stream the annotations into Ray's object store, then decode the shards of `todo` in
+    at most `TASKS` tasks of whole shards (fewer, larger pieces while the file streams),
+    writing each shard as its task returns; returns the timing."""
+    import ray
+
+    todo_shards = np.unique(todo.column("shard").to_numpy()).tolist()
+    tasks = min(len(todo_shards), TASKS)
+    bucket_of = {shard: k * tasks // len(todo_shards) for k, shard in enumerate(todo_shards)}
+    pieces: dict[int, list[Any]] = {b: [] for b in range(tasks)}
+    for bucket, piece in stream_annotations(
+        cfg.maskcut.source, matched, bucket_of, cfg.data.shard_size, stray
+    ):
+        pieces[bucket].append(ray.put(piece))
+    if not todo_shards:
+        return {}
+    rows = image_rows(todo, matched)
+    row_bucket = pa.array([bucket_of[s] for s in todo.column("shard").to_pylist()])
+    decode = ray.remote(decode_task).options(num_cpus=cfg.data.read_num_cpus)
+    running = [
+        decode.remote(cfg.data.max_pixels, rows.filter(pc.equal(row_bucket, b)), *pieces[b])
+        for b in range(tasks)
+    ]
+    del pieces  # the tasks hold the pieces now: each is freed once its task is done
+
+    def results() -> Iterator[dict[str, np.ndarray]]:
+        waiting = list(running)
+        running.clear()
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            yield ray.get(ready[0])
+
+    shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
+    writer = ShardWriter(stage, dict(zip(shards.tolist(), sizes.tolist(), strict=True)), digests)
+    # No early stop: the file may cover only the later photos of the listing.
+    return drain_batches(
+        results(), writer, to_shard_rows, todo.num_rows, "import masks", todo.num_rows + 1
+    )
 
 
 def _listing_root(refs: pa.Table) -> str:
