@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO
+from u2seg.config import load_config
 
 CRDS = REPO / "tests" / "kuberay-crds"  # KubeRay v1 CRDs (see its README)
 CLUSTER = REPO / "cluster"
@@ -366,3 +367,17 @@ def test_a_deployment_carries_its_config_and_overrides_into_every_job(tmp_path: 
     assert not ids & default_ids  # another output (runs/photos): other submission ids
     with pytest.raises(SystemExit):
         render.main(["--out", str(out), "--config", str(mine), "--set", "cluster.kk=3"])
+
+
+def test_the_labelling_job_imports_masks_named_under_the_data_root(tmp_path: Path) -> None:
+    """`--set maskcut.source=...` with the pods' data root reaches the labelling job's
+    command line whole (quoted, so no shell expands it) and loads as a config there."""
+    render = _render()
+    source = "maskcut.source=${oc.env:U2SEG_DATA,/data}/masks/imagenet_train.json"
+    assert render.main(["--out", str(tmp_path), "--set", source]) == 0
+    labels = yaml.safe_load((tmp_path / "rayjob-labels.yaml").read_text())
+    words = shlex.split(labels["spec"]["entrypoint"])
+    assert words[:3] == ["python", "ray_jobs/run.py", "--until"] and words[-1] == source
+    cfg = load_config(REPO / "configs" / "coco.yaml", [source])
+    assert cfg.maskcut.source.endswith("/masks/imagenet_train.json")
+    assert "${" not in cfg.maskcut.source
