@@ -3,13 +3,17 @@ rejected with its reason, a good one comes out as the mask the other tool encode
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
+from u2seg.cli import main
 from u2seg.data.mask_import import MaskRejected, pseudo_masks, rle_runs, to_mask_rle
 
 
@@ -126,3 +130,28 @@ def test_masks_rank_by_score_and_the_unscored_take_their_rank_s_score() -> None:
     assert [m["bbox"][0] for m in masks] == [20, 10, 0]
     assert all(m["category_id"] == 1 and m["iscrowd"] == 0 for m in masks)
     assert rejected == [(3, "a polygon of 2 points (3 at least)"), (5, "an empty mask")]
+
+
+@pytest.mark.parametrize(
+    ("images", "reason"),
+    [
+        ([{"id": "a", "file_name": "p.png"}], "non-integer id"),
+        ([{"id": 1, "file_name": "p.png"}, {"id": 1, "file_name": "q.png"}], "id 1 is used twice"),
+        ([{"id": 1}], "needs an 'id' and a 'file_name'"),
+        ([{"id": 1, "file_name": "train/p.png"}], "none of its 1 images is among"),
+        ([], "lists no images"),
+    ],
+)
+def test_a_mask_file_that_names_no_photo_is_refused_before_anything_runs(
+    tmp_path: Path, images: list, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 6)).save(photos / "p.png")
+    source = tmp_path / "masks.json"
+    source.write_text(json.dumps({"images": images, "annotations": []}))
+    out = tmp_path / "run"
+    argv = ["import-masks", str(source), f"data.source={photos}", f"output={out}"]
+    assert main(argv) == 2
+    assert reason in capsys.readouterr().err
+    assert not (out / "maskcut").exists()  # refused before the stage wrote anything

@@ -129,7 +129,9 @@ def match_images(source: str, refs: pa.Table, root: str) -> Matched:
                     raise SourceError(
                         f"{source}: images[{k}] needs an 'id' and a 'file_name': {entry!r:.80}"
                     )
-                image_id, name = int(entry["id"]), _relative(str(entry["file_name"]), root)
+                if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+                    raise SourceError(f"{source}: images[{k}] has a non-integer id: {entry!r:.80}")
+                image_id, name = entry["id"], _relative(str(entry["file_name"]), root)
                 if image_id in out.pos_of or image_id in out.unmatched:
                     raise SourceError(f"{source}: image id {image_id} is used twice")
                 out.file_images += 1
