@@ -264,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_config_args(p)
+    p = sub.add_parser(
+        "split",
+        help="a labelled subset of a COCO file and its complement (fine-tuning on few labels)",
+        description="Draw a subset of the images of a COCO instances or panoptic JSON, by "
+        "--fraction or --count, uniformly at random with --seed, and write it with the "
+        "annotations of its images as <out>/<name>.<size>.seed<S>.json and the other images "
+        "as ...rest.json: disjoint, together the whole file, every category in both. The "
+        "same file, size and seed give the same files on any machine.",
+    )
+    p.add_argument("source", help="a COCO instances or panoptic JSON (local or fsspec URL)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--fraction", type=float, help="share of the images, e.g. 0.01")
+    size.add_argument("--count", type=int, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="which draw (0)")
+    p.add_argument("--out", help="folder for the two files (default: the source's)")
     sub.add_parser(
         "reference",
         help="print the configuration reference (Markdown)",
@@ -373,12 +388,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reference":
         print(reference_markdown())
         return 0
+    if args.command == "split":
+        return _split(args)
     try:
         with quiet_ray_stderr():
             _command(args)
     except (ConfigError, ArtifactError, LeaseHeld, FileNotFoundError, ValueError) as exc:
         print(f"u2seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from u2seg.data.split import SplitError, write_split
+
+    out = args.out or (args.source.rsplit("/", 1)[0] if "/" in args.source else ".")
+    try:
+        written = write_split(args.source, out, args.fraction, args.count, args.seed)
+    except SplitError as exc:
+        print(f"u2seg split: error: {exc}", file=sys.stderr)
+        return 2
+    for path, counts in written.items():
+        print(f"[split] wrote {path}: {counts['images']} images, {counts['annotations']} "
+              "annotations")  # fmt: skip
     return 0
 
 
