@@ -1,14 +1,15 @@
 """Importing a COCO file of masks: driver memory against the file's size.
 
-    python benchmarks/import_masks.py [--images 100000 1000000] [--masks 3] [--dir DIR]
+    python benchmarks/import_masks.py [--runs 100000x3 100000x30 1000000x3] [--dir DIR]
 
-For each --images N, writes (streamed, on disk) a COCO instances JSON shaped like CutLER's
-published ImageNet pseudo masks: N images in folders of 1000, --masks compressed-RLE masks
-each, one category; the photos are links to one 64x48 PNG. Then, each in a fresh process:
+For each run NxM, writes (streamed, on disk) a COCO instances JSON shaped like CutLER's
+published ImageNet pseudo masks: N images in folders of 1000, M compressed-RLE masks each,
+one category; the photos are links to one 64x48 PNG. Then, each in a fresh process:
 1. `u2seg import-masks` of it (data.source the same file, 2-CPU local Ray): seconds, images
-   per second, the driver's peak resident memory, and the peak of all its processes (the
-   driver and Ray's, sampled every 0.2 s; pages of Ray's object store count in each process
-   that maps them);
+   per second, the driver's peak resident memory (all of it, and its private part: without
+   the pages of Ray's shared object store that it wrote or read, sampled every 0.2 s), and
+   the peak of all its processes (the driver and Ray's, sampled; pages of the object store
+   count in each process that maps them);
 2. the baseline: `json.load` of the file, what `pycocotools.coco.COCO(file)` starts with:
    its peak resident memory;
 and prints both, their ratio and the file's size.
@@ -93,41 +94,52 @@ print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=T
 """
 
 
-def measured(command: list[str]) -> tuple[float, int, int]:
-    """Run `command` (a script printing "PEAK <bytes>"); (seconds, its own peak, the peak
-    sum of it and its descendants, sampled)."""
+def _private(pid: int) -> int:
+    """A process's resident memory less its shared pages (RssAnon, Linux), bytes."""
+    with open(f"/proc/{pid}/status") as fh:
+        line = next(line for line in fh if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
+def measured(command: list[str]) -> tuple[float, int, int, int]:
+    """Run `command` (a script printing "PEAK <bytes>"); (seconds, its own peak, its private
+    peak and the peak sum of it and its descendants, both sampled)."""
     start = time.perf_counter()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    root, tree_peak = psutil.Process(proc.pid), 0
+    root, tree_peak, private_peak = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
             family = [root, *root.children(recursive=True)]
             tree_peak = max(tree_peak, sum(p.memory_info().rss for p in family))
-        except psutil.Error:
+            private_peak = max(private_peak, _private(proc.pid))
+        except (psutil.Error, OSError, StopIteration):
             pass
         time.sleep(0.2)
     out = proc.stdout.read().decode() if proc.stdout else ""
     if proc.returncode:
         raise SystemExit(f"{' '.join(command[:4])} failed ({proc.returncode}):\n{out[-2000:]}")
     peak = int(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK")))
-    return time.perf_counter() - start, peak, tree_peak
+    return time.perf_counter() - start, peak, private_peak, tree_peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--masks", type=int, default=3, help="masks per image (3)")
+    parser.add_argument(
+        "--runs", nargs="+", default=["100000x3", "100000x30", "1000000x3"],
+        help="images x masks per image, one file each",
+    )  # fmt: skip
     parser.add_argument("--dir", type=Path, help="where to write the files (a temp folder)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="u2seg-import-", dir=args.dir))
     print(f"machine: {os.cpu_count()} CPUs; files under {root}")
-    print("images     file MiB  import s  images/s  driver peak MiB  all processes MiB  "
-          "json.load peak MiB  driver / json.load")  # fmt: skip
-    for images in args.images:
-        folder = root / str(images)
+    print("images x masks  file MiB  import s  images/s  driver peak MiB  private MiB  "
+          "all processes MiB  json.load peak MiB  driver / json.load")  # fmt: skip
+    for run in args.runs:
+        images, masks = (int(v) for v in run.split("x"))
+        folder = root / run
         start = time.perf_counter()
-        source = write_dataset(folder, images, args.masks)
+        source = write_dataset(folder, images, masks)
         written = time.perf_counter() - start
         size = source.stat().st_size
         command = [
@@ -135,14 +147,14 @@ def main() -> None:
             f"data.source={source}", f"data.root={folder / 'photos'}",
             f"output={folder / 'run'}", "ray.num_cpus=2", "data.shard_size=1000",
         ]  # fmt: skip
-        seconds, driver, tree = measured(command)
+        seconds, driver, private, tree = measured(command)
         manifest = json.loads((folder / "run" / "maskcut" / "manifest.json").read_text())
-        assert manifest["counts"]["masks"] == images * args.masks, manifest["counts"]
-        _, baseline, _ = measured([sys.executable, "-c", _BASELINE, str(source)])
+        assert manifest["counts"]["masks"] == images * masks, manifest["counts"]
+        _, baseline, _, _ = measured([sys.executable, "-c", _BASELINE, str(source)])
         print(
-            f"{images:<10} {size / MIB:>8.0f}  {seconds:>8.0f}  {images / seconds:>8.0f}  "
-            f"{driver / MIB:>15.0f}  {tree / MIB:>17.0f}  {baseline / MIB:>18.0f}  "
-            f"{driver / baseline:>18.2f}   (written in {written:.0f} s)",
+            f"{run:<14} {size / MIB:>9.0f}  {seconds:>8.0f}  {images / seconds:>8.0f}  "
+            f"{driver / MIB:>15.0f}  {private / MIB:>11.0f}  {tree / MIB:>17.0f}  "
+            f"{baseline / MIB:>18.0f}  {driver / baseline:>18.2f}   (written in {written:.0f} s)",
             flush=True,
         )
 
