@@ -197,7 +197,7 @@ def failure_summary(reasons: list[str]) -> str:
 
 
 def drain(
-    ds: Any,
+    results: Any,
     writer: ShardWriter,
     to_rows: RowsFn,
     total: int,
@@ -205,30 +205,20 @@ def drain(
     fail_after: int,
     unit: str = "images",
 ) -> dict[str, float]:
-    """Pull every result batch of `ds` into `writer` with a progress bar over `total` rows;
+    """Pull every result batch of `results` (a Ray Data dataset, or any iterable of result
+    batches) into `writer` with a progress bar over `total` rows;
     returns its timing: `seconds` in all, `startup_s` until the first result (pipeline and
     actor start, model loading, the first batch), `{unit}_per_s` over everything and
     `steady_{unit}_per_s` after the first result (what an added actor contributes once it
     runs). An error if a shard did not receive all its rows, and a `StageFailed` as soon as
     the first `fail_after` rows have all failed (a wrong source or setting: the remaining
     rows would fail the same way)."""
-    # Results are taken as they complete, not in input order, so one slow batch does not
-    # hold back the shards behind it; shards are sorted on write (ShardWriter).
-    ds.context.execution_options.preserve_order = False
-    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
-    return drain_batches(batches, writer, to_rows, total, desc, fail_after, unit)
-
-
-def drain_batches(
-    batches: Iterable[dict[str, np.ndarray]],
-    writer: ShardWriter,
-    to_rows: RowsFn,
-    total: int,
-    desc: str,
-    fail_after: int,
-    unit: str = "images",
-) -> dict[str, float]:
-    """`drain` of result batches from any source."""
+    batches: Iterable[dict[str, np.ndarray]] = results
+    if hasattr(results, "iter_batches"):
+        # Results are taken as they complete, not in input order, so one slow batch does
+        # not hold back the shards behind it; shards are sorted on write (ShardWriter).
+        results.context.execution_options.preserve_order = False
+        batches = results.iter_batches(batch_size=None, batch_format="numpy")
     start = time.perf_counter()
     first: tuple[float, int] | None = None  # (time, rows) of the first result
     with tqdm(total=total, desc=desc, unit="row") as bar:

@@ -47,7 +47,7 @@ from u2seg.data.images import ImageError, SourceError, list_images
 from u2seg.data.mask_import import pseudo_masks
 from u2seg.data.names import is_absolute
 from u2seg.runtime import ray_session
-from u2seg.stages._image_loop import StageFailed, drain_batches, plan_shards, shard_digests
+from u2seg.stages._image_loop import StageFailed, drain, plan_shards, shard_digests
 
 STAGE = "maskcut"
 #: Annotations held by the driver while the file streams past, before they go to Ray's
@@ -458,9 +458,7 @@ def _decode(
     shards, sizes = np.unique(todo.column("shard").to_numpy(), return_counts=True)
     writer = ShardWriter(stage, dict(zip(shards.tolist(), sizes.tolist(), strict=True)), digests)
     # No early stop: the file may cover only the later photos of the listing.
-    return drain_batches(
-        results(), writer, to_shard_rows, todo.num_rows, "import masks", todo.num_rows + 1
-    )
+    return drain(results(), writer, to_shard_rows, todo.num_rows, "import masks", todo.num_rows + 1)
 
 
 def _listing_root(refs: pa.Table) -> str:
