@@ -21,6 +21,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from typing import BinaryIO
 
 import fsspec
 import ijson
@@ -54,7 +55,7 @@ class ImageError(ValueError):
     """One image cannot be used; the message is the reason stored in the error table."""
 
 
-def _listed(root: str, name: str) -> tuple[str, str, str]:
+def listed_name(root: str, name: str) -> tuple[str, str, str]:
     """(file_name, path, error) of a listed name under `root` (see the module docstring)."""
     prefix = f"{root.rstrip('/')}/"
     if is_absolute(name):
@@ -71,7 +72,7 @@ def _parent(path: str) -> str:
 
 
 def _refs(ids: list[int], names: list[str], root: str) -> pa.Table:
-    listed = [_listed(root, n) for n in names]
+    listed = [listed_name(root, n) for n in names]
     first: dict[str, int] = {}
     for k, (name, _, error) in enumerate(listed):
         if not error and name in first:  # outputs are keyed by file name
@@ -161,6 +162,40 @@ def list_images(source: str, root: str | None = None) -> pa.Table:
     raise SourceError(f"{source}: expected a folder, a COCO *.json or a *.txt list of paths")
 
 
+def _open_image(fh: BinaryIO, max_pixels: int) -> Image.Image:
+    """The image of `fh` with only its header read; `ImageError` for a non-image, a corrupt
+    header and more than `max_pixels` pixels."""
+    try:
+        image = Image.open(fh)
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"too many pixels: {exc}") from None
+    except OSError as exc:
+        raise ImageError(f"truncated or corrupt image: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+    return image
+
+
+def image_size(path: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an image, upright (EXIF orientation applied), from its header
+    only; `ImageError` as `read_image` gives it for a file it cannot use."""
+    try:
+        with fsspec.open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _open_image(fh, max_pixels)
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot read file: {exc}") from None
+    # The orientations that turn the image a quarter (as ImageOps.exif_transpose does).
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """RGB uint8 array (H, W, 3) of an encoded image, EXIF orientation applied.
 
@@ -171,17 +206,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ImageError("not a readable image") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"too many pixels: {exc}") from None
-        except OSError as exc:
-            raise ImageError(f"truncated or corrupt image: {exc}") from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+        image = _open_image(io.BytesIO(data), max_pixels)
         try:
             image.load()
             upright = ImageOps.exif_transpose(image)

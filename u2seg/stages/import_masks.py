@@ -39,13 +39,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import url_to_fs
-from PIL import Image, UnidentifiedImageError
 
 from u2seg.artifacts import ShardWriter, StageDir, inputs_digest
 from u2seg.config import PipelineConfig, depends_on, to_dict
-from u2seg.data.images import ImageError, SourceError, list_images
+from u2seg.data.images import ImageError, SourceError, image_size, list_images, listed_name
 from u2seg.data.mask_import import pseudo_masks
-from u2seg.data.names import is_absolute
 from u2seg.runtime import ray_session
 from u2seg.stages._image_loop import StageFailed, drain, plan_shards, shard_digests
 
@@ -103,11 +101,6 @@ class Matched:
     file_images: int = 0
 
 
-def _relative(name: str, root: str) -> str:
-    prefix = f"{root.rstrip('/')}/"
-    return name[len(prefix) :] if is_absolute(name) and name.startswith(prefix) else name
-
-
 def _size(entry: dict[str, Any]) -> tuple[int, int] | None:
     width, height = entry.get("width"), entry.get("height")
     if isinstance(width, (int, float)) and isinstance(height, (int, float)):
@@ -131,7 +124,7 @@ def match_images(source: str, refs: pa.Table, root: str) -> Matched:
                     )
                 if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
                     raise SourceError(f"{source}: images[{k}] has a non-integer id: {entry!r:.80}")
-                image_id, name = entry["id"], _relative(str(entry["file_name"]), root)
+                image_id, name = entry["id"], listed_name(root, str(entry["file_name"]))[0]
                 if image_id in out.pos_of or image_id in out.unmatched:
                     raise SourceError(f"{source}: image id {image_id} is used twice")
                 out.file_images += 1
@@ -236,28 +229,12 @@ def image_rows(todo: pa.Table, matched: Matched) -> pa.Table:
     )
 
 
-def photo_size(path: str, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of a photo, upright (EXIF orientation applied), from its header."""
-    try:
-        with fsspec.open(path, "rb") as fh, Image.open(fh) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
-            orientation = image.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise ImageError("not a readable image") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot read file: {exc}") from None
-    # The orientations that turn the photo a quarter (as ImageOps.exif_transpose does).
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def _one_photo(image: dict[str, Any], anns: list[Any], max_pixels: int) -> tuple[Any, ...]:
     """(error, width, height, masks JSON, rejected JSON) of one photo."""
     if image["error"]:
         return image["error"], 0, 0, "[]", "[]"
     try:
-        width, height = photo_size(image["path"], max_pixels)
+        width, height = image_size(image["path"], max_pixels)
     except ImageError as exc:
         return str(exc), 0, 0, "[]", "[]"
     if not image["in_file"]:
